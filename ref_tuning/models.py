@@ -1,0 +1,93 @@
+"""Model and tokenizer builders for the Sheared-LLaMA family, referenced from YAML by `_component_`."""
+
+from typing import Any, Dict, Optional
+
+import torch
+from torchtune.models.llama2 import llama2
+from torchtune.models.llama2._tokenizer import Llama2Tokenizer
+from torchtune.modules import TransformerDecoder
+
+# princeton-nlp/Sheared-LLaMA-2.7B, read off its config.json (see shared/docs/MODEL_AND_RHO1.md).
+SHEARED_LLAMA_2_7B = dict(
+    vocab_size=32_000,
+    num_layers=32,
+    num_heads=20,
+    num_kv_heads=20,
+    embed_dim=2560,
+    intermediate_dim=6912,
+    max_seq_len=4096,
+    norm_eps=1e-5,
+    rope_base=10_000.0,
+)
+
+
+def sheared_llama_2_7b() -> TransformerDecoder:
+    """Sheared-LLaMA-2.7B: the LLaMA-2 architecture with 2,701,560,320 parameters."""
+    return llama2(**SHEARED_LLAMA_2_7B)
+
+
+def tiny_sheared_llama(
+    vocab_size: int = 32_000,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 4,
+    embed_dim: int = 64,
+    intermediate_dim: int = 176,
+    max_seq_len: int = 2048,
+    norm_eps: float = 1e-5,
+    rope_base: float = 10_000.0,
+) -> TransformerDecoder:
+    """A tiny model of the same family (same blocks, fewer and narrower layers) for tests and the demo."""
+    return llama2(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+        norm_eps=norm_eps,
+        rope_base=rope_base,
+    )
+
+
+def sheared_llama_tokenizer(path: str, max_seq_len: Optional[int] = None) -> Llama2Tokenizer:
+    """The LLaMA-2 SentencePiece tokenizer with no chat template: we tune a base model on raw text."""
+    return Llama2Tokenizer(path=path, max_seq_len=max_seq_len, prompt_template=None)
+
+
+def hf_llama_config(
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    norm_eps: float = 1e-5,
+    rope_base: float = 10_000.0,
+    torch_dtype: torch.dtype = torch.float32,
+) -> Dict[str, Any]:
+    """The HF `config.json` of a `LlamaForCausalLM` with the given torchtune builder arguments."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": embed_dim,
+        "intermediate_size": intermediate_dim,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": max_seq_len,
+        "rms_norm_eps": norm_eps,
+        "rope_theta": rope_base,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": str(torch_dtype).removeprefix("torch."),
+    }
