@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.distributed import destroy_process_group, init_device_mesh, init_process_group
+from torch.distributed.tensor import DTensor
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
@@ -194,7 +195,9 @@ class RefFinetuneRecipe:
                     if self._clip_grad_norm is not None:
                         grad_norm = torch.nn.utils.clip_grad_norm_(
                             self._model.parameters(), max_norm=float(self._clip_grad_norm)
-                        ).full_tensor()
+                        )
+                        if isinstance(grad_norm, DTensor):  # sharded: the norm over all ranks
+                            grad_norm = grad_norm.full_tensor()
                     self._optimizer.step()
                     self._optimizer.zero_grad(set_to_none=True)
                     self._lr_scheduler.step()

@@ -1,0 +1,202 @@
+"""The whole pipeline on a tiny model, on CPU, with no downloads:
+
+    python -m ref_tuning.demo [--tokenizer path/to/llama2/tokenizer.model]
+
+Makes `storage/demo/` laid out like the real storage (a tiny Sheared-LLaMA-family HF checkpoint in two
+`.bin` shards, a tokenizer, a processed CodeContests split from the problems shipped in
+`ref_tuning/demo_data/`), runs the real recipe with `tune run --nproc_per_node 2`, reloads the result
+with `transformers` and prints the validation loss before and after.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from ref_tuning.checkpointing import save_hf_checkpoint, tune_to_hf
+from ref_tuning.data import codecontests_dataset
+from ref_tuning.models import hf_llama_config, sheared_llama_tokenizer, tiny_sheared_llama
+from ref_tuning.prepare import write_split
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+TINY_CONFIG = "configs/tiny_cpu.yaml"
+# The shape of configs/tiny_cpu.yaml's model; vocab_size follows the tokenizer.
+TINY_MODEL = dict(num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128, intermediate_dim=352, max_seq_len=2048)
+DEMO_VOCAB_SIZE = 1024
+
+
+def demo_paths(root: Path) -> Dict[str, Path]:
+    """Where the demo keeps what the real storage keeps (see configs/tiny_cpu.yaml)."""
+    return {
+        "model": root / "models" / "tiny-sheared-llama" / "raw",
+        "data": root / "datasets" / "codecontests" / "processed",
+        "output": root / "checkpoints" / "ref-tuning" / "tiny-demo",
+    }
+
+
+def read_problems(split: str) -> List[Dict[str, Any]]:
+    """The raw CodeContests rows shipped with the project."""
+    with open(DEMO_DATA / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _training_text(problems: List[Dict[str, Any]]) -> Iterator[str]:
+    # One sentence per line of text: newlines never enter the vocabulary and fall back to the
+    # byte piece <0x0A>, as in LLaMA-2's tokenizer, so a prompt's tokens stay a prefix of the sample's.
+    for p in problems:
+        yield from p["description"].splitlines()
+        for source in p["solutions"]["solution"] + p["incorrect_solutions"]["solution"]:
+            yield from source.splitlines()
+
+
+def train_tokenizer(problems: List[Dict[str, Any]], out_path: Path, vocab_size: int = DEMO_VOCAB_SIZE) -> Path:
+    """A SentencePiece BPE model with LLaMA-2's settings (ids unk 0, bos 1, eos 2; byte fallback)."""
+    import sentencepiece as spm
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = out_path.with_suffix("")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_text(problems),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.9995,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
+    )
+    prefix.with_suffix(".vocab").unlink()
+    prefix.with_suffix(".model").rename(out_path)
+    return out_path
+
+
+def write_tiny_checkpoint(
+    out_dir: Path, vocab_size: int, tokenizer_path: Optional[Path] = None, seed: int = 0
+) -> Path:
+    """A randomly initialized tiny model as an HF directory in two `.bin` shards, like the real one."""
+    torch.manual_seed(seed)
+    args = dict(TINY_MODEL, vocab_size=vocab_size)
+    config = hf_llama_config(**args)
+    hf_sd = tune_to_hf(tiny_sheared_llama(**args).state_dict(), config)
+    # lm_head (last) in the second shard, everything else in the first: the hub layout of the 2.7B.
+    lm_head_bytes = hf_sd["lm_head.weight"].numel() * hf_sd["lm_head.weight"].element_size()
+    total_bytes = sum(t.numel() * t.element_size() for t in hf_sd.values())
+    save_hf_checkpoint(hf_sd, out_dir, config, max_shard_size=total_bytes - lm_head_bytes)
+    if tokenizer_path is not None:
+        shutil.copy2(tokenizer_path, out_dir / "tokenizer.model")
+    side = {
+        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                                  "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False},
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+    }  # fmt: skip
+    for name, content in side.items():
+        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+    return out_dir
+
+
+def make_demo_assets(root: Path, tokenizer: Optional[Path] = None, seed: int = 0) -> Dict[str, Path]:
+    """Tokenizer, tiny checkpoint and processed train/valid splits under `root`; returns their paths."""
+    paths = demo_paths(root)
+    train, valid = read_problems("train"), read_problems("valid")
+    for split, problems in (("train", train), ("valid", valid)):
+        write_split(problems, paths["data"], split)
+    staging = root / ".tokenizer.model"
+    if tokenizer is None:
+        train_tokenizer(train, staging)
+        vocab_size = DEMO_VOCAB_SIZE
+    else:
+        shutil.copy2(tokenizer, staging)
+        vocab_size = sheared_llama_tokenizer(str(staging)).vocab_size
+    write_tiny_checkpoint(paths["model"], vocab_size, staging, seed=seed)
+    staging.unlink()
+    paths["tokenizer"] = paths["model"] / "tokenizer.model"
+    paths["vocab_size"] = vocab_size
+    return paths
+
+
+def validation_loss(model_dir: Path, data_dir: Path, tokenizer_path: Path, n_samples: int = 24) -> float:
+    """Mean cross-entropy over the response tokens of `valid` samples, computed by `transformers`
+    the way Rho-1 scores a reference: float32 logits, labels shifted by one, prompt masked."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ds = codecontests_dataset(
+        sheared_llama_tokenizer(str(tokenizer_path)), str(data_dir), split="valid",
+        n_samples=n_samples, correct_ratio=1.0, seed=0, max_seq_len=TINY_MODEL["max_seq_len"],
+    )  # fmt: skip
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sample in ds:
+            tokens = torch.tensor([sample["tokens"]])
+            labels = torch.tensor(sample["labels"][1:])
+            logits = model(tokens).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((labels != -100).sum())
+    return total / count
+
+
+def tune_run_command(nproc: int, overrides: List[str]) -> List[str]:
+    """The literal README command, run from the project root."""
+    tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
+    return [tune, "run", "--nproc_per_node", str(nproc), "recipes/ref_finetune.py", "--config", TINY_CONFIG, *overrides]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=PROJECT_ROOT / "storage" / "demo", help="where the assets go")
+    parser.add_argument("--tokenizer", type=Path, help="a real LLaMA-2 tokenizer.model instead of a trained one")
+    parser.add_argument("--nproc", type=int, default=2, help="processes for tune run")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. epochs=2")
+    args = parser.parse_args(argv)
+    if not (PROJECT_ROOT / "recipes" / "ref_finetune.py").is_file():
+        sys.exit(f"{PROJECT_ROOT}/recipes/ref_finetune.py not found: run the demo from a source checkout "
+                 "installed with `pip install -e .`")  # fmt: skip
+
+    start = time.perf_counter()
+    root = args.root.resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    paths = make_demo_assets(root, args.tokenizer)
+    print(f"demo assets in {root} (vocabulary {paths['vocab_size']})", flush=True)
+    before = validation_loss(paths["model"], paths["data"], paths["tokenizer"])
+
+    overrides = [
+        f"model.vocab_size={paths['vocab_size']}",
+        f"tokenizer.path={paths['tokenizer']}",
+        f"checkpointer.checkpoint_dir={paths['model']}",
+        f"dataset.data_dir={paths['data']}",
+        f"output_dir={paths['output']}",
+        *args.overrides,
+    ]
+    command = tune_run_command(args.nproc, overrides)
+    print("running:", " ".join(command), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=True)
+
+    final = paths["output"] / "checkpoint_final"
+    after = validation_loss(final, paths["data"], paths["tokenizer"])
+    print(f"\nvalidation loss (transformers, {final.relative_to(root)} reloaded): "
+          f"before {before:.4f}, after {after:.4f}")  # fmt: skip
+    print(f"demo wall time: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""`python -m ref_tuning.demo`, the README quickstart's second command, end to end."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_demo(root, *args):
+    result = subprocess.run(
+        [sys.executable, "-m", "ref_tuning.demo", "--root", str(root), *args],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    match = re.search(r"before (\d+\.\d+), after (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-3000:]
+    return float(match.group(1)), float(match.group(2))
+
+
+def _check_layout(root):
+    raw = root / "models" / "tiny-sheared-llama" / "raw"
+    assert sorted(p.name for p in raw.glob("pytorch_model-*.bin")) == [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ]
+    data = root / "datasets" / "codecontests" / "processed"
+    for name in ("train.jsonl", "train_metadata.json", "valid.jsonl", "valid_metadata.json"):
+        assert (data / name).is_file()
+    assert (root / "checkpoints" / "ref-tuning" / "tiny-demo" / "checkpoint_final" / "config.json").is_file()
+
+
+def test_demo_lowers_the_validation_loss(tmp_path):
+    before, after = _run_demo(tmp_path / "demo")
+    _check_layout(tmp_path / "demo")
+    assert after < before
+
+
+@pytest.mark.slow
+def test_demo_with_the_real_llama_tokenizer(tmp_path, llama_tokenizer_path):
+    before, after = _run_demo(tmp_path / "demo", "--tokenizer", str(llama_tokenizer_path))
+    _check_layout(tmp_path / "demo")
+    assert after < before
