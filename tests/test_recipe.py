@@ -88,22 +88,25 @@ def _tiny_model_args():
 
 
 @pytest.mark.parametrize(
-    "command, env",
+    "command, env, extra, dtype",
     [
-        (["--nproc_per_node", "1"], {}),
+        # The production settings too: bf16 and activation checkpointing.
+        (["--nproc_per_node", "1"], {}, ["dtype=bf16", "enable_activation_checkpointing=true"], torch.bfloat16),
         # The plain single-process form needs the project root ahead of torchtune's own `recipes`.
-        ([], {"PYTHONPATH": str(PROJECT_ROOT)}),
+        ([], {"PYTHONPATH": str(PROJECT_ROOT)}, [], torch.float32),
     ],
-    ids=["nproc_per_node-1", "plain-with-PYTHONPATH"],
+    ids=["nproc_per_node-1-bf16", "plain-with-PYTHONPATH"],
 )
-def test_single_process_forms(assets, tmp_path, command, env):
+def test_single_process_forms(assets, tmp_path, command, env, extra, dtype):
     out = tmp_path / "run"
-    overrides = _overrides(assets, out, "batch_size=4", "dataset.n_samples=8", "epochs=1")
+    overrides = _overrides(assets, out, "batch_size=4", "dataset.n_samples=8", "epochs=1", *extra)
     full = tune_run_command(1, overrides)
     full[2:4] = command  # replace "--nproc_per_node 1" by the form under test
     _tune(full, env=env)
     assert [step for step, _ in _logged_steps(out)] == [1, 2]
-    assert AutoModelForCausalLM.from_pretrained(out / "checkpoint_final") is not None
+    config = json.loads((out / "checkpoint_final" / "config.json").read_text())
+    assert config["torch_dtype"] == str(dtype).removeprefix("torch.")
+    assert AutoModelForCausalLM.from_pretrained(out / "checkpoint_final", dtype="auto").dtype == dtype
 
 
 def test_batch_larger_than_the_data_is_a_clear_error(assets, tmp_path):
