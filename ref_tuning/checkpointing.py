@@ -1,26 +1,31 @@
-"""HF `.bin` shards <-> torchtune state dicts.
+"""HF checkpoint directories <-> torchtune state dicts, one tensor at a time.
 
 `HFBinCheckpointer` implements torchtune's checkpointer interface (`load_checkpoint`,
 `save_checkpoint`). It differs from torchtune's `FullModelHFCheckpointer` where Rho-1 needs it to:
 it writes the hub's file names (`pytorch_model-0000K-of-0000N.bin`), a `config.json` whose dtype is
 the dtype actually written, and copies the tokenizer and generation files, so that the output
-directory is a complete HF model.
+directory is a complete HF model. Reading and writing stream tensor by tensor (`tensorfiles`), and
+every output appears under its final name only once complete (`atomic_output`).
 """
 
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torchtune.models import convert_weights
 from torchtune.training import MODEL_KEY
+from tqdm import tqdm
 
-INDEX_FILE = "pytorch_model.bin.index.json"
-SINGLE_FILE = "pytorch_model.bin"
+from ref_tuning.tensorfiles import TensorFileError, TensorRef, open_writer, read_refs
+
+INDEX_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
+SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
 # Everything besides the weights that makes an HF directory usable on its own.
 SIDE_FILES = (
     "tokenizer.model",
@@ -30,10 +35,24 @@ SIDE_FILES = (
     "generation_config.json",
 )
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer old transformers versions saved
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be used as it is; the message says what to fix."""
+    """A checkpoint that cannot be used as it is; the message names the file or key and the fix."""
+
+
+class OutputTensor(NamedTuple):
+    """A tensor to write: its name, dtype and shape up front, its data only when `load()` is called."""
+
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(torch.Size(self.shape).numel())
 
 
 def parse_size(size: Union[int, str]) -> int:
@@ -46,6 +65,10 @@ def parse_size(size: Union[int, str]) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
 def read_hf_config(checkpoint_dir: Union[str, Path]) -> Dict[str, Any]:
     """Read and sanity-check `config.json` of a LLaMA-family HF directory."""
     path = Path(checkpoint_dir) / "config.json"
@@ -55,15 +78,125 @@ def read_hf_config(checkpoint_dir: Union[str, Path]) -> Dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
-        if not isinstance(config.get(key), int):
-            raise CheckpointError(f"{path}: expected an integer '{key}', found {config.get(key)!r}")
-    if config["hidden_size"] % config["num_attention_heads"]:
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise CheckpointError(f"{path}: expected a positive integer '{key}', found {config.get(key)!r}")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if config["hidden_size"] % heads:
         raise CheckpointError(
-            f"{path}: num_attention_heads={config['num_attention_heads']} does not divide "
-            f"hidden_size={config['hidden_size']}; fix the config to match the weights"
+            f"{path}: num_attention_heads={heads} does not divide hidden_size={config['hidden_size']}; "
+            "fix the config to match the weights"
         )
+    if heads % kv_heads:
+        raise CheckpointError(f"{path}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
     return config
+
+
+def expected_hf_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """Every parameter of a `LlamaForCausalLM` with this config, with its shape, in HF's order."""
+    d, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or d // heads
+    shapes = {"model.embed_tokens.weight": (vocab, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * head_dim, d),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, d),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, d),
+            p + "self_attn.o_proj.weight": (d, heads * head_dim),
+            p + "mlp.gate_proj.weight": (inter, d),
+            p + "mlp.up_proj.weight": (inter, d),
+            p + "mlp.down_proj.weight": (d, inter),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+        })  # fmt: skip
+    shapes["model.norm.weight"] = (d,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, d)
+    return shapes
+
+
+def hf_tensor_refs(checkpoint_dir: Union[str, Path]) -> Dict[str, TensorRef]:
+    """Where each tensor of an HF directory lies (`.bin` or safetensors, sharded or not), checking
+    that the index and the shards agree; no tensor data is read."""
+    checkpoint_dir = Path(checkpoint_dir)
+    for fmt, index_name in INDEX_FILES.items():
+        index_path = checkpoint_dir / index_name
+        if index_path.is_file():
+            return _indexed_refs(index_path)
+    for single in SINGLE_FILES.values():
+        if (checkpoint_dir / single).is_file():
+            return _file_refs(checkpoint_dir / single)
+    raise CheckpointError(
+        f"{checkpoint_dir}: found no weights; expected {INDEX_FILES['bin']} with its .bin shards, "
+        f"{SINGLE_FILES['bin']}, or their safetensors counterparts"
+    )
+
+
+def _file_refs(path: Path) -> Dict[str, TensorRef]:
+    try:
+        return read_refs(path)
+    except TensorFileError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _indexed_refs(index_path: Path) -> Dict[str, TensorRef]:
+    try:
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not a JSON object with a 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' of parameter -> file")
+    refs: Dict[str, TensorRef] = {}
+    for file_name in dict.fromkeys(weight_map.values()):
+        path = index_path.parent / file_name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {index_path.name} but missing")
+        file_refs = _file_refs(path)
+        listed = [k for k, f in weight_map.items() if f == file_name]  # a list: the order is the index's
+        if set(listed) - file_refs.keys():
+            raise CheckpointError(
+                f"{index_path}: lists {_some(set(listed) - file_refs.keys())} in {file_name}, which does not "
+                "hold them; the index and the shards disagree"
+            )
+        stray = {k for k in file_refs.keys() - set(listed) if not _IGNORED_HF_KEYS.match(k)}
+        if stray:
+            raise CheckpointError(
+                f"{path}: holds {_some(stray)}, which {index_path.name} does not list there; "
+                "the index and the shards disagree"
+            )
+        refs.update({k: file_refs[k] for k in listed})
+    return refs
+
+
+def _some(names, n: int = 3) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(f"'{k}'" for k in names[:n]) + more
+
+
+def check_hf_tensors(refs: Dict[str, TensorRef], config: Dict[str, Any], where: Union[str, Path]) -> None:
+    """Every parameter the config implies is there with the implied shape, and nothing else."""
+    expected = expected_hf_shapes(config)
+    found = {k for k in refs if not _IGNORED_HF_KEYS.match(k)}
+    problems = []
+    if expected.keys() - found:
+        problems.append(f"missing parameters {_some(expected.keys() - found)}")
+    if found - expected.keys():
+        problems.append(f"unexpected parameters {_some(found - expected.keys())}")
+    for name in sorted(found & expected.keys()):
+        if tuple(refs[name].shape) != expected[name]:
+            problems.append(
+                f"'{name}' has shape {tuple(refs[name].shape)} but config.json implies {expected[name]}"
+            )
+    if problems:
+        raise CheckpointError(f"{where}: weights do not match config.json: " + "; ".join(problems[:5]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting
 
 
 def _conversion_args(config: Dict[str, Any]) -> Dict[str, int]:
@@ -86,58 +219,163 @@ def tune_to_hf(tune_sd: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict
     return convert_weights.tune_to_hf(tune_sd, **_conversion_args(config))
 
 
-def shard_files(checkpoint_dir: Union[str, Path]) -> List[Path]:
-    """The `.bin` files of an HF directory, in index order; checks that each one exists."""
-    checkpoint_dir = Path(checkpoint_dir)
-    index_path = checkpoint_dir / INDEX_FILE
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' of parameter -> file")
-        files = [checkpoint_dir / name for name in dict.fromkeys(weight_map.values())]
-    elif (checkpoint_dir / SINGLE_FILE).is_file():
-        files = [checkpoint_dir / SINGLE_FILE]
-    else:
-        raise CheckpointError(
-            f"{checkpoint_dir}: found neither {INDEX_FILE} nor {SINGLE_FILE}; "
-            "expected an HF directory with PyTorch .bin weights"
-        )
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in {index_path.name} but missing")
-    return files
+def converted(
+    sources: Dict[str, Tuple[torch.dtype, Tuple[int, ...], Callable[[], torch.Tensor]]],
+    convert: Optional[Callable[[Dict[str, torch.Tensor], Dict[str, Any]], Dict[str, torch.Tensor]]],
+    config: Dict[str, Any],
+    dtype: Optional[torch.dtype] = None,
+) -> List[OutputTensor]:
+    """The tensors to write, renamed and re-laid-out by `convert` (`hf_to_tune`, `tune_to_hf` or
+    None) and cast to `dtype`, each converted only when it is written."""
+    outputs = []
+    for name, (src_dtype, shape, load) in sources.items():
+        # Names and shapes come from converting an empty meta tensor: no data is touched.
+        meta = {name: torch.empty(shape, dtype=src_dtype, device="meta")}
+        ((new_name, new_meta),) = (convert(meta, config) if convert else meta).items()
+        out_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
+
+        def load_converted(name=name, load=load, out_dtype=out_dtype):
+            ((_, tensor),) = (convert({name: load()}, config) if convert else {name: load()}).items()
+            return tensor.to(out_dtype)
+
+        outputs.append(OutputTensor(new_name, out_dtype, tuple(new_meta.shape), load_converted))
+    return outputs
 
 
-def load_hf_state_dict(checkpoint_dir: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """All tensors of an HF `.bin` directory, memory-mapped and loaded weights-only (never unpickled code)."""
-    state_dict: Dict[str, torch.Tensor] = {}
-    for f in shard_files(checkpoint_dir):
-        try:
-            shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # torch raises several types for corrupt or unsafe files
-            raise CheckpointError(f"{f}: cannot be loaded as a weights-only PyTorch file ({e})") from e
-        state_dict.update(shard)
-    return state_dict
+def ref_sources(refs: Dict[str, TensorRef]):
+    """`converted` sources that read each tensor from its file."""
+    return {name: (ref.dtype, tuple(ref.shape), ref.load) for name, ref in refs.items()}
 
 
-def _plan_shards(names: Iterable[str], sizes: Dict[str, int], max_shard_size: int) -> List[List[str]]:
+def memory_sources(state_dict: Dict[str, torch.Tensor]):
+    """`converted` sources from tensors already in memory."""
+    return {name: (t.dtype, tuple(t.shape), (lambda t=t: t)) for name, t in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextmanager
+def atomic_output(target: Union[str, Path], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it to `target` once the block completes.
+
+    A crash (even SIGKILL) leaves `target` as it was: absent, or the complete old version. Temporary
+    paths of dead processes from earlier crashes are removed on the next write to the same target.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target}: already exists; choose another output or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        if target.exists():  # replace: move the old one aside first, so one complete copy always exists
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            _remove(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    for path in target.parent.glob(f".{target.name}.*-*-*"):
+        match = re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]+", path.name)
+        if match and not _alive(int(match.group(2))):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_tensor_file(path: Path, tensors: List[OutputTensor], progress: Optional[tqdm] = None) -> None:
+    """Write `tensors` into one file (format by suffix), loading and converting one at a time."""
+    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}) as writer:
+        for t in tensors:
+            writer.write(t.name, t.load())
+            if progress is not None:
+                progress.update(t.nbytes)
+
+
+def _plan_shards(tensors: List[OutputTensor], max_shard_size: int) -> List[List[OutputTensor]]:
     """Greedy, in order: a new shard starts when the next tensor would overflow the current one."""
-    shards: List[List[str]] = [[]]
+    shards: List[List[OutputTensor]] = [[]]
     used = 0
-    for name in names:
-        if shards[-1] and used + sizes[name] > max_shard_size:
+    for t in tensors:
+        if shards[-1] and used + t.nbytes > max_shard_size:
             shards.append([])
             used = 0
-        shards[-1].append(name)
-        used += sizes[name]
+        shards[-1].append(t)
+        used += t.nbytes
     return shards
 
 
-def _dtype_name(state_dict: Dict[str, torch.Tensor]) -> str:
-    dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+def _dtype_name(tensors: List[OutputTensor]) -> str:
+    dtypes = {t.dtype for t in tensors if t.dtype.is_floating_point}
     if len(dtypes) != 1:
-        raise CheckpointError(f"expected one floating dtype in the state dict, found {sorted(map(str, dtypes))}")
+        raise CheckpointError(f"expected one floating dtype among the weights, found {sorted(map(str, dtypes))}")
     return str(dtypes.pop()).removeprefix("torch.")
+
+
+def save_hf_dir(
+    tensors: List[OutputTensor],
+    out_dir: Union[str, Path],
+    config: Dict[str, Any],
+    side_files_from: Optional[Union[str, Path]] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    safetensors: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write a complete HF directory: shards in the hub layout and their index, `config.json` with
+    the dtype written, and the side files (tokenizer, generation config) of `side_files_from`."""
+    fmt = "safetensors" if safetensors else "bin"
+    shards = _plan_shards(tensors, parse_size(max_shard_size))
+    total = sum(t.nbytes for t in tensors)
+    config = dict(config, torch_dtype=_dtype_name(tensors))
+    config["dtype"] = config["torch_dtype"]  # transformers >= 4.56 reads `dtype`
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(out_dir).name}", disable=not progress)
+    with atomic_output(out_dir, overwrite) as tmp:
+        tmp.mkdir()
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            stem = "pytorch_model" if fmt == "bin" else "model"
+            file_name = f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}"
+            write_tensor_file(tmp / file_name, shard, bar)
+            weight_map.update({t.name: file_name for t in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if side_files_from is not None:
+            for name in SIDE_FILES:
+                if (Path(side_files_from) / name).is_file():
+                    shutil.copy2(Path(side_files_from) / name, tmp / name)
+        os.chmod(tmp, 0o755)
+    bar.close()
+    return Path(out_dir)
+
+
+def load_hf_state_dict(checkpoint_dir: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """All tensors of an HF directory, read weights-only (never unpickling code)."""
+    return {name: ref.load() for name, ref in hf_tensor_refs(checkpoint_dir).items()}
 
 
 def save_hf_checkpoint(
@@ -147,72 +385,47 @@ def save_hf_checkpoint(
     side_files_from: Optional[Union[str, Path]] = None,
     max_shard_size: Union[int, str] = "5GB",
 ) -> Path:
-    """Write an HF directory: `.bin` shards, their index, `config.json` and the side files.
-
-    The directory is written beside `out_dir` under a temporary name and renamed at the end, so a
-    crash never leaves a half-written `out_dir`; an existing `out_dir` is replaced.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sizes = {k: t.numel() * t.element_size() for k, t in hf_sd.items()}
-    shards = _plan_shards(hf_sd.keys(), sizes, parse_size(max_shard_size))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        weight_map = {}
-        for k, names in enumerate(shards, start=1):
-            file_name = f"pytorch_model-{k:05d}-of-{len(shards):05d}.bin"
-            # contiguous(): torch.save writes a view's whole storage, not only the view.
-            torch.save({n: hf_sd[n].contiguous() for n in names}, tmp / file_name)
-            weight_map.update(dict.fromkeys(names, file_name))
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        config = dict(config, torch_dtype=_dtype_name(hf_sd))
-        config["dtype"] = config["torch_dtype"]  # transformers >= 4.56 reads `dtype`
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if side_files_from is not None:
-            for name in SIDE_FILES:
-                if (Path(side_files_from) / name).is_file():
-                    shutil.copy2(Path(side_files_from) / name, tmp / name)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        # Move an old directory aside before the rename, so one complete copy exists at every moment.
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}") if out_dir.exists() else None
-        if old is not None:
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    """Write an in-memory HF state dict as an HF directory, replacing `out_dir` atomically."""
+    tensors = converted(memory_sources(hf_sd), None, config)
+    return save_hf_dir(tensors, out_dir, config, side_files_from, max_shard_size, overwrite=True)
 
 
 class HFBinCheckpointer:
-    """torchtune checkpointer for HF `.bin` directories (Sheared-LLaMA ships as `.bin` shards).
+    """torchtune checkpointer for HF directories (Sheared-LLaMA ships as `.bin` shards).
 
     Args:
-        checkpoint_dir: the HF directory to start from (config.json, index and `.bin` shards).
+        checkpoint_dir: the HF directory to start from (config.json, index and shards).
         output_dir: where `save_checkpoint` writes HF directories (`output_dir/<name>`).
-        max_shard_size: largest `.bin` file written, in bytes or as '5GB'.
+        max_shard_size: largest weight file written, in bytes or as '5GB'.
+        safetensors: write safetensors shards instead of `.bin`.
     """
 
-    def __init__(self, checkpoint_dir: str, output_dir: str, max_shard_size: Union[int, str] = "5GB"):
+    def __init__(
+        self, checkpoint_dir: str, output_dir: str, max_shard_size: Union[int, str] = "5GB", safetensors: bool = False
+    ):
         self._checkpoint_dir = Path(checkpoint_dir)
         self._output_dir = Path(output_dir)
         self._max_shard_size = parse_size(max_shard_size)
+        self._safetensors = safetensors
         self.config = read_hf_config(self._checkpoint_dir)
 
     def load_checkpoint(self) -> Dict[str, Any]:
-        """`{"model": torchtune state dict}` of the HF directory."""
-        return {MODEL_KEY: hf_to_tune(load_hf_state_dict(self._checkpoint_dir), self.config)}
+        """`{"model": torchtune state dict}` of the HF directory, checked against its config.json."""
+        refs = hf_tensor_refs(self._checkpoint_dir)
+        check_hf_tensors(refs, self.config, self._checkpoint_dir)
+        # In the model's order on every rank: FSDP loads parameter by parameter with collectives.
+        hf_sd = {name: refs[name].load() for name in expected_hf_shapes(self.config)}
+        return {MODEL_KEY: hf_to_tune(hf_sd, self.config)}
 
     def save_checkpoint(self, state_dict: Dict[str, Any], name: str = "checkpoint_final") -> Path:
         """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name`."""
-        hf_sd = tune_to_hf(state_dict[MODEL_KEY], self.config)
-        return save_hf_checkpoint(
-            hf_sd,
+        tensors = converted(memory_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
+        return save_hf_dir(
+            tensors,
             self._output_dir / name,
             self.config,
             side_files_from=self._checkpoint_dir,
             max_shard_size=self._max_shard_size,
+            safetensors=self._safetensors,
+            overwrite=True,
         )

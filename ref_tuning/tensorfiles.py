@@ -1,0 +1,354 @@
+"""Tensor files read and written one tensor at a time: PyTorch `.bin` (the zip archives `torch.save`
+writes) and safetensors.
+
+`torch.load` and `torch.save` hold a whole file's tensors at once; a 10 GB shard then needs 10 GB of
+memory, or a memory map whose touched pages all count as resident. Here a file's pickle is read for
+its tensors' names, dtypes, shapes and byte offsets (refusing any global that is not a tensor or a
+storage, so no pickled code can run), and each tensor is then read with `pread` when asked for.
+Writing goes the other way: the pickle first, from the names, dtypes and shapes alone, then each
+tensor's bytes as its own zip record. The files are the ones `torch.save` writes: `torch.load`,
+`transformers` and this module read them alike. Safetensors files are simpler (a JSON header of
+offsets, then raw bytes) and get the same treatment.
+"""
+
+import collections
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+import torch
+
+PathLike = Union[str, Path]
+_STORAGE_DTYPES = {cls.__name__: dtype for dtype, cls in ((d, getattr(torch, n)) for d, n in (
+    (torch.float32, "FloatStorage"), (torch.float64, "DoubleStorage"), (torch.float16, "HalfStorage"),
+    (torch.bfloat16, "BFloat16Storage"), (torch.int64, "LongStorage"), (torch.int32, "IntStorage"),
+    (torch.int16, "ShortStorage"), (torch.int8, "CharStorage"), (torch.uint8, "ByteStorage"),
+    (torch.bool, "BoolStorage"),
+))}  # fmt: skip
+_STORAGE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header (30 bytes)
+_MAX_READ = 1 << 30  # bytes per pread call; Linux caps one read at about 2 GiB
+
+
+class TensorFileError(ValueError):
+    """A tensor file that cannot be read as weights; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lies in a `.bin` file; `load()` reads it."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    storage_offset: int  # in elements
+    data_offset: int  # in bytes, of the storage's first byte in the file
+    storage_numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
+    def load(self) -> torch.Tensor:
+        """The tensor, read into fresh memory (a copy only if it views part of a larger storage)."""
+        storage = torch.empty(self.storage_numel, dtype=self.dtype)
+        buffer = memoryview(storage.view(torch.uint8).numpy()).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(buffer):
+                n = os.preadv(f.fileno(), [buffer[done : done + _MAX_READ]], self.data_offset + done)
+                if n == 0:
+                    raise TensorFileError(f"{self.path}: ends inside a tensor's data; the file is truncated")
+                done += n
+        tensor = storage.as_strided(self.shape, self.stride, self.storage_offset)
+        if tensor.numel() != self.storage_numel or not tensor.is_contiguous():
+            tensor = tensor.contiguous().clone()
+        return tensor
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class _WeightsOnlyUnpickler(pickle.Unpickler):
+    """Knows tensors, storages and ordered dicts; any other global is refused before it is looked up."""
+
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(io.BytesIO(data))
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda data, requires_grad, backward_hooks, *_: data
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise TensorFileError(
+            f"{self._path}: refused: its pickle asks for '{module}.{name}', which a weights file never "
+            "needs (loading it could run code); only tensors and storages are read"
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise TensorFileError(f"{self._path}: unexpected persistent id {pid!r:.80} in its pickle")
+        _, dtype, key, _location, numel = pid
+        if not isinstance(dtype, torch.dtype):
+            raise TensorFileError(f"{self._path}: storage {key} has no known dtype ({dtype!r:.80})")
+        return _Storage(str(key), dtype, int(numel))
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_):
+    return (storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+def _data_offsets(path: Path, zf: zipfile.ZipFile) -> Tuple[str, Dict[str, Tuple[int, int]]]:
+    """The archive's folder name and, for each storage key, (byte offset, byte size) of its data."""
+    pickles = [i.filename for i in zf.infolist() if i.filename.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        raise TensorFileError(f"{path}: expected one '<archive>/data.pkl' record, found {len(pickles)}")
+    prefix = pickles[0][: -len("data.pkl")]
+    offsets = {}
+    with open(path, "rb") as f:
+        for info in zf.infolist():
+            if not info.filename.startswith(prefix + "data/"):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise TensorFileError(f"{path}: record {info.filename} is compressed; torch.save never does that")
+            f.seek(info.header_offset)
+            header = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+            name_len, extra_len = header[-2], header[-1]
+            offsets[info.filename[len(prefix) + len("data/") :]] = (
+                info.header_offset + _LOCAL_HEADER.size + name_len + extra_len,
+                info.file_size,
+            )
+    return prefix, offsets
+
+
+def read_tensor_refs(path: PathLike) -> Dict[str, TensorRef]:
+    """Names and locations of the tensors of a `torch.save`d dict, without reading their data."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            prefix, offsets = _data_offsets(path, zf)
+            data = zf.read(prefix + "data.pkl")
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise TensorFileError(
+            f"{path}: not a readable torch.save archive ({e}); the file is truncated or corrupt, "
+            "copy it again from its source"
+        ) from e
+    try:
+        obj = _WeightsOnlyUnpickler(data, path).load()
+    except TensorFileError:
+        raise
+    except Exception as e:
+        raise TensorFileError(f"{path}: its pickle is corrupt ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, tuple) for k, v in obj.items()):
+        raise TensorFileError(f"{path}: expected a dict of parameter name -> tensor")
+    refs = {}
+    for name, (storage, storage_offset, shape, stride) in obj.items():
+        if storage.key not in offsets:
+            raise TensorFileError(f"{path}: tensor '{name}' points to a storage record that is missing")
+        data_offset, size = offsets[storage.key]
+        if size != storage.numel * storage.dtype.itemsize:
+            raise TensorFileError(
+                f"{path}: tensor '{name}' needs {storage.numel * storage.dtype.itemsize} bytes, "
+                f"its record holds {size}; the file is corrupt"
+            )
+        refs[name] = TensorRef(path, storage.dtype, shape, stride, storage_offset, data_offset, storage.numel)
+    return refs
+
+
+class _StorageRef:
+    """Pickled as a persistent id, exactly as `torch.save` pickles a storage."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorStub:
+    def __init__(self, storage: _StorageRef, shape: Tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self):
+        stride = tuple(_numel(self.shape[i + 1 :]) for i in range(len(self.shape)))
+        return (torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, collections.OrderedDict()))
+
+
+class _StubPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", getattr(torch, _STORAGE_NAMES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+class BinWriter:
+    """Writes a `torch.save`-compatible dict one tensor at a time, in the order given up front.
+
+    Args:
+        path: the `.bin` file to write.
+        specs: name -> (dtype, shape) of every tensor, in the order they will be written.
+    """
+
+    def __init__(self, path: PathLike, specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
+        self._specs = list(specs.items())
+        self._next = 0
+        stubs = {
+            name: _TensorStub(_StorageRef(str(i), dtype, _numel(shape)), tuple(shape))
+            for i, (name, (dtype, shape)) in enumerate(self._specs)
+        }
+        buf = io.BytesIO()
+        _StubPickler(buf, protocol=2).dump(stubs)  # torch.save's default protocol
+        self._writer = torch._C.PyTorchFileWriter(str(path), True, 64)
+        for record, value in (
+            ("data.pkl", buf.getvalue()),
+            (".format_version", b"1"),
+            (".storage_alignment", b"64"),
+            ("byteorder", b"little"),
+        ):
+            self._writer.write_record(record, value, len(value))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; its name, dtype and shape must be the next ones in `specs`."""
+        _check_next(self._specs, self._next, name, tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != nbytes:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # a view: its bytes alone
+        self._writer.write_record(f"data/{self._next}", tensor.untyped_storage(), nbytes)
+        self._next += 1
+
+    def close(self) -> None:
+        _check_all_written(self._specs, self._next)
+        self._writer.write_end_of_file()
+
+    def __enter__(self) -> "BinWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def read_safetensors_refs(path: PathLike) -> Dict[str, TensorRef]:
+    """Names and locations of the tensors of a safetensors file, from its header alone."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise TensorFileError(f"{path}: not a safetensors file (header size {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise TensorFileError(f"{path}: its safetensors header is not valid JSON ({e})") from e
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        begin, end = info.get("data_offsets", (0, -1))
+        shape = tuple(info.get("shape", ()))
+        if dtype is None or end - begin != _numel(shape) * dtype.itemsize or 8 + n + end > size:
+            raise TensorFileError(f"{path}: tensor '{name}' has a bad header entry or lies past the end of the file")
+        stride = tuple(_numel(shape[i + 1 :]) for i in range(len(shape)))
+        refs[name] = TensorRef(path, dtype, shape, stride, 0, 8 + n + begin, _numel(shape))
+    return refs
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file one tensor at a time: the header first, from `specs`, then the bytes."""
+
+    def __init__(self, path: PathLike, specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
+        self._specs = list(specs.items())
+        self._next = 0
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, (dtype, shape) in self._specs:
+            nbytes = _numel(shape) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        _check_next(self._specs, self._next, name, tensor)
+        self._file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        _check_all_written(self._specs, self._next)
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+
+
+def _check_next(specs, index: int, name: str, tensor: torch.Tensor) -> None:
+    expected_name, (dtype, shape) = specs[index]
+    if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+        raise ValueError(
+            f"expected tensor '{expected_name}' {dtype} {tuple(shape)} next, got '{name}' {tensor.dtype} {tuple(tensor.shape)}"
+        )
+
+
+def _check_all_written(specs, written: int) -> None:
+    if written != len(specs):
+        raise ValueError(f"{len(specs) - written} tensors were never written, the first '{specs[written][0]}'")
+
+
+def read_refs(path: PathLike) -> Dict[str, TensorRef]:
+    """Tensor locations of a `.safetensors` file or of a `torch.save` archive (any other suffix)."""
+    return read_safetensors_refs(path) if str(path).endswith(".safetensors") else read_tensor_refs(path)
+
+
+def open_writer(path: PathLike, specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
+    """A streaming writer for `path`: safetensors for `.safetensors`, a `torch.save` archive otherwise."""
+    return SafetensorsWriter(path, specs) if str(path).endswith(".safetensors") else BinWriter(path, specs)
+
+
+def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor]) -> None:
+    """Write a dict of tensors to `path` (format by suffix), one tensor at a time."""
+    with open_writer(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}) as w:
+        for name, tensor in tensors.items():
+            w.write(name, tensor)
+
+
+def load_tensors(path: PathLike, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Tensors of a file (all, or those named), read weights-only."""
+    refs = read_refs(path)
+    return {name: refs[name].load() for name in (names if names is not None else refs)}
