@@ -177,8 +177,9 @@ def _some(names, n: int = 3) -> str:
     return ", ".join(f"'{k}'" for k in names[:n]) + more
 
 
-def check_hf_tensors(refs: Dict[str, TensorRef], config: Dict[str, Any], where: Union[str, Path]) -> None:
-    """Every parameter the config implies is there with the implied shape, and nothing else."""
+def check_hf_tensors(refs: Dict[str, Any], config: Dict[str, Any], where: Union[str, Path]) -> None:
+    """Every parameter the config implies is there with the implied shape, and nothing else.
+    `refs` maps HF names to anything with a `shape` (`TensorRef`, `OutputTensor`, a tensor)."""
     expected = expected_hf_shapes(config)
     found = {k for k in refs if not _IGNORED_HF_KEYS.match(k)}
     problems = []
@@ -231,7 +232,10 @@ def converted(
     for name, (src_dtype, shape, load) in sources.items():
         # Names and shapes come from converting an empty meta tensor: no data is touched.
         meta = {name: torch.empty(shape, dtype=src_dtype, device="meta")}
-        ((new_name, new_meta),) = (convert(meta, config) if convert else meta).items()
+        try:
+            ((new_name, new_meta),) = (convert(meta, config) if convert else meta).items()
+        except Exception as e:  # torchtune raises a bare Exception for an unknown name
+            raise CheckpointError(f"parameter '{name}' cannot be converted: {e}") from e
         out_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
 
         def load_converted(name=name, load=load, out_dtype=out_dtype):
@@ -352,8 +356,8 @@ def save_hf_dir(
     total = sum(t.nbytes for t in tensors)
     config = dict(config, torch_dtype=_dtype_name(tensors))
     config["dtype"] = config["torch_dtype"]  # transformers >= 4.56 reads `dtype`
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(out_dir).name}", disable=not progress)
     with atomic_output(out_dir, overwrite) as tmp:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(out_dir).name}", disable=not progress)
         tmp.mkdir()
         weight_map = {}
         for k, shard in enumerate(shards, start=1):

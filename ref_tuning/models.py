@@ -91,3 +91,24 @@ def hf_llama_config(
         "pad_token_id": 0,
         "torch_dtype": str(torch_dtype).removeprefix("torch."),
     }
+
+
+def llama_from_hf_config(config: Dict[str, Any]) -> TransformerDecoder:
+    """The torchtune model of a LLaMA-2-family HF `config.json` (Sheared-LLaMA and its tiny kin)."""
+    heads = config["num_attention_heads"]
+    if config.get("head_dim") not in (None, config["hidden_size"] // heads):
+        raise ValueError(f"config.json: head_dim={config['head_dim']} differs from hidden_size / num_attention_heads")
+    rope = config.get("rope_parameters") or {}
+    if (config.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
+        raise ValueError("config.json: rope scaling is not supported by the LLaMA-2 builder")
+    return llama2(
+        vocab_size=config["vocab_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        embed_dim=config["hidden_size"],
+        intermediate_dim=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 4096),
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_base=config.get("rope_theta") or rope.get("rope_theta", 10_000.0),
+    )
