@@ -8,11 +8,14 @@ directory is a complete HF model. Reading and writing stream tensor by tensor (`
 every output appears under its final name only once complete (`atomic_output`).
 """
 
+import ctypes
+import errno
 import json
 import os
 import re
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
@@ -43,12 +46,14 @@ class CheckpointError(ValueError):
 
 
 class OutputTensor(NamedTuple):
-    """A tensor to write: its name, dtype and shape up front, its data only when `load()` is called."""
+    """A tensor to write: its name, dtype and shape up front, its data only when `load()` is called.
+    `load(scratch)` may read into `scratch`, a flat uint8 tensor of at least `source_nbytes`."""
 
     name: str
     dtype: torch.dtype
     shape: Tuple[int, ...]
-    load: Callable[[], torch.Tensor]
+    load: Callable[[Optional[torch.Tensor]], torch.Tensor]
+    source_nbytes: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -220,8 +225,11 @@ def tune_to_hf(tune_sd: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict
     return convert_weights.tune_to_hf(tune_sd, **_conversion_args(config))
 
 
+Source = Tuple[torch.dtype, Tuple[int, ...], Callable[[Optional[torch.Tensor]], torch.Tensor]]
+
+
 def converted(
-    sources: Dict[str, Tuple[torch.dtype, Tuple[int, ...], Callable[[], torch.Tensor]]],
+    sources: Dict[str, Source],
     convert: Optional[Callable[[Dict[str, torch.Tensor], Dict[str, Any]], Dict[str, torch.Tensor]]],
     config: Dict[str, Any],
     dtype: Optional[torch.dtype] = None,
@@ -238,22 +246,25 @@ def converted(
             raise CheckpointError(f"parameter '{name}' cannot be converted: {e}") from e
         out_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
 
-        def load_converted(name=name, load=load, out_dtype=out_dtype):
-            ((_, tensor),) = (convert({name: load()}, config) if convert else {name: load()}).items()
+        def load_converted(scratch=None, name=name, load=load, out_dtype=out_dtype):
+            tensor = load(scratch)
+            if convert:
+                ((_, tensor),) = convert({name: tensor}, config).items()
             return tensor.to(out_dtype)
 
-        outputs.append(OutputTensor(new_name, out_dtype, tuple(new_meta.shape), load_converted))
+        source_nbytes = src_dtype.itemsize * int(torch.Size(shape).numel())
+        outputs.append(OutputTensor(new_name, out_dtype, tuple(new_meta.shape), load_converted, source_nbytes))
     return outputs
 
 
-def ref_sources(refs: Dict[str, TensorRef]):
+def ref_sources(refs: Dict[str, TensorRef]) -> Dict[str, Source]:
     """`converted` sources that read each tensor from its file."""
     return {name: (ref.dtype, tuple(ref.shape), ref.load) for name, ref in refs.items()}
 
 
-def memory_sources(state_dict: Dict[str, torch.Tensor]):
+def memory_sources(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Source]:
     """`converted` sources from tensors already in memory."""
-    return {name: (t.dtype, tuple(t.shape), (lambda t=t: t)) for name, t in state_dict.items()}
+    return {name: (t.dtype, tuple(t.shape), (lambda scratch=None, t=t: t)) for name, t in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,24 +277,43 @@ def atomic_output(target: Union[str, Path], overwrite: bool = False) -> Iterator
 
     A crash (even SIGKILL) leaves `target` as it was: absent, or the complete old version. Temporary
     paths of dead processes from earlier crashes are removed on the next write to the same target.
+    `target` is checked for existence before the work, so a refused overwrite costs nothing.
     """
     target = Path(target)
+    if target.parent.is_dir():
+        _remove_stale_temporaries(target)  # first: it may put back an old version
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target}: already exists; choose another output or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
-        if target.exists():  # replace: move the old one aside first, so one complete copy always exists
+        if not target.is_dir() or tmp.is_file():
+            os.replace(tmp, target)  # atomic for a new name and for a file over a file
+        elif not _exchange(tmp, target):  # a directory over a directory: swap them in one step
+            # No atomic swap here (not Linux, or the file system lacks it): move the old one aside
+            # first; if we die in between, the next write to this target puts it back.
             old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(target, old)
             os.replace(tmp, target)
             _remove(old)
-        else:
-            os.replace(tmp, target)
     finally:
-        _remove(tmp)
+        _remove(tmp)  # after a swap, the old version
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
 
 
 def _remove(path: Path) -> None:
@@ -294,9 +324,15 @@ def _remove(path: Path) -> None:
 
 
 def _remove_stale_temporaries(target: Path) -> None:
-    for path in target.parent.glob(f".{target.name}.*-*-*"):
+    """Remove what dead writers left beside `target`; an old version moved aside is put back if
+    its writer died before the new one took its place."""
+    for path in sorted(target.parent.glob(f".{target.name}.*-*-*")):
         match = re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]+", path.name)
-        if match and not _alive(int(match.group(2))):
+        if not match or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not target.exists():
+            os.replace(path, target)
+        else:
             _remove(path)
 
 
@@ -311,10 +347,21 @@ def _alive(pid: int) -> bool:
 
 
 def write_tensor_file(path: Path, tensors: List[OutputTensor], progress: Optional[tqdm] = None) -> None:
-    """Write `tensors` into one file (format by suffix), loading and converting one at a time."""
-    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}) as writer:
-        for t in tensors:
-            writer.write(t.name, t.load())
+    """Write `tensors` into one file (format by suffix), loading and converting one at a time.
+
+    A worker thread reads and converts tensor i+1 while tensor i is written (both release the GIL),
+    into two scratch buffers used in turn: memory stays at two tensors, and no page is faulted twice.
+    """
+    size = max((t.source_nbytes for t in tensors), default=0)
+    scratch = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
+    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}) as writer, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(tensors[0].load, scratch[0]) if tensors else None
+        for i, t in enumerate(tensors):
+            tensor = pending.result()
+            if i + 1 < len(tensors):  # its buffer was last used by tensor i-1, written already
+                pending = pool.submit(tensors[i + 1].load, scratch[(i + 1) % 2])
+            writer.write(t.name, tensor)
+            del tensor
             if progress is not None:
                 progress.update(t.nbytes)
 

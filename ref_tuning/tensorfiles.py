@@ -18,6 +18,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple, Union
@@ -58,14 +59,23 @@ class TensorRef:
     storage_offset: int  # in elements
     data_offset: int  # in bytes, of the storage's first byte in the file
     storage_numel: int
+    crc32: Optional[int] = None  # of the storage's bytes, where the file records one
 
     @property
     def nbytes(self) -> int:
         return _numel(self.shape) * self.dtype.itemsize
 
-    def load(self) -> torch.Tensor:
-        """The tensor, read into fresh memory (a copy only if it views part of a larger storage)."""
-        storage = torch.empty(self.storage_numel, dtype=self.dtype)
+    @property
+    def storage_nbytes(self) -> int:
+        return self.storage_numel * self.dtype.itemsize
+
+    def load(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tensor, read into `out` (a flat uint8 scratch tensor of at least `storage_nbytes`,
+        reused across calls: fresh memory costs a page fault per 4 KiB) or into new memory."""
+        if out is not None and out.numel() >= self.storage_nbytes:
+            storage = out[: self.storage_nbytes].view(self.dtype)
+        else:
+            storage = torch.empty(self.storage_numel, dtype=self.dtype)
         buffer = memoryview(storage.view(torch.uint8).numpy()).cast("B")
         with open(self.path, "rb", buffering=0) as f:
             done = 0
@@ -74,9 +84,14 @@ class TensorRef:
                 if n == 0:
                     raise TensorFileError(f"{self.path}: ends inside a tensor's data; the file is truncated")
                 done += n
+        if self.crc32 is not None and zlib.crc32(buffer) != self.crc32:
+            raise TensorFileError(
+                f"{self.path}: the data of a tensor does not match its checksum; the file is corrupt, "
+                "copy it again from its source"
+            )
         tensor = storage.as_strided(self.shape, self.stride, self.storage_offset)
         if tensor.numel() != self.storage_numel or not tensor.is_contiguous():
-            tensor = tensor.contiguous().clone()
+            tensor = tensor.contiguous().clone()  # a view of part of a storage: keep only its bytes
         return tensor
 
 
@@ -121,8 +136,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_):
     return (storage, int(storage_offset), tuple(size), tuple(stride))
 
 
-def _data_offsets(path: Path, zf: zipfile.ZipFile) -> Tuple[str, Dict[str, Tuple[int, int]]]:
-    """The archive's folder name and, for each storage key, (byte offset, byte size) of its data."""
+def _data_offsets(path: Path, zf: zipfile.ZipFile) -> Tuple[str, Dict[str, Tuple[int, int, Optional[int]]]]:
+    """The archive's folder name and, for each storage key, the byte offset, size and CRC-32 of its data."""
     pickles = [i.filename for i in zf.infolist() if i.filename.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise TensorFileError(f"{path}: expected one '<archive>/data.pkl' record, found {len(pickles)}")
@@ -135,11 +150,15 @@ def _data_offsets(path: Path, zf: zipfile.ZipFile) -> Tuple[str, Dict[str, Tuple
             if info.compress_type != zipfile.ZIP_STORED:
                 raise TensorFileError(f"{path}: record {info.filename} is compressed; torch.save never does that")
             f.seek(info.header_offset)
-            header = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
-            name_len, extra_len = header[-2], header[-1]
+            header = f.read(_LOCAL_HEADER.size)
+            signature, *_, name_len, extra_len = _LOCAL_HEADER.unpack(header.ljust(_LOCAL_HEADER.size, b"\0"))
+            # The central directory must point at this record's own header, or we would read another's bytes.
+            if signature != b"PK\x03\x04" or f.read(name_len) != info.orig_filename.encode("utf-8"):
+                raise TensorFileError(f"{path}: record {info.filename} does not start where the zip index says")
             offsets[info.filename[len(prefix) + len("data/") :]] = (
                 info.header_offset + _LOCAL_HEADER.size + name_len + extra_len,
                 info.file_size,
+                info.CRC or None,  # 0: written without checksums (torch.save can be told to skip them)
             )
     return prefix, offsets
 
@@ -151,7 +170,9 @@ def read_tensor_refs(path: PathLike) -> Dict[str, TensorRef]:
         with zipfile.ZipFile(path) as zf:
             prefix, offsets = _data_offsets(path, zf)
             data = zf.read(prefix + "data.pkl")
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except TensorFileError:
+        raise
+    except Exception as e:  # zipfile raises many types on a damaged archive (BadZipFile, struct.error, ...)
         raise TensorFileError(
             f"{path}: not a readable torch.save archive ({e}); the file is truncated or corrupt, "
             "copy it again from its source"
@@ -168,13 +189,13 @@ def read_tensor_refs(path: PathLike) -> Dict[str, TensorRef]:
     for name, (storage, storage_offset, shape, stride) in obj.items():
         if storage.key not in offsets:
             raise TensorFileError(f"{path}: tensor '{name}' points to a storage record that is missing")
-        data_offset, size = offsets[storage.key]
+        data_offset, size, crc = offsets[storage.key]
         if size != storage.numel * storage.dtype.itemsize:
             raise TensorFileError(
                 f"{path}: tensor '{name}' needs {storage.numel * storage.dtype.itemsize} bytes, "
                 f"its record holds {size}; the file is corrupt"
             )
-        refs[name] = TensorRef(path, storage.dtype, shape, stride, storage_offset, data_offset, storage.numel)
+        refs[name] = TensorRef(path, storage.dtype, shape, stride, storage_offset, data_offset, storage.numel, crc)
     return refs
 
 
@@ -201,44 +222,64 @@ class _StubPickler(pickle.Pickler):
         return None
 
 
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without a copy where it is already contiguous."""
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()).cast("B")
+
+
 class BinWriter:
     """Writes a `torch.save`-compatible dict one tensor at a time, in the order given up front.
+
+    The zip container is written with Python's `zipfile` (`torch.save`'s own writer holds the GIL
+    while it checksums and writes, which would stop a reader thread from overlapping with it); the
+    records, their names and their 64-byte data alignment are the ones `torch.save` writes.
 
     Args:
         path: the `.bin` file to write.
         specs: name -> (dtype, shape) of every tensor, in the order they will be written.
     """
 
+    _ALIGNMENT = 64  # torch.save aligns storages so that torch.load(mmap=True) can map them
+    _PADDING_FIELD = 0x4246  # an extra-field id no reader interprets ("FB", as torch's writer uses)
+
     def __init__(self, path: PathLike, specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
         self._specs = list(specs.items())
         self._next = 0
+        self._prefix = "archive/"
         stubs = {
             name: _TensorStub(_StorageRef(str(i), dtype, _numel(shape)), tuple(shape))
             for i, (name, (dtype, shape)) in enumerate(self._specs)
         }
         buf = io.BytesIO()
         _StubPickler(buf, protocol=2).dump(stubs)  # torch.save's default protocol
-        self._writer = torch._C.PyTorchFileWriter(str(path), True, 64)
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         for record, value in (
             ("data.pkl", buf.getvalue()),
             (".format_version", b"1"),
-            (".storage_alignment", b"64"),
+            (".storage_alignment", str(self._ALIGNMENT).encode()),
             ("byteorder", b"little"),
         ):
-            self._writer.write_record(record, value, len(value))
+            self._record(record, value)
+
+    def _record(self, name: str, data) -> None:
+        info = zipfile.ZipInfo(self._prefix + name, date_time=(1980, 1, 1, 0, 0, 0))
+        # The local header is 30 bytes, the name, our padding field and zipfile's 20-byte zip64 field.
+        start = self._zip.fp.tell() + 30 + len(info.filename.encode()) + 4 + 20
+        pad = -start % self._ALIGNMENT
+        info.extra = struct.pack("<HH", self._PADDING_FIELD, pad) + b"\0" * pad
+        with self._zip.open(info, "w", force_zip64=True) as f:
+            f.write(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; its name, dtype and shape must be the next ones in `specs`."""
         _check_next(self._specs, self._next, name, tensor)
-        nbytes = tensor.numel() * tensor.element_size()
-        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != nbytes:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)  # a view: its bytes alone
-        self._writer.write_record(f"data/{self._next}", tensor.untyped_storage(), nbytes)
+        self._record(f"data/{self._next}", _bytes_of(tensor))
         self._next += 1
 
     def close(self) -> None:
         _check_all_written(self._specs, self._next)
-        self._writer.write_end_of_file()
+        self._record("version", b"3\n")
+        self._zip.close()
 
     def __enter__(self) -> "BinWriter":
         return self
@@ -246,6 +287,9 @@ class BinWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
+        else:  # abandon the file without an end record; whoever made the path removes it
+            fp, self._zip.fp = self._zip.fp, None
+            fp.close()
 
 
 _SAFETENSORS_DTYPES = {
@@ -301,7 +345,7 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         _check_next(self._specs, self._next, name, tensor)
-        self._file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+        self._file.write(_bytes_of(tensor))
         self._next += 1
 
     def close(self) -> None:
