@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
-from torchtune.models import convert_weights
-from torchtune.training import MODEL_KEY
 from tqdm import tqdm
 
 from ref_tuning.tensorfiles import TensorFileError, TensorRef, open_writer, read_refs
+
+# torchtune is imported where it is used: importing it takes 3 s (torchao, torch._dynamo), as long as
+# copying a gigabyte, and `convert hf-to-hf` does not need it.
+MODEL_KEY = "model"  # torchtune.training.MODEL_KEY
 
 INDEX_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
 SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
@@ -54,6 +56,7 @@ class OutputTensor(NamedTuple):
     shape: Tuple[int, ...]
     load: Callable[[Optional[torch.Tensor]], torch.Tensor]
     source_nbytes: int = 0
+    copy_of: Optional[TensorRef] = None  # a file region holding exactly these bytes, if any
 
     @property
     def nbytes(self) -> int:
@@ -217,15 +220,22 @@ def _conversion_args(config: Dict[str, Any]) -> Dict[str, int]:
 
 def hf_to_tune(hf_sd: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """HF names and rotary layout to torchtune's (q and k are permuted per head)."""
+    from torchtune.models import convert_weights
+
     return convert_weights.hf_to_tune(hf_sd, **_conversion_args(config))
 
 
 def tune_to_hf(tune_sd: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The inverse of `hf_to_tune`: exact, since the permutation only moves values."""
+    from torchtune.models import convert_weights
+
     return convert_weights.tune_to_hf(tune_sd, **_conversion_args(config))
 
 
-Source = Tuple[torch.dtype, Tuple[int, ...], Callable[[Optional[torch.Tensor]], torch.Tensor]]
+# dtype, shape, load(scratch), and the file region it is read from (None for tensors in memory)
+Source = Tuple[torch.dtype, Tuple[int, ...], Callable[[Optional[torch.Tensor]], torch.Tensor], Optional[TensorRef]]
+# torchtune's convert_weights permutes exactly these (the per-head rotary layout); it only renames the rest.
+_PERMUTED = re.compile(r".*\b(q_proj|k_proj)\.weight$")
 
 
 def converted(
@@ -237,7 +247,7 @@ def converted(
     """The tensors to write, renamed and re-laid-out by `convert` (`hf_to_tune`, `tune_to_hf` or
     None) and cast to `dtype`, each converted only when it is written."""
     outputs = []
-    for name, (src_dtype, shape, load) in sources.items():
+    for name, (src_dtype, shape, load, ref) in sources.items():
         # Names and shapes come from converting an empty meta tensor: no data is touched.
         meta = {name: torch.empty(shape, dtype=src_dtype, device="meta")}
         try:
@@ -253,18 +263,21 @@ def converted(
             return tensor.to(out_dtype)
 
         source_nbytes = src_dtype.itemsize * int(torch.Size(shape).numel())
-        outputs.append(OutputTensor(new_name, out_dtype, tuple(new_meta.shape), load_converted, source_nbytes))
+        # Bytes that neither the conversion nor the cast changes are copied from file to file.
+        unchanged = out_dtype == src_dtype and not (convert and _PERMUTED.match(name))
+        copy_of = ref if unchanged and ref is not None and ref.storage_nbytes == source_nbytes else None
+        outputs.append(OutputTensor(new_name, out_dtype, tuple(new_meta.shape), load_converted, source_nbytes, copy_of))
     return outputs
 
 
 def ref_sources(refs: Dict[str, TensorRef]) -> Dict[str, Source]:
     """`converted` sources that read each tensor from its file."""
-    return {name: (ref.dtype, tuple(ref.shape), ref.load) for name, ref in refs.items()}
+    return {name: (ref.dtype, tuple(ref.shape), ref.load, ref) for name, ref in refs.items()}
 
 
 def memory_sources(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Source]:
     """`converted` sources from tensors already in memory."""
-    return {name: (t.dtype, tuple(t.shape), (lambda scratch=None, t=t: t)) for name, t in state_dict.items()}
+    return {name: (t.dtype, tuple(t.shape), (lambda scratch=None, t=t: t), None) for name, t in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,21 +362,38 @@ def _alive(pid: int) -> bool:
 def write_tensor_file(path: Path, tensors: List[OutputTensor], progress: Optional[tqdm] = None) -> None:
     """Write `tensors` into one file (format by suffix), loading and converting one at a time.
 
-    A worker thread reads and converts tensor i+1 while tensor i is written (both release the GIL),
-    into two scratch buffers used in turn: memory stays at two tensors, and no page is faulted twice.
+    Tensors whose bytes do not change are copied file to file inside the kernel, as `cp` does, with
+    the checksum the source recorded, while a thread reads them once more to verify that checksum
+    (a mismatch fails the write before the file is used). The other tensors are read, converted and
+    written, a second thread preparing tensor i+1 while tensor i is written; it reads into two
+    scratch buffers used in turn, so memory stays at a few tensors and no page is faulted twice.
     """
     size = max((t.source_nbytes for t in tensors), default=0)
-    scratch = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
-    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}) as writer, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(tensors[0].load, scratch[0]) if tensors else None
-        for i, t in enumerate(tensors):
-            tensor = pending.result()
-            if i + 1 < len(tensors):  # its buffer was last used by tensor i-1, written already
-                pending = pool.submit(tensors[i + 1].load, scratch[(i + 1) % 2])
-            writer.write(t.name, tensor)
-            del tensor
+    scratch = [torch.empty(size, dtype=torch.uint8) for _ in range(3)]
+    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}) as writer, \
+            ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as verifier:  # fmt: skip
+        copied = [t.copy_of is not None and writer.can_copy(t.copy_of) for t in tensors]
+        checks = [verifier.submit(t.copy_of.load, scratch[2]) for t, c in zip(tensors, copied) if c]
+        to_load = iter([i for i, c in enumerate(copied) if not c])
+
+        def prefetch(slot: int):
+            i = next(to_load, None)
+            return None if i is None else loader.submit(tensors[i].load, scratch[slot])
+
+        pending, slot = prefetch(0), 0
+        for t, copy in zip(tensors, copied):
+            if copy:
+                writer.copy(t.name, t.copy_of)
+            else:
+                tensor = pending.result()
+                slot = 1 - slot  # the other buffer's tensor was written already
+                pending = prefetch(slot)
+                writer.write(t.name, tensor)
+                del tensor
             if progress is not None:
                 progress.update(t.nbytes)
+        for check in checks:
+            check.result()  # raises on a checksum mismatch: the file is then never committed
 
 
 def _plan_shards(tensors: List[OutputTensor], max_shard_size: int) -> List[List[OutputTensor]]:

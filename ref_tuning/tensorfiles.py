@@ -227,58 +227,112 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()).cast("B")
 
 
+def _copy_range(src: Path, offset: int, count: int, dst) -> None:
+    """Append `count` bytes of `src` from `offset` to the open file `dst`, inside the kernel (as cp does)."""
+    dst.flush()
+    with open(src, "rb") as f:
+        done = 0
+        while done < count:
+            n = os.copy_file_range(f.fileno(), dst.fileno(), count - done, offset + done)
+            if n == 0:
+                raise TensorFileError(f"{src}: ends inside a tensor's data; the file is truncated")
+            done += n
+    dst.seek(0, os.SEEK_END)
+
+
+class _ZipRecords:
+    """The zip container of `torch.save`: stored (uncompressed) records with zip64 sizes, their data
+    aligned to 64 bytes so that `torch.load(mmap=True)` can map them. Written by hand rather than with
+    `zipfile`, so that a record's CRC-32 can be given (computed off the writing thread, or carried over
+    from the source file) instead of computed while writing."""
+
+    ALIGNMENT = 64
+    _PADDING_FIELD = 0x4246  # an extra-field id no reader interprets ("FB", as torch's writer uses)
+    _DOS_DATE = (0, 0x21)  # 1980-01-01 00:00, as torch.save stamps its records
+
+    def __init__(self, path: PathLike):
+        self.file = open(path, "wb")
+        self._central = []  # (name, crc, size, offset)
+
+    def header(self, name: str, crc: int, size: int) -> None:
+        """Write a record's local header; its `size` bytes of data must follow."""
+        raw = name.encode()
+        offset = self.file.tell()
+        zip64 = struct.pack("<HHQQ", 1, 16, size, size)
+        pad = -(offset + 30 + len(raw) + len(zip64) + 4) % self.ALIGNMENT
+        extra = zip64 + struct.pack("<HH", self._PADDING_FIELD, pad) + b"\0" * pad
+        time, date = self._DOS_DATE
+        self.file.write(
+            struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45, 0, 0, time, date, crc, 0xFFFFFFFF, 0xFFFFFFFF,
+                        len(raw), len(extra)) + raw + extra
+        )  # fmt: skip
+        self._central.append((raw, crc, size, offset))
+
+    def record(self, name: str, data) -> None:
+        self.header(name, zlib.crc32(data), len(data))
+        self.file.write(data)
+
+    def close(self) -> None:
+        start = self.file.tell()
+        time, date = self._DOS_DATE
+        for raw, crc, size, offset in self._central:
+            extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
+            self.file.write(
+                struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, 0, time, date, crc, 0xFFFFFFFF,
+                            0xFFFFFFFF, len(raw), len(extra), 0, 0, 0, 0, 0xFFFFFFFF) + raw + extra
+            )  # fmt: skip
+        end, n = self.file.tell(), len(self._central)
+        self.file.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, end - start, start))
+        self.file.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1))
+        self.file.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+        self.file.close()
+
+
 class BinWriter:
     """Writes a `torch.save`-compatible dict one tensor at a time, in the order given up front.
-
-    The zip container is written with Python's `zipfile` (`torch.save`'s own writer holds the GIL
-    while it checksums and writes, which would stop a reader thread from overlapping with it); the
-    records, their names and their 64-byte data alignment are the ones `torch.save` writes.
 
     Args:
         path: the `.bin` file to write.
         specs: name -> (dtype, shape) of every tensor, in the order they will be written.
     """
 
-    _ALIGNMENT = 64  # torch.save aligns storages so that torch.load(mmap=True) can map them
-    _PADDING_FIELD = 0x4246  # an extra-field id no reader interprets ("FB", as torch's writer uses)
-
     def __init__(self, path: PathLike, specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
         self._specs = list(specs.items())
         self._next = 0
-        self._prefix = "archive/"
+        self._prefix = "archive/"  # torch.save's folder name for a buffer; readers take any
         stubs = {
             name: _TensorStub(_StorageRef(str(i), dtype, _numel(shape)), tuple(shape))
             for i, (name, (dtype, shape)) in enumerate(self._specs)
         }
         buf = io.BytesIO()
         _StubPickler(buf, protocol=2).dump(stubs)  # torch.save's default protocol
-        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        for record, value in (
-            ("data.pkl", buf.getvalue()),
-            (".format_version", b"1"),
-            (".storage_alignment", str(self._ALIGNMENT).encode()),
-            ("byteorder", b"little"),
-        ):
-            self._record(record, value)
+        self._zip = _ZipRecords(path)
+        self._zip.record(self._prefix + "data.pkl", buf.getvalue())
+        self._zip.record(self._prefix + ".format_version", b"1")
+        self._zip.record(self._prefix + ".storage_alignment", str(_ZipRecords.ALIGNMENT).encode())
+        self._zip.record(self._prefix + "byteorder", b"little")
 
-    def _record(self, name: str, data) -> None:
-        info = zipfile.ZipInfo(self._prefix + name, date_time=(1980, 1, 1, 0, 0, 0))
-        # The local header is 30 bytes, the name, our padding field and zipfile's 20-byte zip64 field.
-        start = self._zip.fp.tell() + 30 + len(info.filename.encode()) + 4 + 20
-        pad = -start % self._ALIGNMENT
-        info.extra = struct.pack("<HH", self._PADDING_FIELD, pad) + b"\0" * pad
-        with self._zip.open(info, "w", force_zip64=True) as f:
-            f.write(data)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor; its name, dtype and shape must be the next ones in `specs`."""
+    def write(self, name: str, tensor: torch.Tensor, crc32: Optional[int] = None) -> None:
+        """Write the next tensor (name, dtype and shape as in `specs`); `crc32`, if known, saves a pass."""
         _check_next(self._specs, self._next, name, tensor)
-        self._record(f"data/{self._next}", _bytes_of(tensor))
+        data = _bytes_of(tensor)
+        self._zip.header(f"{self._prefix}data/{self._next}", zlib.crc32(data) if crc32 is None else crc32, len(data))
+        self._zip.file.write(data)
+        self._next += 1
+
+    def can_copy(self, ref: TensorRef) -> bool:
+        return ref.crc32 is not None  # a record needs its checksum up front
+
+    def copy(self, name: str, ref: TensorRef) -> None:
+        """Write the next tensor as a byte copy of `ref`'s storage (a whole, contiguous one)."""
+        _check_next(self._specs, self._next, name, ref)
+        self._zip.header(f"{self._prefix}data/{self._next}", ref.crc32, ref.storage_nbytes)
+        _copy_range(ref.path, ref.data_offset, ref.storage_nbytes, self._zip.file)
         self._next += 1
 
     def close(self) -> None:
         _check_all_written(self._specs, self._next)
-        self._record("version", b"3\n")
+        self._zip.record(self._prefix + "version", b"3\n")
         self._zip.close()
 
     def __enter__(self) -> "BinWriter":
@@ -287,9 +341,8 @@ class BinWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
-        else:  # abandon the file without an end record; whoever made the path removes it
-            fp, self._zip.fp = self._zip.fp, None
-            fp.close()
+        else:  # abandoned without an end record; whoever made the path removes it
+            self._zip.file.close()
 
 
 _SAFETENSORS_DTYPES = {
@@ -343,9 +396,17 @@ class SafetensorsWriter:
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, crc32: Optional[int] = None) -> None:
         _check_next(self._specs, self._next, name, tensor)
         self._file.write(_bytes_of(tensor))
+        self._next += 1
+
+    def can_copy(self, ref: TensorRef) -> bool:
+        return True
+
+    def copy(self, name: str, ref: TensorRef) -> None:
+        _check_next(self._specs, self._next, name, ref)
+        _copy_range(ref.path, ref.data_offset, ref.storage_nbytes, self._file)
         self._next += 1
 
     def close(self) -> None:
@@ -362,7 +423,7 @@ class SafetensorsWriter:
             self._file.close()
 
 
-def _check_next(specs, index: int, name: str, tensor: torch.Tensor) -> None:
+def _check_next(specs, index: int, name: str, tensor) -> None:
     expected_name, (dtype, shape) = specs[index]
     if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
         raise ValueError(

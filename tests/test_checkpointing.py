@@ -118,3 +118,11 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("five gigs")
+
+
+def test_model_key_is_torchtunes():
+    from torchtune.training import MODEL_KEY
+
+    from ref_tuning import checkpointing
+
+    assert checkpointing.MODEL_KEY == MODEL_KEY
