@@ -265,7 +265,7 @@ def converted(
         source_nbytes = src_dtype.itemsize * int(torch.Size(shape).numel())
         # Bytes that neither the conversion nor the cast changes are copied from file to file.
         unchanged = out_dtype == src_dtype and not (convert and _PERMUTED.match(name))
-        copy_of = ref if unchanged and ref is not None and ref.storage_nbytes == source_nbytes else None
+        copy_of = ref if unchanged and ref is not None and ref.is_whole_storage else None
         outputs.append(OutputTensor(new_name, out_dtype, tuple(new_meta.shape), load_converted, source_nbytes, copy_of))
     return outputs
 
@@ -437,11 +437,14 @@ def save_hf_dir(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(out_dir).name}", disable=not progress)
         tmp.mkdir()
         weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            stem = "pytorch_model" if fmt == "bin" else "model"
-            file_name = f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}"
-            write_tensor_file(tmp / file_name, shard, bar)
-            weight_map.update({t.name: file_name for t in shard})
+        stem = "pytorch_model" if fmt == "bin" else "model"
+        names = [f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}" for k in range(1, len(shards) + 1)]
+        # Two shards at a time: copying is memory-bound work in the kernel, and there are two cores.
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(write_tensor_file, tmp / n, shard, bar) for n, shard in zip(names, shards)]:
+                done.result()
+        for name, shard in zip(names, shards):
+            weight_map.update({t.name: name for t in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -69,6 +69,12 @@ class TensorRef:
     def storage_nbytes(self) -> int:
         return self.storage_numel * self.dtype.itemsize
 
+    @property
+    def is_whole_storage(self) -> bool:
+        """The tensor's bytes are exactly its storage's, in row-major order: a byte copy reproduces it."""
+        contiguous = tuple(_numel(self.shape[i + 1 :]) for i in range(len(self.shape)))
+        return self.storage_offset == 0 and _numel(self.shape) == self.storage_numel and self.stride == contiguous
+
     def load(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The tensor, read into `out` (a flat uint8 scratch tensor of at least `storage_nbytes`,
         reused across calls: fresh memory costs a page fault per 4 KiB) or into new memory."""
@@ -227,17 +233,31 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _copy_range(src: Path, offset: int, count: int, dst) -> None:
-    """Append `count` bytes of `src` from `offset` to the open file `dst`, inside the kernel (as cp does)."""
-    dst.flush()
-    with open(src, "rb") as f:
+class _Sources:
+    """Source files kept open while a writer copies from them: a file reopened for every tensor
+    would restart the kernel's read-ahead each time."""
+
+    def __init__(self):
+        self._files = {}
+
+    def copy(self, ref: TensorRef, dst) -> None:
+        """Append the bytes of `ref`'s storage to the open file `dst`, inside the kernel (as cp does)."""
+        if ref.path not in self._files:
+            self._files[ref.path] = f = open(ref.path, "rb")
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        src = self._files[ref.path].fileno()
+        dst.flush()
         done = 0
-        while done < count:
-            n = os.copy_file_range(f.fileno(), dst.fileno(), count - done, offset + done)
+        while done < ref.storage_nbytes:
+            n = os.copy_file_range(src, dst.fileno(), ref.storage_nbytes - done, ref.data_offset + done)
             if n == 0:
-                raise TensorFileError(f"{src}: ends inside a tensor's data; the file is truncated")
+                raise TensorFileError(f"{ref.path}: ends inside a tensor's data; the file is truncated")
             done += n
-    dst.seek(0, os.SEEK_END)
+        dst.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
 
 
 class _ZipRecords:
@@ -254,12 +274,14 @@ class _ZipRecords:
         self.file = open(path, "wb")
         self._central = []  # (name, crc, size, offset)
 
-    def header(self, name: str, crc: int, size: int) -> None:
-        """Write a record's local header; its `size` bytes of data must follow."""
+    def header(self, name: str, crc: int, size: int, page_offset: int = 0) -> None:
+        """Write a record's local header; its `size` bytes of data must follow. The data starts
+        64-byte aligned, at `page_offset` (a multiple of 64) within a 4 KiB page: the offset its
+        bytes have in a file they are copied from, so that the kernel copies whole pages."""
         raw = name.encode()
         offset = self.file.tell()
         zip64 = struct.pack("<HHQQ", 1, 16, size, size)
-        pad = -(offset + 30 + len(raw) + len(zip64) + 4) % self.ALIGNMENT
+        pad = (page_offset - (offset + 30 + len(raw) + len(zip64) + 4)) % (4096 if page_offset else self.ALIGNMENT)
         extra = zip64 + struct.pack("<HH", self._PADDING_FIELD, pad) + b"\0" * pad
         time, date = self._DOS_DATE
         self.file.write(
@@ -307,6 +329,7 @@ class BinWriter:
         buf = io.BytesIO()
         _StubPickler(buf, protocol=2).dump(stubs)  # torch.save's default protocol
         self._zip = _ZipRecords(path)
+        self._sources = _Sources()
         self._zip.record(self._prefix + "data.pkl", buf.getvalue())
         self._zip.record(self._prefix + ".format_version", b"1")
         self._zip.record(self._prefix + ".storage_alignment", str(_ZipRecords.ALIGNMENT).encode())
@@ -326,14 +349,15 @@ class BinWriter:
     def copy(self, name: str, ref: TensorRef) -> None:
         """Write the next tensor as a byte copy of `ref`'s storage (a whole, contiguous one)."""
         _check_next(self._specs, self._next, name, ref)
-        self._zip.header(f"{self._prefix}data/{self._next}", ref.crc32, ref.storage_nbytes)
-        _copy_range(ref.path, ref.data_offset, ref.storage_nbytes, self._zip.file)
+        self._zip.header(f"{self._prefix}data/{self._next}", ref.crc32, ref.storage_nbytes, ref.data_offset % 4096)
+        self._sources.copy(ref, self._zip.file)
         self._next += 1
 
     def close(self) -> None:
         _check_all_written(self._specs, self._next)
         self._zip.record(self._prefix + "version", b"3\n")
         self._zip.close()
+        self._sources.close()
 
     def __enter__(self) -> "BinWriter":
         return self
@@ -343,6 +367,7 @@ class BinWriter:
             self.close()
         else:  # abandoned without an end record; whoever made the path removes it
             self._zip.file.close()
+            self._sources.close()
 
 
 _SAFETENSORS_DTYPES = {
@@ -395,6 +420,7 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._sources = _Sources()
 
     def write(self, name: str, tensor: torch.Tensor, crc32: Optional[int] = None) -> None:
         _check_next(self._specs, self._next, name, tensor)
@@ -406,12 +432,13 @@ class SafetensorsWriter:
 
     def copy(self, name: str, ref: TensorRef) -> None:
         _check_next(self._specs, self._next, name, ref)
-        _copy_range(ref.path, ref.data_offset, ref.storage_nbytes, self._file)
+        self._sources.copy(ref, self._file)
         self._next += 1
 
     def close(self) -> None:
         _check_all_written(self._specs, self._next)
         self._file.close()
+        self._sources.close()
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -421,6 +448,7 @@ class SafetensorsWriter:
             self.close()
         else:
             self._file.close()
+            self._sources.close()
 
 
 def _check_next(specs, index: int, name: str, tensor) -> None:

@@ -196,6 +196,34 @@ def test_hf_to_hf_default_layout(src, tmp_path, capsys):
     assert_same_tensors({k: v for k, v in model.state_dict().items() if k in written}, written)
 
 
+@pytest.mark.parametrize("command", ["hf-to-hf", "hf-to-tune"])
+def test_views_and_transposed_tensors_in_the_source_convert_correctly(damaged, tmp_path, capsys, command):
+    """Tensors the source stores as views (offset into a storage, transposed) cannot be byte-copied."""
+
+    def as_views(sd):
+        for i, (name, t) in enumerate(sorted(sd.items())):
+            if t.dim() == 2 and i % 2:
+                sd[name] = t.t().contiguous().t()  # same values, column-major storage
+            elif t.dim() == 1:
+                sd[name] = torch.cat([torch.zeros(3), t])[3:]  # a view at offset 3 of a larger storage
+
+    expected = torch_load_dir(damaged)
+    rewrite_shard(damaged, SHARD1, as_views)
+    stored = torch.load(damaged / SHARD1, weights_only=True)
+    assert any(not t.is_contiguous() for t in stored.values()) and any(t.storage_offset() for t in stored.values())
+    out = tmp_path / ("out.pt" if command == "hf-to-tune" else "out")
+    assert run_main(capsys, command, damaged, out, "--no-progress")[0] == 0
+    if command == "hf-to-hf":
+        assert_same_tensors(torch_load_dir(out), expected)
+    else:
+        config = json.loads((damaged / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        assert_same_tensors(
+            torch.load(out, weights_only=True),
+            convert_weights.hf_to_tune(expected, num_heads=heads, num_kv_heads=heads, dim=config["hidden_size"]),
+        )
+
+
 def test_max_shard_size_is_honoured(src, tmp_path, capsys):
     source = torch_load_dir(src)
     counts = {}
