@@ -164,7 +164,8 @@ def _data_offsets(path: Path, zf: zipfile.ZipFile) -> Tuple[str, Dict[str, Tuple
             offsets[info.filename[len(prefix) + len("data/") :]] = (
                 info.header_offset + _LOCAL_HEADER.size + name_len + extra_len,
                 info.file_size,
-                info.CRC or None,  # 0: written without checksums (torch.save can be told to skip them)
+                # 0 on data: written without checksums (torch.save can be told to skip them)
+                None if info.CRC == 0 and info.file_size else info.CRC,
             )
     return prefix, offsets
 
@@ -472,16 +473,3 @@ def read_refs(path: PathLike) -> Dict[str, TensorRef]:
 def open_writer(path: PathLike, specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
     """A streaming writer for `path`: safetensors for `.safetensors`, a `torch.save` archive otherwise."""
     return SafetensorsWriter(path, specs) if str(path).endswith(".safetensors") else BinWriter(path, specs)
-
-
-def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor]) -> None:
-    """Write a dict of tensors to `path` (format by suffix), one tensor at a time."""
-    with open_writer(path, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}) as w:
-        for name, tensor in tensors.items():
-            w.write(name, tensor)
-
-
-def load_tensors(path: PathLike, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
-    """Tensors of a file (all, or those named), read weights-only."""
-    refs = read_refs(path)
-    return {name: refs[name].load() for name in (names if names is not None else refs)}
