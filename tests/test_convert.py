@@ -450,18 +450,23 @@ class _Died(BaseException):
     """Stands for the process dying (as under SIGKILL) at a chosen point; no `except Exception` stops it."""
 
 
-def test_death_between_the_two_renames_of_an_overwrite(src, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    convert.hf_to_hf_dir(src, out, progress=False)
-    old = load_hf_state_dict(out)
+def _die_once_the_old_version_is_aside(monkeypatch, out: Path) -> None:
+    """Make `os.replace` raise `_Died` right after it moves `out` aside (the first of two renames)."""
     real_replace = os.replace
 
     def replace(source, target, *args, **kwargs):
         real_replace(source, target, *args, **kwargs)
-        if Path(source) == out:  # the old version has just been moved aside
+        if Path(source) == out:
             raise _Died()
 
     monkeypatch.setattr(os, "replace", replace)
+
+
+def test_death_between_the_two_renames_of_an_overwrite(src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    convert.hf_to_hf_dir(src, out, progress=False)
+    old = load_hf_state_dict(out)
+    _die_once_the_old_version_is_aside(monkeypatch, out)
     try:
         convert.hf_to_hf_dir(src, out, dtype=torch.bfloat16, overwrite=True, progress=False)
     except _Died:
@@ -480,17 +485,11 @@ def test_without_an_atomic_swap_a_death_between_renames_is_repaired_by_the_next_
     convert.hf_to_hf_dir(src, out, progress=False)
     old = load_hf_state_dict(out)
     monkeypatch.setattr(checkpointing, "_exchange", lambda a, b: False)
-    real_replace = os.replace
-
-    def replace(source, target, *args, **kwargs):
-        real_replace(source, target, *args, **kwargs)
-        if Path(source) == out:  # the old version has just been moved aside
-            raise _Died()
-
-    monkeypatch.setattr(os, "replace", replace)
+    _die_once_the_old_version_is_aside(monkeypatch, out)
     with pytest.raises(_Died):
         convert.hf_to_hf_dir(src, out, dtype=torch.bfloat16, overwrite=True, progress=False)
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpointing, "_exchange", lambda a, b: False)
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
     assert_same_tensors(load_hf_state_dict(aside), old)
 
