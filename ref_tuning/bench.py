@@ -2,13 +2,15 @@
 
     python -m ref_tuning.bench convert [--src DIR] [--workdir DIR] [--repeats N] [--layers N] [--keep]
 
-`convert` measures the wall time and the peak resident memory (RSS) of four ways to rewrite one HF
+`convert` measures the wall time and the peak resident memory (RSS) of five ways to rewrite one HF
 checkpoint directory, interleaved within each repeat so that a slow spell of the machine hits all alike:
 
   1. `cp -r SRC OUT`: the baseline; reading and writing the bytes, nothing else.
-  2. `python -m ref_tuning.convert hf-to-hf SRC OUT --no-progress`: re-shard at 5GB, fp32 kept.
-  3. `python -m ref_tuning.convert hf-to-tune SRC OUT.pt --no-progress`: one torchtune state-dict file.
-  4. torchtune's `FullModelHFCheckpointer`: `load_checkpoint()` then `save_checkpoint(..., epoch=0)`
+  2. `dd bs=32M oflag=direct`, file by file: the same copy with direct-I/O writes, as our writer
+     does where the file system allows it; the floor for anything that writes these bytes.
+  3. `python -m ref_tuning.convert hf-to-hf SRC OUT --no-progress`: re-shard at 5GB, fp32 kept.
+  4. `python -m ref_tuning.convert hf-to-tune SRC OUT.pt --no-progress`: one torchtune state-dict file.
+  5. torchtune's `FullModelHFCheckpointer`: `load_checkpoint()` then `save_checkpoint(..., epoch=0)`
      in a `python -c` child, writing `.bin` shards (`safe_serialization=False`) like the others.
 
 Without `--src`, a random fp32 checkpoint shaped like Sheared-LLaMA-2.7B is written first, in the hub's
@@ -174,13 +176,18 @@ def weight_files(src: Path) -> List[str]:
     return singles[:1]
 
 
+# Every file of SRC copied by dd with O_DIRECT writes (dd drops O_DIRECT for a file's last, partial block).
+DD_DIRECT_SCRIPT = 'mkdir "$2" && for f in "$1"/*; do dd if="$f" of="$2/${f##*/}" bs=32M oflag=direct status=none || exit 1; done'
+
+
 def convert_methods(src: Path, workdir: Path) -> List[Method]:
     py = [sys.executable, "-m", "ref_tuning.convert"]
-    out = {key: workdir / f"out-{key}" for key in ("cp", "hf-to-hf", "tune", "torchtune")}
+    out = {key: workdir / f"out-{key}" for key in ("cp", "dd", "hf-to-hf", "tune", "torchtune")}
     out["tune"] = out["tune"].with_suffix(".pt")
     tt_cmd = [sys.executable, "-c", TORCHTUNE_SCRIPT, str(src), str(out["torchtune"]), *weight_files(src)]
     return [
         Method("cp -r", out["cp"], ["cp", "-r", str(src), str(out["cp"])]),
+        Method("dd oflag=direct", out["dd"], ["bash", "-c", DD_DIRECT_SCRIPT, "dd", str(src), str(out["dd"])]),
         Method("ours hf-to-hf", out["hf-to-hf"], py + ["hf-to-hf", str(src), str(out["hf-to-hf"]), "--no-progress"]),
         Method("ours hf-to-tune", out["tune"], py + ["hf-to-tune", str(src), str(out["tune"]), "--no-progress"]),
         Method("torchtune FullModelHFCheckpointer", out["torchtune"], tt_cmd),

@@ -359,21 +359,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_tensor_file(path: Path, tensors: List[OutputTensor], progress: Optional[tqdm] = None) -> None:
+def write_tensor_file(path: Path, tensors: List[OutputTensor], progress: Optional[tqdm] = None,
+                      direct_io: bool = True) -> None:  # fmt: skip
     """Write `tensors` into one file (format by suffix), loading and converting one at a time.
 
-    Tensors whose bytes do not change are copied file to file inside the kernel, as `cp` does, with
-    the checksum the source recorded, while a thread reads them once more to verify that checksum
-    (a mismatch fails the write before the file is used). The other tensors are read, converted and
-    written, a second thread preparing tensor i+1 while tensor i is written; it reads into two
-    scratch buffers used in turn, so memory stays at a few tensors and no page is faulted twice.
+    Tensors whose bytes do not change are read from their source file straight into the writer's
+    buffers, their recorded checksum checked on the way (a mismatch fails the write before the file
+    is used). The other tensors are read, converted and written, a second thread preparing tensor
+    i+1 while tensor i is written; it reads into two scratch buffers used in turn, so memory stays
+    at a few tensors and no page is faulted twice. `direct_io`: see `tensorfiles.OutputFile`.
     """
-    size = max((t.source_nbytes for t in tensors), default=0)
-    scratch = [torch.empty(size, dtype=torch.uint8) for _ in range(3)]
-    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}) as writer, \
-            ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as verifier:  # fmt: skip
+    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}, direct_io) as writer, \
+            ThreadPoolExecutor(1) as loader:  # fmt: skip
         copied = [t.copy_of is not None and writer.can_copy(t.copy_of) for t in tensors]
-        checks = [verifier.submit(t.copy_of.load, scratch[2]) for t, c in zip(tensors, copied) if c]
+        size = max((t.source_nbytes for t, c in zip(tensors, copied) if not c), default=0)
+        scratch = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
         to_load = iter([i for i, c in enumerate(copied) if not c])
 
         def prefetch(slot: int):
@@ -392,8 +392,6 @@ def write_tensor_file(path: Path, tensors: List[OutputTensor], progress: Optiona
                 del tensor
             if progress is not None:
                 progress.update(t.nbytes)
-        for check in checks:
-            check.result()  # raises on a checksum mismatch: the file is then never committed
 
 
 def _plan_shards(tensors: List[OutputTensor], max_shard_size: int) -> List[List[OutputTensor]]:
@@ -425,6 +423,7 @@ def save_hf_dir(
     safetensors: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    direct_io: bool = True,
 ) -> Path:
     """Write a complete HF directory: shards in the hub layout and their index, `config.json` with
     the dtype written, and the side files (tokenizer, generation config) of `side_files_from`."""
@@ -439,11 +438,10 @@ def save_hf_dir(
         weight_map = {}
         stem = "pytorch_model" if fmt == "bin" else "model"
         names = [f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}" for k in range(1, len(shards) + 1)]
-        # Two shards at a time: copying is memory-bound work in the kernel, and there are two cores.
-        with ThreadPoolExecutor(2) as pool:
-            for done in [pool.submit(write_tensor_file, tmp / n, shard, bar) for n, shard in zip(names, shards)]:
-                done.result()
+        # One shard after the other: with direct I/O one stream already keeps the disk busy (two at
+        # a time measured the same, 7.1-7.8 s against 7.1-7.4 s for 10.8 GB, in more memory).
         for name, shard in zip(names, shards):
+            write_tensor_file(tmp / name, shard, bar, direct_io)
             weight_map.update({t.name: name for t in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2) + "\n")

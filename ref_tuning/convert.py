@@ -46,21 +46,21 @@ def _checked_hf_refs(src_dir: Path):
 
 
 def hf_to_tune_file(src_dir: Path, out: Path, dtype: Optional[torch.dtype] = None, overwrite: bool = False,
-                    progress: bool = True) -> Path:  # fmt: skip
+                    progress: bool = True, direct_io: bool = True) -> Path:  # fmt: skip
     """An HF directory to one torchtune state-dict file (`torch.save` format, loaded by torchtune's
     `FullModelTorchTuneCheckpointer` and by `torch.load`)."""
     config, refs = _checked_hf_refs(src_dir)
     tensors = converted(ref_sources(refs), hf_to_tune, config, dtype)
     with atomic_output(out, overwrite) as tmp:
         bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=out.name, disable=not progress)
-        write_tensor_file(tmp, tensors, bar)
+        write_tensor_file(tmp, tensors, bar, direct_io)
     bar.close()
     return out
 
 
 def tune_to_hf_dir(src: Path, out_dir: Path, config_dir: Path, dtype: Optional[torch.dtype] = None,
                    max_shard_size: str = "5GB", safetensors: bool = False, overwrite: bool = False,
-                   progress: bool = True) -> Path:  # fmt: skip
+                   progress: bool = True, direct_io: bool = True) -> Path:  # fmt: skip
     """A torchtune state-dict file to an HF directory, with config and side files from `config_dir`."""
     config = read_hf_config(config_dir)
     try:
@@ -69,15 +69,16 @@ def tune_to_hf_dir(src: Path, out_dir: Path, config_dir: Path, dtype: Optional[t
         raise CheckpointError(str(e)) from e
     tensors = converted(ref_sources(refs), tune_to_hf, config, dtype)
     check_hf_tensors({t.name: t for t in tensors}, config, src)
-    return save_hf_dir(tensors, out_dir, config, config_dir, max_shard_size, safetensors, overwrite, progress)
+    return save_hf_dir(tensors, out_dir, config, config_dir, max_shard_size, safetensors, overwrite, progress, direct_io)
 
 
 def hf_to_hf_dir(src_dir: Path, out_dir: Path, dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB",
-                 safetensors: bool = False, overwrite: bool = False, progress: bool = True) -> Path:  # fmt: skip
+                 safetensors: bool = False, overwrite: bool = False, progress: bool = True,
+                 direct_io: bool = True) -> Path:  # fmt: skip
     """Re-cast and re-shard an HF directory."""
     config, refs = _checked_hf_refs(src_dir)
     tensors = converted(ref_sources(refs), None, config, dtype)
-    return save_hf_dir(tensors, out_dir, config, src_dir, max_shard_size, safetensors, overwrite, progress)
+    return save_hf_dir(tensors, out_dir, config, src_dir, max_shard_size, safetensors, overwrite, progress, direct_io)
 
 
 def verify(hf_dir: Path, prompt: str = VERIFY_PROMPT) -> float:
@@ -124,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-direct-io", action="store_true",
+                       help="write through the page cache instead of with O_DIRECT (which is used where the "
+                            "file system supports it, being several times faster on the machines measured)")  # fmt: skip
         if hf:
             p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB (default 5GB)")
             p.add_argument("--safetensors", action="store_true", help="write safetensors instead of .bin shards")
@@ -156,16 +160,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{args.hf_dir}: max |logits(transformers) - logits(torchtune)| = {diff:.3e} "
                   f"({'OK' if ok else 'MISMATCH'}, tolerance {args.atol:g})")  # fmt: skip
             return 0 if ok else 1
-        dtype, progress = DTYPES.get(args.dtype), not args.no_progress
+        dtype, progress, direct = DTYPES.get(args.dtype), not args.no_progress, not args.no_direct_io
         if args.command == "hf-to-tune":
-            out = hf_to_tune_file(args.src_dir, args.out, dtype, args.overwrite, progress)
+            out = hf_to_tune_file(args.src_dir, args.out, dtype, args.overwrite, progress, direct)
         elif args.command == "tune-to-hf":
             out = tune_to_hf_dir(args.src, args.out_dir, args.config, dtype, args.max_shard_size,
-                                 args.safetensors, args.overwrite, progress)  # fmt: skip
+                                 args.safetensors, args.overwrite, progress, direct)  # fmt: skip
         else:
             out = hf_to_hf_dir(args.src_dir, args.out_dir, dtype, args.max_shard_size, args.safetensors,
-                               args.overwrite, progress)  # fmt: skip
-    except (CheckpointError, ValueError) as e:
+                               args.overwrite, progress, direct)  # fmt: skip
+    except (CheckpointError, ValueError, OSError) as e:  # OSError: a full disk, a missing or unwritable path
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -7,6 +7,7 @@ are read with `torch.load(weights_only=True)`, `safetensors` and `transformers`,
 under test, wherever that is possible.
 """
 
+import errno
 import hashlib
 import io
 import json
@@ -671,6 +672,29 @@ def test_pickle_that_would_run_code_is_refused(damaged, tmp_path, capsys):
     # The control: the payload is real, an unrestricted unpickler does run it.
     torch.load(damaged / SHARD1, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["hf-to-hf", "hf-to-tune"])
+def test_a_full_disk_is_an_error_naming_the_file_and_leaves_nothing(src, tmp_path, capsys, monkeypatch, command):
+    def disk_full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    out = tmp_path / ("out" if command == "hf-to-hf" else "out.pt")
+    rc, stdout, err = run_main(capsys, command, src, out, "--no-progress")
+    assert rc == 2 and stdout == ""
+    assert re.fullmatch(r"error: \[Errno 28\] writing failed: No space left on device: '.*\.tmp-\d+-[0-9a-f]+.*'\n", err)
+    assert not out.exists() and hidden_entries(tmp_path) == []
+
+
+def test_both_write_paths_give_the_same_files(src, tmp_path):
+    """O_DIRECT (the default where the file system has it) and page-cache writes, byte for byte."""
+    direct = convert.hf_to_tune_file(src, tmp_path / "direct.pt", progress=False)
+    buffered = convert.hf_to_tune_file(src, tmp_path / "buffered.pt", progress=False, direct_io=False)
+    assert direct.read_bytes() == buffered.read_bytes()
+    for direct_io in (True, False):
+        out = convert.tune_to_hf_dir(direct, tmp_path / f"hf-{direct_io}", src, progress=False, direct_io=direct_io)
+        assert_same_tensors(torch_load_dir(out), torch_load_dir(src))
 
 
 def test_tune_to_hf_with_an_unknown_parameter(src, tmp_path, capsys):

@@ -1,12 +1,18 @@
-"""Our streaming .bin and safetensors files against torch.load, zipfile and safetensors."""
+"""Our streaming .bin and safetensors files against torch.load, zipfile and safetensors; the direct-I/O
+output file against the bytes it was given."""
 
+import errno
+import fcntl
+import os
+import random
 import zipfile
+import zlib
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ref_tuning.tensorfiles import BinWriter, TensorFileError, open_writer, read_refs
+from ref_tuning.tensorfiles import BinWriter, OutputFile, TensorFileError, open_writer, read_refs
 
 TENSORS = {
     "w": torch.randn(33, 17),
@@ -66,3 +72,103 @@ def test_not_a_weights_file(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"hello")
     with pytest.raises(TensorFileError, match="x.bin: not a readable torch.save archive"):
         read_refs(tmp_path / "x.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# OutputFile: direct I/O through aligned buffers, with the page cache as the fallback
+
+
+def _direct_io_supported(folder) -> bool:
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+def _write_pieces(out: OutputFile, src, rng: random.Random, n: int) -> bytes:
+    """Appends `n` random pieces, from memory or from `src` (a file), of sizes around the buffer's
+    (empty, one byte, exactly a buffer, several buffers); returns the bytes the file must hold."""
+    data = src.read_bytes()
+    expected = bytearray()
+    sizes = [0, 1, OutputFile.BUFFER_SIZE, 2 * OutputFile.BUFFER_SIZE + 7, OutputFile.BUFFER_SIZE - 1]
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        for _ in range(n):
+            size = rng.choice(sizes + [rng.randrange(1, 3 * OutputFile.BUFFER_SIZE)])
+            offset = rng.randrange(0, len(data) - size)
+            assert out.tell() == len(expected)
+            if rng.random() < 0.5:
+                out.write(data[offset : offset + size])
+            else:
+                assert out.write_from(fd, offset, size, src) == zlib.crc32(data[offset : offset + size])
+            expected += data[offset : offset + size]
+    finally:
+        os.close(fd)
+    return bytes(expected)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_output_file_writes_exactly_the_bytes_given(tmp_path, monkeypatch, direct):
+    monkeypatch.setattr(OutputFile, "BUFFER_SIZE", 3 * OutputFile.BLOCK)  # many buffer boundaries
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(200_000))
+    out = OutputFile(tmp_path / "out", direct)
+    assert out.direct == (direct and _direct_io_supported(tmp_path))
+    expected = _write_pieces(out, src, random.Random(0), 60)
+    assert len(expected) % OutputFile.BLOCK  # the last block is partial: padded, then cut
+    out.close()
+    assert (tmp_path / "out").read_bytes() == expected
+
+
+def test_output_file_falls_back_where_direct_io_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(OutputFile, "BUFFER_SIZE", 2 * OutputFile.BLOCK)
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(50_000))
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def open_without_direct(path, flags, *args):  # as tmpfs answers
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_without_direct)
+    out = OutputFile(tmp_path / "a", direct=True)
+    assert not out.direct
+    expected = _write_pieces(out, src, random.Random(1), 20)
+    out.close()
+    assert (tmp_path / "a").read_bytes() == expected
+
+    if not _direct_io_supported(tmp_path):
+        return
+    monkeypatch.setattr(os, "open", real_open)
+
+    def pwrite_without_direct(fd, data, offset):  # as some FUSE file systems answer: open works, writes fail
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite_without_direct)
+    out = OutputFile(tmp_path / "b", direct=True)
+    assert out.direct
+    expected = _write_pieces(out, src, random.Random(2), 20)
+    out.close()
+    assert (tmp_path / "b").read_bytes() == expected
+
+
+def test_output_file_reports_a_failed_write_with_the_file_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(OutputFile, "BUFFER_SIZE", OutputFile.BLOCK)
+
+    def disk_full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    out = OutputFile(tmp_path / "x.bin")
+    with pytest.raises(OSError, match=r"writing failed: No space left on device: '.*x\.bin'") as raised:
+        for _ in range(10):  # the writer thread's error surfaces at a later buffer at the latest
+            out.write(b"\0" * OutputFile.BLOCK)
+        out.close()
+    assert raised.value.errno == errno.ENOSPC
+    out.abort()  # closing once more is harmless
