@@ -1,9 +1,9 @@
-"""Benchmarks of ref-tuning's tools next to their obvious baselines, one subcommand each.
+"""Checkpoint conversion against `cp -r`, a direct-I/O copy and torchtune's checkpointer.
 
     python -m ref_tuning.bench convert [--src DIR] [--workdir DIR] [--repeats N] [--layers N] [--keep]
 
-`convert` measures the wall time and the peak resident memory (RSS) of five ways to rewrite one HF
-checkpoint directory, interleaved within each repeat so that a slow spell of the machine hits all alike:
+It measures the wall time and the peak resident memory (RSS) of five ways to rewrite one HF
+checkpoint directory:
 
   1. `cp -r SRC OUT`: the baseline; reading and writing the bytes, nothing else.
   2. `dd bs=32M oflag=direct`, file by file: the same copy with direct-I/O writes, as our writer
@@ -17,34 +17,39 @@ Without `--src`, a random fp32 checkpoint shaped like Sheared-LLaMA-2.7B is writ
 layout (`pytorch_model-00001-of-00002.bin` of ~9.95 GB, `...-00002-of-00002.bin` of ~0.86 GB, index,
 config.json), tensor by tensor; it is kept in the work directory and reused while its config matches.
 
-Each run is its own child process, reaped with `os.wait4`, so its peak RSS is the child's own
-`ru_maxrss`. Outputs are deleted and `os.sync()` is called between runs (untimed), so that one run's
-write-back does not slow the next. The source stays in the page cache whenever RAM allows (nothing
+Each run is its own child process (see `ref_tuning.bench`). Outputs are deleted and `os.sync()` is
+called between runs (untimed), so that one run's write-back does not slow the next. The source stays in the page cache whenever RAM allows (nothing
 here drops caches): the numbers are for a warm read and a write to disk.
 
 Reading the table: `median wall s` is the median over the successful runs (`runs`) of the time from
 start to exit of the child, Python start-up and imports included; `peak RSS GB` is the largest peak
 over those runs (GB = 10^9 bytes; pages of memory-mapped files count as resident once touched);
 `x cp -r` is the method's median divided by the median of `cp -r`, so 1.5 means 50% slower than
-copying the bytes. Linux counts the launching process's own peak RSS into every child's `ru_maxrss`,
-so this module never imports torch in the launcher; the floor it adds is printed as `launcher RSS`.
+copying the bytes.
 """
 
 import argparse
 import json
 import os
-import platform
-import shutil
-import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from ref_tuning.bench import (
+    GB,
+    PROJECT_ROOT,
+    Method,
+    check_disk,
+    dir_bytes,
+    launcher_rss_kib,
+    machine_lines,
+    measure,
+    positive,
+    remove,
+    table,
+)
+
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "convert"
 # The hub's fp32 Sheared-LLaMA-2.7B: 10,806,241,280 bytes, of which the first shard holds 9.95 GB.
 FIRST_SHARD_FRACTION = 9.95e9 / 10_806_241_280
@@ -53,7 +58,6 @@ INDEX_FILES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 SINGLE_FILES = ("pytorch_model.bin", "model.safetensors")
 # A model of the same family small enough for tests (`--tiny`, hidden).
 TINY_DIMS = dict(num_heads=4, num_kv_heads=4, embed_dim=64, intermediate_dim=176)
-GB = 1e9
 
 TORCHTUNE_SCRIPT = """
 import sys
@@ -65,31 +69,6 @@ checkpointer = FullModelHFCheckpointer(
 state_dict = checkpointer.load_checkpoint()["model"]
 checkpointer.save_checkpoint({"model": state_dict}, epoch=0)
 """
-
-
-class Method(NamedTuple):
-    label: str
-    out: Path  # deleted after every run
-    cmd: List[str]
-
-
-@dataclass
-class Result:
-    label: str
-    walls: List[float] = field(default_factory=list)  # successful runs only
-    peak_kib: int = 0
-    failed: int = 0
-
-    def add(self, wall: float, peak_kib: int, rc: int) -> None:
-        if rc == 0:
-            self.walls.append(wall)
-            self.peak_kib = max(self.peak_kib, peak_kib)
-        else:
-            self.failed += 1
-
-    @property
-    def median(self) -> Optional[float]:
-        return statistics.median(self.walls) if self.walls else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +124,7 @@ def ensure_source(src: Path, layers: int, tiny: bool = False) -> None:
     tensors = random_tensors(config)
     total = sum(t.nbytes for t in tensors)
     src.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(src.parent, 2 * total)  # the source and one output
+    check_disk(src.parent, 2 * total)  # the source and one output
     max_shard = int(total * FIRST_SHARD_FRACTION)
     print(f"[bench] writing a random {layers}-layer fp32 checkpoint to {src}", file=sys.stderr, flush=True)
     save_hf_dir(tensors, src, config, max_shard_size=max_shard, overwrite=True, progress=True)
@@ -154,7 +133,7 @@ def ensure_source(src: Path, layers: int, tiny: bool = False) -> None:
 
 
 def make_source(src: Path, layers: int, tiny: bool) -> Path:
-    code = "import sys; from pathlib import Path; from ref_tuning.bench import ensure_source; "
+    code = "import sys; from pathlib import Path; from ref_tuning.bench.convert import ensure_source; "
     code += "ensure_source(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == 'tiny')"
     cmd = [sys.executable, "-c", code, str(src), str(layers), "tiny" if tiny else "full"]
     subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
@@ -194,118 +173,8 @@ def convert_methods(src: Path, workdir: Path) -> List[Method]:
     ]
 
 
-def run_child(cmd: List[str], log: Path) -> Tuple[float, int, int]:
-    """Wall seconds, peak RSS (KiB) and exit code of `cmd` run as one child; its output goes to `log`."""
-    with open(log, "w") as f:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    return wall, usage.ru_maxrss, proc.returncode
-
-
-def remove(path: Path) -> None:
-    """`path` and the temporaries an interrupted atomic write left beside it."""
-    for p in [path, *path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _tail(log: Path, n: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-
-
-def measure(methods: List[Method], repeats: int, keep: bool, logs: Path) -> List[Result]:
-    results = [Result(m.label) for m in methods]
-    for r in range(1, repeats + 1):
-        for m, res in zip(methods, results):
-            print(f"[bench] repeat {r}/{repeats}: {m.label} ...", file=sys.stderr, flush=True)
-            log = logs / f"{m.out.name}.log"
-            wall, kib, rc = run_child(m.cmd, log)
-            res.add(wall, kib, rc)
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}); last lines of {log}:\n{_tail(log)}"
-            print(f"[bench]   {wall:.2f} s, peak RSS {kib * 1024 / GB:.2f} GB, {status}", file=sys.stderr, flush=True)
-            if not (keep and r == repeats):
-                remove(m.out)
-            os.sync()
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
-# Reporting
-
-
-def _meminfo_bytes(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def _versions() -> str:
-    found = []
-    for name in ("torch", "torchtune"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} absent")
-    return f"Python {platform.python_version()}, " + ", ".join(found)
-
-
-def launcher_rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def machine_lines(workdir: Path) -> List[str]:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [
-        f"- machine: {_cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
-        f"RAM {_meminfo_bytes('MemTotal') / GB:.1f} GB, "
-        f"free disk at {workdir} {shutil.disk_usage(workdir).free / GB:.1f} GB",
-        f"- software: {_versions()}",
-    ]
-
-
-def table(results: List[Result]) -> str:
-    base = results[0].median  # cp -r
-    rows = ["| method | median wall s | runs | peak RSS GB | x cp -r |", "| --- | ---: | ---: | ---: | ---: |"]
-    for res in results:
-        runs = f"{len(res.walls)}" + (f" ({res.failed} failed)" if res.failed else "")
-        if res.median is None:
-            rows.append(f"| {res.label} | failed | {runs} | - | - |")
-            continue
-        ratio = f"{res.median / base:.2f}" if base else "-"
-        rows.append(f"| {res.label} | {res.median:.2f} | {runs} | {res.peak_kib * 1024 / GB:.2f} | {ratio} |")
-    return "\n".join(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Subcommands
-
-
-def _check_disk(workdir: Path, needed: int) -> None:
-    free = shutil.disk_usage(workdir).free
-    if free < needed + 2 * GB:
-        raise SystemExit(
-            f"{workdir}: {free / GB:.1f} GB free; the benchmark needs {needed / GB:.1f} GB plus 2 GB spare"
-        )
+# The subcommand
 
 
 def bench_convert(args: argparse.Namespace) -> int:
@@ -318,7 +187,7 @@ def bench_convert(args: argparse.Namespace) -> int:
         src = args.src.resolve()
     src_bytes = dir_bytes(src)
     methods = convert_methods(src, workdir)
-    _check_disk(workdir, src_bytes * (len(methods) if args.keep else 1))
+    check_disk(workdir, src_bytes * (len(methods) if args.keep else 1))
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     for m in methods:
@@ -335,37 +204,17 @@ def bench_convert(args: argparse.Namespace) -> int:
     return 0 if all(res.walls for res in results) else 1
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ref_tuning.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="checkpoint conversion vs cp -r and torchtune's checkpointer")
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="checkpoint conversion vs cp -r and torchtune's checkpointer",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--src", type=Path,
                    help="HF directory to convert (default: a random Sheared-LLaMA-2.7B in --workdir)")  # fmt: skip
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"generated source and outputs; needs 2x the source's size free, 5x with --keep "
+                   help=f"generated source and outputs; needs 2x the source's size free, 6x with --keep "
                         f"(default {DEFAULT_WORKDIR.relative_to(PROJECT_ROOT)})")  # fmt: skip
-    p.add_argument("--repeats", type=_positive, default=3, help="runs of each method (default 3)")
-    p.add_argument("--layers", type=_positive, default=32,
+    p.add_argument("--repeats", type=positive, default=3, help="runs of each method (default 3)")
+    p.add_argument("--layers", type=positive, default=32,
                    help="layers of the generated source (default 32: 10.8 GB; 2 layers make 1.3 GB)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the last repeat's outputs")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # narrow layers, for tests
     p.set_defaults(func=bench_convert)
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from ref_tuning.bench import main
+
+sys.exit(main())
