@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
-from torchtune.data import padded_collate_sft
+from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
@@ -146,15 +146,17 @@ class RefFinetuneRecipe:
         sampler = StatefulDistributedSampler(
             ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed
         )
+        if ds.packed:  # rows of max_seq_len with a block-causal mask per sample
+            collate_fn = padded_collate_packed
+        else:
+            collate_fn = partial(
+                padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index
+            )
         dataloader = StatefulDataLoader(
             dataset=ds,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=partial(
-                padded_collate_sft,
-                padding_idx=self._tokenizer.pad_id,
-                ignore_idx=self._loss_fn.ignore_index,
-            ),
+            collate_fn=collate_fn,
             # equal batch counts on every rank, so no rank waits on a collective forever
             drop_last=True,
         )

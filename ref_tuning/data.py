@@ -1,19 +1,30 @@
-"""CodeContests solutions as Alpaca-templated samples: metadata-driven sampling and tokenization.
+"""CodeContests solutions as Alpaca-templated samples: indexed sampling, lazy tokenization, packing.
 
 Files (shared/docs/DATA_FORMAT.md): `{split}.jsonl`, one sample per line, and `{split}_metadata.json`,
 whose `metadata` list has one entry per line (`is_correct`, `difficulty`, optionally `problem_id`).
+
+`codecontests_dataset` draws the samples from the split's index (`ref_tuning.index`: a few bytes per
+line, cached), never from the whole files: it reads only the chosen lines, and only where their
+token lengths are not cached yet. Samples are read and tokenized again when the dataloader asks for
+them, so memory grows with `n_samples`, not with the file, and no token ids are held.
 """
 
+import functools
 import json
-import random
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 from torchtune import utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from tqdm import tqdm
+
+from ref_tuning.index import DataError, SplitIndex, TokenLengths, cache_folder
+from ref_tuning.packing import Packs, fill_ratio, pack_best_fit
 
 log = utils.get_logger("INFO")
 
@@ -33,10 +44,6 @@ SPLIT_ALIASES = {"validation": "valid"}
 _RECORD_FIELDS = {"instruction": str, "input": str, "output": str, "task_id": str, "is_correct": bool}
 
 
-class DataError(ValueError):
-    """Bad data: the message names the file (and line) and what was expected there."""
-
-
 def format_prompt(instruction: str, input: str = "") -> str:
     """The prompt: everything up to and including `### Response:\\n`."""
     if input:
@@ -51,16 +58,22 @@ def tokenize_sample(tokenizer: ModelTokenizer, record: Dict[str, Any]) -> Tuple[
     """
     prompt = format_prompt(record["instruction"], record.get("input", ""))
     tokens = tokenizer.encode(prompt + record["output"], add_bos=True, add_eos=True)
-    prompt_tokens = tokenizer.encode(prompt, add_bos=True, add_eos=False)
+    prompt_tokens = _prompt_tokens(tokenizer, prompt)
     n_prompt = len(prompt_tokens)
     # The prompt ends in a newline, which SentencePiece never merges across, so its ids are a prefix.
-    if tokens[:n_prompt] != prompt_tokens:
+    if tuple(tokens[:n_prompt]) != prompt_tokens:
         raise DataError(
             f"task {record.get('task_id')}: the prompt's tokens are not a prefix of the full sample's; "
             "the tokenizer merges across the end of the prompt, so the prompt cannot be masked exactly"
         )
     labels = [CROSS_ENTROPY_IGNORE_IDX] * n_prompt + tokens[n_prompt:]
     return tokens, labels
+
+
+@functools.lru_cache(maxsize=16)
+def _prompt_tokens(tokenizer: ModelTokenizer, prompt: str) -> Tuple[int, ...]:
+    # The solutions of a problem lie on consecutive lines and share its prompt: encode it once.
+    return tuple(tokenizer.encode(prompt, add_bos=True, add_eos=False))
 
 
 def split_files(data_dir: str, split: str) -> Tuple[Path, Path]:
@@ -79,69 +92,22 @@ def split_files(data_dir: str, split: str) -> Tuple[Path, Path]:
     return jsonl, metadata
 
 
-def read_metadata(path: Path) -> List[bool]:
-    """`is_correct` of every line of the split, from either metadata form (v1 or v2)."""
+LONG_SAMPLES = ("drop", "truncate")
+
+
+def parse_record(jsonl: Path, line: int, raw: bytes) -> Dict[str, Any]:
+    """One JSONL line (0-based `line`), decoded and checked: the fields a sample needs, typed."""
+    where = f"{jsonl}:{line + 1}"
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    entries = meta.get("metadata") if isinstance(meta, dict) else None
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: expected a top-level object with a 'metadata' list, one entry per line")
-    correct = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("is_correct"), bool):
-            raise DataError(f"{path}: metadata[{i}] must be an object with a boolean 'is_correct', found {entry!r}")
-        correct.append(entry["is_correct"])
-    return correct
-
-
-def sample_indices(is_correct: Sequence[bool], n_samples: int, correct_ratio: float, seed: int) -> List[int]:
-    """Line numbers of `n_samples` samples, `correct_ratio` of them correct, the same for a given seed."""
-    if not 0.0 <= correct_ratio <= 1.0:
-        raise DataError(f"correct_ratio must be in [0, 1], got {correct_ratio}")
-    if n_samples <= 0:
-        raise DataError(f"n_samples must be positive, got {n_samples}")
-    n_correct = round(n_samples * correct_ratio)
-    pools = {True: [], False: []}
-    for i, c in enumerate(is_correct):
-        pools[c].append(i)
-    rng = random.Random(seed)
-    chosen = []
-    for want_correct, n in ((True, n_correct), (False, n_samples - n_correct)):
-        pool = pools[want_correct]
-        if n > len(pool):
-            kind = "correct" if want_correct else "incorrect"
-            raise DataError(
-                f"asked for {n} {kind} samples (n_samples={n_samples}, correct_ratio={correct_ratio}) "
-                f"but the split has only {len(pool)}; lower n_samples or change correct_ratio"
-            )
-        chosen += rng.sample(pool, n)
-    return sorted(chosen)
-
-
-def read_records(path: Path, indices: Sequence[int]) -> List[Dict[str, Any]]:
-    """The JSON records on the given (sorted) 0-based lines, validated; stops after the last one."""
-    wanted = set(indices)
-    last = max(indices)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i in wanted:
-                records.append(_parse_record(path, i, line))
-            if i == last:
-                break
-    if len(records) < len(indices):
-        raise DataError(f"{path}: the metadata lists line {last + 1} but the file has only {i + 1} lines")
-    return records
-
-
-def _parse_record(path: Path, i: int, line: str) -> Dict[str, Any]:
-    where = f"{path}:{i + 1}"
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); the line is damaged") from e
     try:
-        record = json.loads(line)
+        record = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
     for field, kind in _RECORD_FIELDS.items():
         value = record.get(field, "" if field == "input" else None)
         if not isinstance(value, kind):
@@ -149,18 +115,269 @@ def _parse_record(path: Path, i: int, line: str) -> Dict[str, Any]:
     return record
 
 
-class CodeContestsDataset(Dataset):
-    """Tokenized samples as `{"tokens": [...], "labels": [...]}`, the input of `padded_collate_sft`."""
+# ---------------------------------------------------------------------------------------------
+# Sampling
 
-    def __init__(self, samples: List[Dict[str, List[int]]], task_ids: List[str]):
-        self._samples = samples
-        self.task_ids = task_ids
+
+def _bins(
+    bins: Optional[Mapping[str, Sequence[int]]], weights: Optional[Mapping[str, float]]
+) -> List[Tuple[str, int, int, Optional[float]]]:
+    """(name, lowest, highest difficulty, weight) of each configured bin, checked."""
+    if bins is None:
+        if weights is not None:
+            raise DataError("difficulty_weights needs difficulty_bins ({name: [lowest, highest]}) to weigh")
+        return [("all", -(2**15), 2**15 - 1, None)]
+    if not isinstance(bins, Mapping) or not bins:
+        raise DataError(f"difficulty_bins must map bin names to [lowest, highest] difficulty, got {bins!r}")
+    out = []
+    for name, bounds in bins.items():
+        if not (isinstance(bounds, Sequence) and len(bounds) == 2 and all(type(b) is int for b in bounds)
+                and bounds[0] <= bounds[1]):  # fmt: skip
+            raise DataError(f"difficulty_bins.{name} must be [lowest, highest] (integers, inclusive), got {bounds!r}")
+        out.append((str(name), bounds[0], bounds[1], None))
+    if weights is not None:
+        if not isinstance(weights, Mapping) or set(weights) != set(bins):
+            raise DataError(
+                f"difficulty_weights must give a weight to each of the difficulty_bins {sorted(bins)} and to nothing "
+                f"else, got {sorted(weights) if isinstance(weights, Mapping) else weights!r}"
+            )
+        for name, w in weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                raise DataError(f"difficulty_weights.{name} must be a number >= 0, got {w!r}")
+        if not sum(weights.values()) > 0:
+            raise DataError("difficulty_weights are all 0: nothing could be drawn")
+        out = [(name, lo, hi, float(weights[name])) for name, lo, hi, _ in out]
+    return out
+
+
+def _quotas(n: int, weights: Sequence[float]) -> List[int]:
+    """`n` split in proportion to `weights`, rounded so that the parts sum to `n` (largest remainders)."""
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    quotas = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: n - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _within_cap(problems: torch.Tensor, cap: int) -> torch.Tensor:
+    """Mask of the elements that are among the first `cap` of their problem, in the given order."""
+    order = torch.argsort(problems, stable=True)
+    ranked = problems[order]
+    position = torch.arange(len(ranked))
+    run_start = torch.ones(len(ranked), dtype=torch.bool)
+    run_start[1:] = ranked[1:] != ranked[:-1]
+    first = torch.cummax(torch.where(run_start, position, 0), dim=0).values
+    rank = torch.empty_like(position)
+    rank[order] = position - first
+    return rank < cap
+
+
+def select_lines(
+    index: SplitIndex,
+    n_samples: int,
+    correct_ratio: float = 1.0,
+    difficulty_bins: Optional[Mapping[str, Sequence[int]]] = None,
+    difficulty_weights: Optional[Mapping[str, float]] = None,
+    max_per_problem: Optional[int] = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Line numbers (sorted) of `n_samples` samples drawn without replacement.
+
+    Each difficulty bin gets its share of `n_samples` by `difficulty_weights` (by default, in
+    proportion to the lines it holds), and within a bin `correct_ratio` of them are correct. With
+    `max_per_problem`, at most that many correct and that many incorrect solutions come from any one
+    problem. The draw depends on the seed and the index alone: every rank draws the same lines.
+    """
+    if type(n_samples) is not int or n_samples <= 0:
+        raise DataError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if not isinstance(correct_ratio, (int, float)) or not 0.0 <= correct_ratio <= 1.0:
+        raise DataError(f"correct_ratio must be in [0, 1], got {correct_ratio!r}")
+    if max_per_problem is not None and (type(max_per_problem) is not int or max_per_problem <= 0):
+        raise DataError(f"max_per_problem must be a positive integer or null, got {max_per_problem!r}")
+    bins = _bins(difficulty_bins, difficulty_weights)
+    masks = [(index.difficulty >= lo) & (index.difficulty <= hi) for _, lo, hi, _ in bins]
+    in_bins = torch.stack(masks).sum(0) if masks else torch.zeros(len(index))
+    if bool((in_bins > 1).any()):
+        raise DataError(f"difficulty_bins overlap: {[(name, lo, hi) for name, lo, hi, _ in bins]}; give each difficulty one bin")
+    outside = int((in_bins == 0).sum())
+    if outside:
+        log.info(f"{index.jsonl}: {outside} of {len(index)} lines fall in no difficulty bin and are never drawn")
+    sizes = [int(m.sum()) for m in masks]
+    weights = [w if w is not None else size for (_, _, _, w), size in zip(bins, sizes)]
+    if not sum(weights) > 0:
+        raise DataError(f"{index.jsonl}: no line falls in the difficulty_bins {[(n, lo, hi) for n, lo, hi, _ in bins]}")
+
+    generator = torch.Generator().manual_seed(seed)
+    chosen, shortfalls, report = [], [], []
+    for (name, lo, hi, _), mask, quota in zip(bins, masks, _quotas(n_samples, weights)):
+        n_correct = round(quota * correct_ratio)
+        for correct, n in ((True, n_correct), (False, quota - n_correct)):
+            pool = (mask & (index.is_correct == correct)).nonzero().flatten()
+            drawn = pool[torch.randperm(len(pool), generator=generator)]
+            if max_per_problem is not None:
+                drawn = drawn[_within_cap(index.problem[drawn], max_per_problem)]
+            kind = "correct" if correct else "incorrect"
+            report.append(f"bin '{name}' (difficulty {lo}..{hi}): {len(drawn)} {kind}")
+            if n > len(drawn):
+                shortfalls.append(f"{n} {kind} from bin '{name}' (difficulty {lo}..{hi}), which has {len(drawn)}")
+            chosen.append(drawn[:n])
+    if shortfalls:
+        cap = f" with max_per_problem={max_per_problem}" if max_per_problem is not None else ""
+        raise DataError(
+            f"{index.jsonl}: too few samples for n_samples={n_samples}, correct_ratio={correct_ratio}: asked for "
+            + "; ".join(shortfalls) + f". Available{cap}: " + "; ".join(report)
+            + ". Lower n_samples, or change correct_ratio, the bins or their weights"
+        )  # fmt: skip
+    return torch.cat(chosen).sort().values
+
+
+# ---------------------------------------------------------------------------------------------
+# Token lengths
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def measure_lengths(
+    index: SplitIndex, lines: torch.Tensor, tokenizer: ModelTokenizer, cache: Path
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Templated token lengths and prompt lengths of `lines`, from the per-tokenizer cache where
+    known; the others are read, checked and tokenized, shared out among the ranks, then cached."""
+    lengths = TokenLengths(index, cache, tokenizer)
+    missing = lines[lengths.total[lines] < 0]
+    if len(missing):
+        world, rank = _world()
+        mine = missing[rank::world].tolist()
+        measured = []
+        bar = tqdm(mine, desc=f"measuring {index.jsonl.name} samples (cached for later runs)", disable=rank != 0)
+        with open(index.jsonl, "rb") as f:
+            for line in bar:
+                tokens, labels = tokenize_sample(tokenizer, _checked_record(index, line, f.fileno()))
+                measured.append((len(tokens), labels.count(CROSS_ENTROPY_IGNORE_IDX)))
+        parts = [measured]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, measured)
+        for r, part in enumerate(parts):
+            if part:
+                values = torch.tensor(part, dtype=torch.int32)
+                lengths.total[missing[r::world]] = values[:, 0]
+                lengths.prompt[missing[r::world]] = values[:, 1]
+        lengths.save()
+    return lengths.total[lines].clone(), lengths.prompt[lines].clone()
+
+
+def _checked_record(index: SplitIndex, line: int, fd: int) -> Dict[str, Any]:
+    record = parse_record(index.jsonl, line, index.read_line(line, fd))
+    if record["is_correct"] != bool(index.is_correct[line]):
+        raise DataError(
+            f"{index.jsonl}:{line + 1}: is_correct={record['is_correct']} but {index.metadata.name} says "
+            f"{bool(index.is_correct[line])} for this line; the metadata does not belong to this file"
+        )
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class CodeContestsDataset(Dataset):
+    """The drawn samples, one per item as `{"tokens", "labels"}` (the input of `padded_collate_sft`),
+    each read from the JSONL and tokenized when asked for; past `max_seq_len`, truncated.
+
+    Holds per sample only its line number, byte range and token length.
+    """
+
+    packed = False  # as torchtune's datasets say which collate function they need
+
+    def __init__(self, index: SplitIndex, lines: torch.Tensor, lengths: torch.Tensor, tokenizer: ModelTokenizer,
+                 max_seq_len: int):  # fmt: skip
+        self.jsonl, self.metadata = index.jsonl, index.metadata
+        self.lines = lines
+        self.lengths = lengths.clamp(max=max_seq_len)  # tokens per item, after truncation
+        self._full_lengths = lengths
+        self._starts, self._ends = index.offsets[lines].clone(), index.offsets[lines + 1].clone()
+        self._is_correct = index.is_correct[lines].clone()
+        self._file_end = int(index.offsets[-1])
+        self._tokenizer = tokenizer
+        self._max_seq_len = max_seq_len
+        self._fd, self._pid = -1, -1
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return len(self.lines)
 
-    def __getitem__(self, index: int) -> Dict[str, List[int]]:
-        return self._samples[index]
+    def record(self, i: int) -> Dict[str, Any]:
+        """The JSON record of item i, checked."""
+        if self._pid != os.getpid():  # opened once per process (dataloader workers fork)
+            self._fd, self._pid = os.open(self.jsonl, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), os.getpid()
+        line, start, end = int(self.lines[i]), int(self._starts[i]), int(self._ends[i])
+        raw = os.pread(self._fd, end - start, start)
+        # A line ends in a newline (the file's last may not): any other end means the file changed.
+        if len(raw) != end - start or not raw.endswith(b"\n") and end != self._file_end:
+            raise DataError(f"{self.jsonl}:{line + 1}: the file changed since it was indexed; run again")
+        record = parse_record(self.jsonl, line, raw.rstrip(b"\n"))
+        if record["is_correct"] != bool(self._is_correct[i]):
+            raise DataError(f"{self.jsonl}:{line + 1}: the file changed since it was indexed; run again")
+        return record
+
+    def __getitem__(self, i: int) -> Dict[str, List[int]]:
+        tokens, labels = tokenize_sample(self._tokenizer, self.record(i))
+        if len(tokens) != int(self._full_lengths[i]):
+            raise DataError(
+                f"{self.jsonl}:{int(self.lines[i]) + 1}: tokenizes to {len(tokens)} tokens, but its cached length "
+                f"is {int(self._full_lengths[i])}; the file or the tokenizer changed: delete the cache and run again"
+            )
+        return {"tokens": tokens[: self._max_seq_len], "labels": labels[: self._max_seq_len]}
+
+    @property
+    def task_ids(self) -> List[str]:
+        """Every item's `task_id`, read from the file (for small datasets: it reads every line)."""
+        return [self.record(i)["task_id"] for i in range(len(self))]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self.__dict__, _fd=-1, _pid=-1)  # a file descriptor does not travel to workers
+
+
+class PackedCodeContestsDataset(Dataset):
+    """Rows of `max_seq_len` tokens, each holding the samples of one pack, as torchtune's
+    `PackedDataset` lays them out (the input of `padded_collate_packed`): `tokens`, `labels`,
+    `input_pos` restarting at 0 for each sample, `seq_lens` (the padding counted as one more)."""
+
+    packed = True
+
+    def __init__(self, samples: CodeContestsDataset, packs: Packs, max_seq_len: int, pad_id: int):
+        self.samples, self.packs = samples, packs
+        self.lengths = samples.lengths
+        self._max_seq_len, self._pad_id = max_seq_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, p: int) -> Dict[str, torch.Tensor]:
+        tokens, labels, input_pos, seq_lens = [], [], [], []
+        for i in self.packs[p]:
+            sample = self.samples[i]
+            tokens += sample["tokens"]
+            labels += sample["labels"]
+            input_pos += range(len(sample["tokens"]))
+            seq_lens.append(len(sample["tokens"]))
+        pad = self._max_seq_len - len(tokens)
+        if pad:  # positions of the padding go on counting, as torchtune's PackedDataset does
+            tokens += [self._pad_id] * pad
+            labels += [CROSS_ENTROPY_IGNORE_IDX] * pad
+            input_pos += [min(input_pos[-1] + 1 + k, self._max_seq_len - 1) for k in range(pad)]
+            seq_lens.append(pad)
+        return {
+            "tokens": torch.tensor(tokens, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "input_pos": torch.tensor(input_pos, dtype=torch.long),
+            "seq_lens": torch.tensor(seq_lens, dtype=torch.long),
+        }
 
 
 def codecontests_dataset(
@@ -169,46 +386,61 @@ def codecontests_dataset(
     split: str = "train",
     n_samples: int = 1000,
     correct_ratio: float = 1.0,
+    difficulty_bins: Optional[Mapping[str, Sequence[int]]] = None,
+    difficulty_weights: Optional[Mapping[str, float]] = None,
+    max_per_problem: Optional[int] = None,
     seed: int = 0,
     max_seq_len: int = 2048,
-) -> CodeContestsDataset:
-    """Sample `n_samples` lines of a processed CodeContests split by its metadata and tokenize them.
+    long_samples: str = "drop",
+    packed: bool = False,
+    cache_dir: Optional[str] = None,
+) -> Union[CodeContestsDataset, PackedCodeContestsDataset]:
+    """Draw `n_samples` samples of a processed CodeContests split by its metadata (see `select_lines`).
 
     Args:
         tokenizer: a torchtune tokenizer (`sheared_llama_tokenizer`).
         data_dir: the folder with `{split}.jsonl` and `{split}_metadata.json`.
         split: `train`, `valid` (or `validation`) or `test`.
-        n_samples: samples to draw before the length filter.
+        n_samples: samples to draw, before the length filter.
         correct_ratio: share of correct solutions; 1.0 for reference tuning.
-        seed: the draw is a function of the seed and the metadata alone.
-        max_seq_len: samples longer than this (template, BOS and EOS included) are dropped and counted.
+        difficulty_bins: `{name: [lowest, highest]}` CodeContests difficulties, inclusive; null: one bin.
+        difficulty_weights: `{name: weight}`, each bin's share of `n_samples`; null: by the lines it holds.
+        max_per_problem: at most this many correct and this many incorrect solutions of one problem.
+        seed: the draw is a function of the seed and the files alone, whatever the number of ranks.
+        max_seq_len: tokens per sample (template, BOS and EOS included), or per packed row.
+        long_samples: `drop` samples longer than `max_seq_len`, or `truncate` them; a sample whose
+            prompt alone fills `max_seq_len` is dropped either way (it has nothing to learn from).
+        packed: pack samples into rows of `max_seq_len` (best-fit decreasing), attention and positions
+            reset at each sample; else one sample per row.
+        cache_dir: where the index and token-length caches go (default: beside the data, or the
+            user's cache folder where the data folder is read-only).
     """
+    if long_samples not in LONG_SAMPLES:
+        raise DataError(f"long_samples must be one of {LONG_SAMPLES}, got {long_samples!r}")
+    if type(max_seq_len) is not int or max_seq_len <= 0:
+        raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     jsonl, metadata = split_files(data_dir, split)
-    is_correct = read_metadata(metadata)
-    indices = sample_indices(is_correct, n_samples, correct_ratio, seed)
-    records = read_records(jsonl, indices)
-    samples, task_ids, dropped = [], [], 0
-    for i, record in zip(indices, tqdm(records, desc=f"tokenizing {split}", disable=not _is_rank_zero())):
-        if record["is_correct"] != is_correct[i]:
-            raise DataError(
-                f"{jsonl}:{i + 1}: is_correct={record['is_correct']} but {metadata.name} says "
-                f"{is_correct[i]} for this line; the metadata does not belong to this file"
-            )
-        tokens, labels = tokenize_sample(tokenizer, record)
-        if len(tokens) > max_seq_len:
-            dropped += 1
-            continue
-        samples.append({"tokens": tokens, "labels": labels})
-        task_ids.append(record["task_id"])
-    utils.log_rank_zero(
-        log,
-        f"{jsonl}: {len(samples)} samples kept of {len(indices)} drawn "
-        f"({dropped} dropped as longer than max_seq_len={max_seq_len})",
-    )
-    if not samples:
-        raise DataError(f"{jsonl}: every drawn sample is longer than max_seq_len={max_seq_len}; raise it")
-    return CodeContestsDataset(samples, task_ids)
+    cache = cache_folder(Path(data_dir), cache_dir)
+    index = SplitIndex.open(jsonl, metadata, cache, progress=_world()[1] == 0)
+    lines = select_lines(index, n_samples, correct_ratio, difficulty_bins, difficulty_weights, max_per_problem, seed)
+    total, prompt = measure_lengths(index, lines, tokenizer, cache)
 
-
-def _is_rank_zero() -> bool:
-    return utils.get_world_size_and_rank()[1] == 0
+    too_long = total > max_seq_len
+    no_room = prompt >= max_seq_len  # not a single response token would be left to learn from
+    keep = ~too_long if long_samples == "drop" else ~no_room
+    summary = (
+        f"{jsonl}: {int(keep.sum())} samples kept of {len(lines)} drawn from {len(index)} lines; "
+        f"{int(too_long.sum())} longer than max_seq_len={max_seq_len} "
+        + ("dropped" if long_samples == "drop" else f"({int((too_long & ~no_room).sum())} truncated, "
+           f"{int(no_room.sum())} dropped: their prompt alone fills max_seq_len)")
+    )  # fmt: skip
+    if not bool(keep.any()):
+        raise DataError(f"{summary}; nothing is left to train on: raise max_seq_len")
+    dataset = CodeContestsDataset(index, lines[keep], total[keep], tokenizer, max_seq_len)
+    if packed:
+        packs = pack_best_fit(dataset.lengths.tolist(), max_seq_len)
+        fill = fill_ratio(dataset.lengths.tolist(), packs, max_seq_len)
+        summary += f"; packed into {len(packs)} rows of {max_seq_len} tokens, {fill:.1%} of them sample tokens"
+        dataset = PackedCodeContestsDataset(dataset, packs, max_seq_len, tokenizer.pad_id)
+    utils.log_rank_zero(log, summary)
+    return dataset

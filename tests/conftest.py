@@ -15,3 +15,12 @@ def llama_tokenizer_path() -> Path:
     if not LLAMA_TOKENIZER.is_file():
         pytest.skip(f"the real LLaMA-2 tokenizer is not at {LLAMA_TOKENIZER} (set REF_TUNING_LLAMA_TOKENIZER)")
     return LLAMA_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_path(tmp_path_factory) -> Path:
+    """A small SentencePiece model with LLaMA-2's settings, trained on the shipped demo problems
+    (always available, unlike the real tokenizer)."""
+    from ref_tuning.demo import read_problems, train_tokenizer
+
+    return train_tokenizer(read_problems("train"), tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")

@@ -1,12 +1,27 @@
-"""The CodeContests dataset builder with the real LLaMA-2 tokenizer."""
+"""The CodeContests dataset: the template against the real LLaMA tokenizer, indexed sampling with
+difficulty bins and a per-problem cap, the caches, long samples, ranks, and every kind of bad input."""
 
 import json
+import logging
+import os
 import random
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import pytest
 import sentencepiece as spm
+import torch
 
-from ref_tuning.data import DataError, codecontests_dataset, sample_indices, tokenize_sample
+from ref_tuning import index as index_module
+from ref_tuning.data import (
+    CodeContestsDataset,
+    DataError,
+    codecontests_dataset,
+    parse_record,
+    split_files,
+    tokenize_sample,
+)
+from ref_tuning.index import CACHE_FOLDER, SplitIndex
 from ref_tuning.models import sheared_llama_tokenizer
 
 RECORD = {
@@ -29,7 +44,7 @@ PROMPT_WITH_INPUT = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer(llama_tokenizer_path):
+def llama(llama_tokenizer_path):
     return sheared_llama_tokenizer(str(llama_tokenizer_path))
 
 
@@ -38,9 +53,14 @@ def sp(llama_tokenizer_path):
     return spm.SentencePieceProcessor(model_file=str(llama_tokenizer_path))
 
 
+@pytest.fixture(scope="module")
+def tok(demo_tokenizer_path):
+    return sheared_llama_tokenizer(str(demo_tokenizer_path))
+
+
 @pytest.mark.parametrize("record_input, prompt", [("", PROMPT), ("Input: 1 2\nOutput: 3", PROMPT_WITH_INPUT)])
-def test_exact_tokens_and_labels(tokenizer, sp, record_input, prompt):
-    tokens, labels = tokenize_sample(tokenizer, dict(RECORD, input=record_input))
+def test_exact_tokens_and_labels(llama, sp, record_input, prompt):
+    tokens, labels = tokenize_sample(llama, dict(RECORD, input=record_input))
     # Reference: SentencePiece itself on the whole text, BOS first, EOS last (ids 1 and 2).
     assert tokens == [1] + sp.encode(prompt + RECORD["output"]) + [2]
     n_prompt = 1 + len(sp.encode(prompt))
@@ -50,105 +70,374 @@ def test_exact_tokens_and_labels(tokenizer, sp, record_input, prompt):
     assert labels[-1] == 2  # the model learns to stop
 
 
-def _write_split(data_dir, n_correct, n_incorrect, split="train", form="v2", metadata_name=None):
+# ---------------------------------------------------------------------------------------------
+# Splits written the way the earlier pipeline wrote them
+
+
+def make_rows(n_problems: int, per_problem: int, seed: int = 0) -> List[Dict]:
+    """Solutions of `n_problems` problems: difficulty 1..20 by problem, about half correct, outputs
+    of varied length (solution j of a problem prints j + 1 values)."""
+    rng = random.Random(seed)
+    rows = []
+    for p in range(n_problems):
+        for j in range(per_problem):
+            output = "".join(f"print({k})\n" for k in range(rng.randint(1, 12)))
+            rows.append({"problem": f"{p}_A. Problem {p}", "difficulty": 1 + p % 20, "correct": rng.random() < 0.5,
+                         "output": output})  # fmt: skip
+    return rows
+
+
+def write_split(data_dir: Path, rows: List[Dict], split: str = "train", form: str = "v2",
+                metadata_name: Optional[str] = None) -> Path:  # fmt: skip
+    """`{split}.jsonl` and its metadata (v1: entries only; v2: with problem ids and the index map)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    kinds = [True] * n_correct + [False] * n_incorrect
-    random.Random(0).shuffle(kinds)
-    entries = []
+    entries, index_map = [], {}
     with open(data_dir / f"{split}.jsonl", "w") as f:
-        for i, correct in enumerate(kinds):
-            # Solutions of growing length: sample i prints i values.
-            output = "".join(f"print({j})\n" for j in range(i + 1))
-            task_id = f"p{i // 3}_{'correct' if correct else 'incorrect'}_{i}"
-            record = dict(RECORD, output=output, task_id=task_id, is_correct=correct)
+        for i, row in enumerate(rows):
+            kind = "correct" if row["correct"] else "incorrect"
+            record = dict(RECORD, instruction=f"Solve problem {row['problem']}.", output=row["output"],
+                          task_id=f"{row['problem']}_{kind}_{i}", is_correct=row["correct"],
+                          metadata={"source": "code_contests", "difficulty": row["difficulty"], "has_tests": True})  # fmt: skip
             f.write(json.dumps(record) + "\n")
-            entry = {"is_correct": correct, "difficulty": 7}
+            entry = {"is_correct": row["correct"], "difficulty": row["difficulty"]}
             if form == "v2":
-                entry["problem_id"] = f"p{i // 3}"
+                entry["problem_id"] = row["problem"]
+                slot = index_map.setdefault(row["problem"], {"difficulty": row["difficulty"], "correct_indices": [],
+                                                             "incorrect_indices": []})  # fmt: skip
+                slot[f"{kind}_indices"].append(i)
             entries.append(entry)
     meta = {"metadata": entries, "stats": {"total": len(entries)}}
+    if form == "v2":
+        meta["problem_index_map"] = index_map
     (data_dir / (metadata_name or f"{split}_metadata.json")).write_text(json.dumps(meta, indent=2))
     return data_dir
 
 
-def test_correct_ratio_one_gives_only_correct_samples(tokenizer, tmp_path):
-    data_dir = _write_split(tmp_path / "data", n_correct=20, n_incorrect=20)
-    ds = codecontests_dataset(tokenizer, str(data_dir), n_samples=15, correct_ratio=1.0, seed=3)
-    assert len(ds) == 15
-    assert all("_correct_" in t for t in ds.task_ids)
+def edit_metadata(data_dir: Path, edit, split: str = "train") -> None:
+    path = data_dir / f"{split}_metadata.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
 
 
-def test_correct_ratio_mixes_as_asked(tokenizer, tmp_path):
-    data_dir = _write_split(tmp_path / "data", n_correct=20, n_incorrect=20)
-    ds = codecontests_dataset(tokenizer, str(data_dir), n_samples=10, correct_ratio=0.3, seed=3)
-    assert sum("_incorrect_" in t for t in ds.task_ids) == 7
+def drawn_rows(ds: CodeContestsDataset, rows: List[Dict]) -> List[Dict]:
+    return [rows[i] for i in ds.lines.tolist()]
 
 
-def test_same_seed_same_sample_and_both_metadata_forms_agree(tokenizer, tmp_path):
-    v1 = _write_split(tmp_path / "v1", 30, 10, form="v1")
-    v2 = _write_split(tmp_path / "v2", 30, 10, form="v2")
-    a = codecontests_dataset(tokenizer, str(v1), n_samples=8, seed=7)
-    b = codecontests_dataset(tokenizer, str(v2), n_samples=8, seed=7)
-    c = codecontests_dataset(tokenizer, str(v2), n_samples=8, seed=8)
-    assert a.task_ids == b.task_ids
-    assert [s["tokens"] for s in a] == [s["tokens"] for s in b]
-    assert a.task_ids != c.task_ids
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    return write_split(tmp_path / "data", make_rows(30, 6))
 
 
-def test_validation_split_reads_valid_files_and_older_metadata_name(tokenizer, tmp_path):
-    data_dir = _write_split(tmp_path / "data", 6, 0, split="valid", metadata_name="validation_metadata.json")
-    ds = codecontests_dataset(tokenizer, str(data_dir), split="validation", n_samples=4)
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_correct_ratio_one_gives_only_correct_samples(tok, data):
+    ds = codecontests_dataset(tok, str(data), n_samples=40, correct_ratio=1.0, seed=3)
+    assert len(ds) == 40 and all("_correct_" in t for t in ds.task_ids)
+    mixed = codecontests_dataset(tok, str(data), n_samples=40, correct_ratio=0.3, seed=3)
+    assert sum("_incorrect_" in t for t in mixed.task_ids) == 28
+
+
+def test_same_seed_same_draw_and_both_metadata_forms_agree(tok, tmp_path):
+    rows = make_rows(30, 6)
+    v1, v2 = write_split(tmp_path / "v1", rows, form="v1"), write_split(tmp_path / "v2", rows, form="v2")
+    for cap in (None, 1):  # v1 has no problem ids: they come from each line's task_id
+        a = codecontests_dataset(tok, str(v1), n_samples=25, seed=7, max_per_problem=cap, correct_ratio=0.5)
+        b = codecontests_dataset(tok, str(v2), n_samples=25, seed=7, max_per_problem=cap, correct_ratio=0.5)
+        assert a.lines.tolist() == b.lines.tolist() and [s["tokens"] for s in a] == [s["tokens"] for s in b]
+    c = codecontests_dataset(tok, str(v2), n_samples=25, seed=8)
+    assert a.lines.tolist() != c.lines.tolist()
+    assert a.lines.tolist() == sorted(a.lines.tolist())
+
+
+def test_difficulty_bins_and_weights_are_applied(tok, data):
+    rows = make_rows(30, 6)
+    bins = {"easy": [1, 7], "hard": [8, 20]}
+    ds = codecontests_dataset(tok, str(data), n_samples=40, correct_ratio=0.5, seed=1,
+                              difficulty_bins=bins, difficulty_weights={"easy": 3, "hard": 1})  # fmt: skip
+    drawn = drawn_rows(ds, rows)
+    assert sum(r["difficulty"] <= 7 for r in drawn) == 30
+    assert sum(r["correct"] for r in drawn if r["difficulty"] <= 7) == 15  # the ratio holds within each bin
+    # Without weights, bins are drawn in proportion to the lines they hold (7 of 20 difficulties easy).
+    ds = codecontests_dataset(tok, str(data), n_samples=40, correct_ratio=0.5, seed=1,
+                              difficulty_bins={"easy": [1, 7], "mid": [8, 10]})  # fmt: skip
+    drawn = drawn_rows(ds, rows)
+    assert sum(r["difficulty"] <= 7 for r in drawn) == 28 and all(r["difficulty"] <= 10 for r in drawn)
+
+
+@pytest.mark.parametrize(
+    "bins, weights, message",
+    [
+        ({"easy": [1, 7], "hard": [8, 20]}, {"easy": 1, "hrad": 1}, r"difficulty_weights must give a weight to each of"),
+        ({"easy": [1, 9], "hard": [8, 20]}, None, r"difficulty_bins overlap"),
+        ({"easy": [7, 1]}, None, r"difficulty_bins\.easy must be \[lowest, highest\]"),
+        ({"far": [50, 60]}, None, r"no line falls in the difficulty_bins"),
+        (None, {"easy": 1}, r"difficulty_weights needs difficulty_bins"),
+        ({"easy": [1, 7]}, {"easy": -1}, r"difficulty_weights\.easy must be a number >= 0"),
+    ],
+)  # fmt: skip
+def test_bad_bins_and_weights_are_named(tok, data, bins, weights, message):
+    with pytest.raises(DataError, match=message):
+        codecontests_dataset(tok, str(data), n_samples=10, difficulty_bins=bins, difficulty_weights=weights)
+
+
+def test_max_per_problem_caps_each_problem(tok, data):
+    rows = make_rows(30, 6)
+    ds = codecontests_dataset(tok, str(data), n_samples=40, correct_ratio=0.5, seed=2, max_per_problem=1)
+    drawn = drawn_rows(ds, rows)
+    for correct in (True, False):
+        problems = [r["problem"] for r in drawn if r["correct"] == correct]
+        assert len(problems) == 20 and len(set(problems)) == 20
+
+
+def test_too_few_samples_says_how_many_each_bin_has(tok, data):
+    rows = make_rows(30, 6)
+    n_easy_correct = sum(r["correct"] and r["difficulty"] <= 7 for r in rows)
+    with pytest.raises(DataError) as raised:
+        codecontests_dataset(tok, str(data), n_samples=150, correct_ratio=1.0,
+                             difficulty_bins={"easy": [1, 7], "hard": [8, 20]},
+                             difficulty_weights={"easy": 1, "hard": 0})  # fmt: skip
+    message = str(raised.value)
+    assert f"150 correct from bin 'easy' (difficulty 1..7), which has {n_easy_correct}" in message
+    assert "bin 'hard' (difficulty 8..20): " in message and "Lower n_samples" in message
+    with pytest.raises(DataError, match=r"with max_per_problem=1: bin 'all'"):
+        codecontests_dataset(tok, str(data), n_samples=31, correct_ratio=1.0, max_per_problem=1)
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5])
+def test_an_empty_or_nonsense_selection_is_refused(tok, data, n):
+    with pytest.raises(DataError, match=r"n_samples must be a positive integer"):
+        codecontests_dataset(tok, str(data), n_samples=n)
+
+
+def test_lines_in_no_bin_are_counted_and_reported(tok, data, caplog):
+    with caplog.at_level(logging.INFO):
+        codecontests_dataset(tok, str(data), n_samples=10, difficulty_bins={"easy": [1, 7]})
+    n_outside = sum(r["difficulty"] > 7 for r in make_rows(30, 6))
+    assert f"{n_outside} of 180 lines fall in no difficulty bin and are never drawn" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The index and the caches: only the chosen lines are read
+
+
+def test_only_the_drawn_lines_are_read_and_their_lengths_are_cached(tok, data, monkeypatch):
+    read = []
+    real = SplitIndex.read_line
+    monkeypatch.setattr(SplitIndex, "read_line", lambda self, i, fd: read.append(i) or real(self, i, fd))
+    ds = codecontests_dataset(tok, str(data), n_samples=20, seed=0)
+    assert sorted(read) == ds.lines.tolist()  # each drawn line once, nothing else
+    read.clear()
+    again = codecontests_dataset(tok, str(data), n_samples=20, seed=0)
+    assert read == [] and again.lengths.tolist() == ds.lengths.tolist()  # lengths from the cache
+    other = codecontests_dataset(tok, str(data), n_samples=20, seed=1)
+    assert sorted(read) == sorted(set(other.lines.tolist()) - set(ds.lines.tolist()))
+    # The cached lengths are the true ones.
+    assert [len(tokenize_sample(tok, other.record(i))[0]) for i in range(len(other))] == other.lengths.tolist()
+
+
+def test_index_is_cached_beside_the_data_and_rebuilt_when_the_file_changes(tok, tmp_path, monkeypatch):
+    rows = make_rows(10, 4)
+    data = write_split(tmp_path / "data", rows)
+    codecontests_dataset(tok, str(data), n_samples=5)
+    assert (data / CACHE_FOLDER / "train.index.pt").is_file()
+
+    def no_rebuild(*args):
+        raise AssertionError("rebuilt a current index")
+
+    with monkeypatch.context() as m:
+        m.setattr(SplitIndex, "_build", staticmethod(no_rebuild))
+        codecontests_dataset(tok, str(data), n_samples=5)
+    # More lines (and their metadata): the index follows, and the new lines can be drawn.
+    rows += [dict(r, problem="new", correct=True) for r in rows[:8]]
+    write_split(data, rows)
+    ds = codecontests_dataset(tok, str(data), n_samples=sum(r["correct"] for r in rows), correct_ratio=1.0)
+    assert max(ds.lines.tolist()) >= 40
+
+
+def test_read_only_data_folder_uses_the_user_cache(tok, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "_writable", lambda path: path != data)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    codecontests_dataset(tok, str(data), n_samples=5)
+    assert not (data / CACHE_FOLDER).exists()
+    assert len(list((tmp_path / "xdg" / "ref_tuning").glob("*/train.index.pt"))) == 1
+    codecontests_dataset(tok, str(data), n_samples=5, cache_dir=str(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "train.index.pt").is_file()
+
+
+def test_validation_split_reads_valid_files_and_older_metadata_name(tok, tmp_path):
+    data = write_split(tmp_path / "data", make_rows(4, 3), split="valid", metadata_name="validation_metadata.json")
+    assert split_files(str(data), "validation") == (data / "valid.jsonl", data / "validation_metadata.json")
+    ds = codecontests_dataset(tok, str(data), split="validation", n_samples=4, correct_ratio=0.5)
     assert len(ds) == 4
 
 
-def test_too_few_samples_says_how_many_there_are(tokenizer, tmp_path):
-    data_dir = _write_split(tmp_path / "data", 5, 5)
-    with pytest.raises(DataError, match="asked for 8 correct samples .* the split has only 5"):
-        codecontests_dataset(tokenizer, str(data_dir), n_samples=8, correct_ratio=1.0)
+def _draw_in_process(rank: int, world: int, data: str, cache: str, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ["LOCAL_RANK"] = str(rank)
+    try:
+        ds = codecontests_dataset(sheared_llama_tokenizer(os.environ["TOKENIZER"]), data, n_samples=60,
+                                  correct_ratio=0.5, seed=4, max_per_problem=2, cache_dir=cache)  # fmt: skip
+        torch.save({"lines": ds.lines, "lengths": ds.lengths, "first": ds[0]["tokens"]}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
 
 
-def test_malformed_line_is_named(tokenizer, tmp_path):
-    data_dir = _write_split(tmp_path / "data", 4, 0)
-    lines = (data_dir / "train.jsonl").read_text().splitlines()
-    lines[2] = lines[2][:-5]
-    (data_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"train.jsonl:3: not valid JSON"):
-        codecontests_dataset(tokenizer, str(data_dir), n_samples=4)
+def test_the_draw_does_not_depend_on_the_number_of_ranks(tok, data, tmp_path, demo_tokenizer_path, monkeypatch):
+    monkeypatch.setenv("TOKENIZER", str(demo_tokenizer_path))
+    alone = codecontests_dataset(tok, str(data), n_samples=60, correct_ratio=0.5, seed=4, max_per_problem=2,
+                                 cache_dir=str(tmp_path / "alone"))  # fmt: skip
+    args = (2, str(data), str(tmp_path / "two"), str(tmp_path / "init"), str(tmp_path / "out"))
+    torch.multiprocessing.spawn(_draw_in_process, args=args, nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert got["lines"].tolist() == alone.lines.tolist()
+        assert got["lengths"].tolist() == alone.lengths.tolist()  # measured half by each rank, then shared
+        assert got["first"] == alone[0]["tokens"]
 
 
-def test_metadata_of_another_file_is_caught(tokenizer, tmp_path):
-    data_dir = _write_split(tmp_path / "data", 4, 4)
-    meta = json.loads((data_dir / "train_metadata.json").read_text())
-    meta["metadata"] = [dict(e, is_correct=not e["is_correct"]) for e in meta["metadata"]]
-    (data_dir / "train_metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="the metadata does not belong to this file"):
-        codecontests_dataset(tokenizer, str(data_dir), n_samples=4)
+# ---------------------------------------------------------------------------------------------
+# Long samples
 
 
-def test_metadata_longer_than_file_is_caught(tokenizer, tmp_path):
-    data_dir = _write_split(tmp_path / "data", 4, 0)
-    meta = json.loads((data_dir / "train_metadata.json").read_text())
-    meta["metadata"] += [{"is_correct": True, "difficulty": 7}] * 10
-    (data_dir / "train_metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="the file has only 4 lines"):
-        codecontests_dataset(tokenizer, str(data_dir), n_samples=14)
+def _lengths(tok, data, n):
+    return codecontests_dataset(tok, str(data), n_samples=n, correct_ratio=0.5, seed=0).lengths.tolist()
 
 
-def test_long_samples_are_dropped_never_fully_masked(tokenizer, sp, tmp_path):
-    data_dir = _write_split(tmp_path / "data", 6, 0)
-    n_prompt = 1 + len(sp.encode(PROMPT))
-    full = codecontests_dataset(tokenizer, str(data_dir), n_samples=6)
-    lengths = sorted(len(s["tokens"]) for s in full)
-    ds = codecontests_dataset(tokenizer, str(data_dir), n_samples=6, max_seq_len=lengths[2])
-    assert sorted(len(s["tokens"]) for s in ds) == lengths[:3]
-    assert all(-100 in s["labels"] and any(label != -100 for label in s["labels"]) for s in ds)
-    # A prompt that alone fills max_seq_len never becomes a row with every label masked.
-    with pytest.raises(DataError, match="every drawn sample is longer than max_seq_len"):
-        codecontests_dataset(tokenizer, str(data_dir), n_samples=6, max_seq_len=n_prompt)
+def test_long_samples_dropped_by_default_and_counted(tok, data, caplog):
+    lengths = _lengths(tok, data, 60)
+    limit = sorted(lengths)[30]
+    with caplog.at_level(logging.INFO):
+        ds = codecontests_dataset(tok, str(data), n_samples=60, correct_ratio=0.5, max_seq_len=limit)
+    n_long = sum(n > limit for n in lengths)
+    assert len(ds) == 60 - n_long and max(len(s["tokens"]) for s in ds) <= limit
+    assert f"{60 - n_long} samples kept of 60 drawn" in caplog.text
+    assert f"{n_long} longer than max_seq_len={limit} dropped" in caplog.text
 
 
-def test_sample_indices_are_rank_independent_and_sorted():
-    is_correct = [i % 3 != 0 for i in range(100)]
-    a = sample_indices(is_correct, 20, 0.5, seed=1)
-    assert a == sample_indices(is_correct, 20, 0.5, seed=1) == sorted(a)
-    assert sum(is_correct[i] for i in a) == 10
+def test_long_samples_truncated_when_asked(tok, data, caplog):
+    lengths = _lengths(tok, data, 60)
+    limit = sorted(lengths)[30]
+    with caplog.at_level(logging.INFO):
+        ds = codecontests_dataset(tok, str(data), n_samples=60, correct_ratio=0.5, max_seq_len=limit,
+                                  long_samples="truncate")  # fmt: skip
+    assert len(ds) == 60 and ds.lengths.tolist() == [min(n, limit) for n in lengths]
+    n_long = sum(n > limit for n in lengths)
+    assert f"({n_long} truncated, 0 dropped" in caplog.text
+    for sample, n in zip(ds, lengths):
+        assert len(sample["tokens"]) == min(n, limit) == len(sample["labels"])
+        assert any(label != -100 for label in sample["labels"])
+
+
+@pytest.mark.parametrize("mode", ["drop", "truncate"])
+def test_a_prompt_that_fills_max_seq_len_never_becomes_a_fully_masked_row(tok, data, mode):
+    ds = codecontests_dataset(tok, str(data), n_samples=10)
+    n_prompt = min(s["labels"].count(-100) for s in ds)
+    with pytest.raises(DataError, match=r"10 samples kept|0 samples kept of 10 drawn.*nothing is left to train on"):
+        codecontests_dataset(tok, str(data), n_samples=10, max_seq_len=n_prompt, long_samples=mode)
+    with pytest.raises(DataError, match=r"long_samples must be one of \('drop', 'truncate'\), got 'cut'"):
+        codecontests_dataset(tok, str(data), n_samples=10, long_samples="cut")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: every error names the file, and the line or key
+
+
+def _rewrite_line(data: Path, line: int, edit) -> None:
+    path = data / "train.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[line] = edit(lines[line])
+    path.write_bytes(b"\n".join(lines))
+
+
+def _first_correct(rows) -> int:
+    return next(i for i, r in enumerate(rows) if r["correct"])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda b: b[:-5], r"train\.jsonl:{line}: not valid JSON"),
+        (lambda b: b.replace(b"print", b"pr\xffint", 1), r"train\.jsonl:{line}: not UTF-8 \(invalid start byte at byte \d+\)"),
+        (lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "output"}).encode(),
+         r"train\.jsonl:{line}: field 'output' must be a str, found None"),
+        (lambda b: json.dumps(dict(json.loads(b), is_correct="yes")).encode(),
+         r"train\.jsonl:{line}: field 'is_correct' must be a bool, found 'yes'"),
+        (lambda b: b"[1, 2]", r"train\.jsonl:{line}: expected a JSON object, found list"),
+        (lambda b: json.dumps(dict(json.loads(b), is_correct=False)).encode(),
+         r"train\.jsonl:{line}: is_correct=False but train_metadata\.json says True .* does not belong to this file"),
+    ],
+)  # fmt: skip
+def test_a_bad_line_is_named(tok, tmp_path, edit, message):
+    rows = make_rows(5, 4)
+    data = write_split(tmp_path / "data", rows)
+    line = _first_correct(rows)
+    _rewrite_line(data, line, edit)
+    with pytest.raises(DataError, match=message.format(line=line + 1)):
+        codecontests_dataset(tok, str(data), n_samples=sum(r["correct"] for r in rows), correct_ratio=1.0)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["metadata"].append({"is_correct": True, "difficulty": 3, "problem_id": "x"}),
+         r"train_metadata\.json: lists 21 entries but .*train\.jsonl has 20 lines"),
+        (lambda m: m["metadata"].pop(),
+         r"train_metadata\.json: lists 19 entries but .*train\.jsonl has 20 lines"),
+        (lambda m: m["metadata"][4].pop("difficulty"),
+         r"train_metadata\.json: metadata\[4\] \(line 5\): expected an integer 'difficulty', found None"),
+        (lambda m: m["metadata"][6].update(is_correct=1),
+         r"train_metadata\.json: metadata\[6\] \(line 7\): expected a boolean 'is_correct', found 1"),
+        (lambda m: m["metadata"][2].pop("problem_id"),
+         r"train_metadata\.json: metadata\[2\] \(line 3\): expected a string 'problem_id'"),
+        (lambda m: m["problem_index_map"]["0_A. Problem 0"]["correct_indices"].append(99),
+         r"train_metadata\.json: problem_index_map\['0_A\. Problem 0'\]\.correct_indices lists line 99, out of range: "
+         r"the split has 20 lines"),
+        (lambda m: m["problem_index_map"]["1_A. Problem 1"]["incorrect_indices"].append(0),
+         r"problem_index_map\['1_A\. Problem 1'\]\.incorrect_indices lists line 0, but metadata\[0\] says"),
+        (lambda m: m.pop("metadata"), r"train_metadata\.json: expected a top-level object with a 'metadata' list"),
+    ],
+)  # fmt: skip
+def test_bad_metadata_is_named(tok, tmp_path, edit, message):
+    data = write_split(tmp_path / "data", make_rows(5, 4))
+    edit_metadata(data, edit)
+    with pytest.raises(DataError, match=message):
+        codecontests_dataset(tok, str(data), n_samples=2, correct_ratio=0.5)
+
+
+def test_metadata_that_is_not_json_and_missing_files_are_named(tok, tmp_path):
+    data = write_split(tmp_path / "data", make_rows(2, 2))
+    (data / "train_metadata.json").write_text('{"metadata": [')
+    with pytest.raises(DataError, match=r"train_metadata\.json: not valid JSON"):
+        codecontests_dataset(tok, str(data), n_samples=1)
+    (data / "train_metadata.json").unlink()
+    with pytest.raises(DataError, match=r"train_metadata\.json: not found; expected the metadata file beside train\.jsonl"):
+        codecontests_dataset(tok, str(data), n_samples=1)
+    with pytest.raises(DataError, match=r"test\.jsonl: not found; expected the processed split 'test'"):
+        codecontests_dataset(tok, str(data), split="test", n_samples=1)
+
+
+def test_a_v1_line_without_task_id_is_named(tok, tmp_path):
+    rows = make_rows(3, 2)
+    data = write_split(tmp_path / "data", rows, form="v1")
+    _rewrite_line(data, 4, lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "task_id"}).encode())
+    with pytest.raises(DataError, match=r'train\.jsonl:5: no "task_id" string field'):
+        codecontests_dataset(tok, str(data), n_samples=1, correct_ratio=0.5)
+
+
+def test_a_file_changed_after_its_lengths_were_measured_is_caught(tok, data):
+    ds = codecontests_dataset(tok, str(data), n_samples=5)
+    line = ds.lines.tolist()[0]
+    _rewrite_line(data, line, lambda b: b.replace(b"print(", b"print (", 1))  # same JSON, other tokens
+    fresh = codecontests_dataset(tok, str(data), n_samples=5)  # index rebuilt, length cache dropped
+    assert fresh.lines.tolist() == ds.lines.tolist()
+    assert len(fresh[0]["tokens"]) == int(fresh.lengths[0])
+    with pytest.raises(DataError, match=rf"train\.jsonl:{line + 1}: "):
+        ds[0]  # the dataset built before the change notices: its byte range or tokens no longer match
+
+
+def test_parse_record_accepts_a_missing_input(tmp_path):
+    record = {k: v for k, v in RECORD.items() if k != "input"}
+    assert parse_record(tmp_path / "x.jsonl", 0, json.dumps(record).encode()) == record

@@ -1,0 +1,324 @@
+"""Indexes of a processed CodeContests split, so that sampling touches a few bytes per line and then
+reads only the chosen lines.
+
+`SplitIndex` holds, for every line of `{split}.jsonl`, its byte offset, whether it is a correct
+solution, its difficulty and its problem. It is built in one pass over the JSONL and one parse of
+the metadata file (either form, shared/docs/DATA_FORMAT.md), then cached as a small file and
+memory-mapped by every later run: a 3.7M-line split needs 33 MB of index instead of the 217 MB
+metadata JSON (2 GB once parsed) and a scan of the multi-GB JSONL.
+
+`TokenLengths` caches, per tokenizer, the templated token length of every line measured so far, so
+that dropping long samples and packing need no tokenization on later runs.
+
+Caches live in `.ref_tuning_cache/` beside the data, or under `cache_dir` (a config key), or, where
+the data folder is read-only, under `$XDG_CACHE_HOME/ref_tuning/`. Each records the size and
+modification time of the files it was made from and is rebuilt when they change. Writes are atomic
+(a temporary file renamed), so concurrent runs and crashes never leave a half-written cache.
+"""
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+INDEX_VERSION = 1
+CACHE_FOLDER = ".ref_tuning_cache"
+_CHUNK = 64 << 20  # bytes read per step of the line scan
+# A JSON string member "task_id": "...", as json.dumps writes it; an escaped quote inside another
+# string cannot match, since the quote after `task_id` would then be preceded by a backslash.
+_TASK_ID = re.compile(rb'"task_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_TASK_ID_FORM = re.compile(r"(.+)_(?:correct|incorrect)_\d+")
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file (and line or key) and what was expected there."""
+
+
+def _identity(path: Path) -> Dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder`: tried, since permission bits say nothing to root
+    and nothing about read-only mounts."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def cache_folder(data_dir: Path, cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Where the caches of `data_dir` go: `cache_dir`, else beside the data, else the user's cache."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if _writable(data_dir):
+        return data_dir / CACHE_FOLDER
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ref_tuning"
+    return user / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def _save_atomic(obj: Dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load(path: Path) -> Optional[Dict[str, Any]]:
+    """A cache file's contents (tensors memory-mapped), or None if absent or unreadable."""
+    try:
+        return torch.load(path, mmap=True, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # damaged or from another version: rebuilt by the caller
+        return None
+
+
+def _local_leader() -> bool:
+    """Whether this process writes shared caches: one per machine, so that ranks don't race."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# The line index
+
+
+@dataclass
+class SplitIndex:
+    """Every line of a split: `offsets[i]:offsets[i + 1]` are the bytes of line i (its newline
+    included), `is_correct[i]`, `difficulty[i]`, and `problems[problem[i]]` its problem."""
+
+    jsonl: Path
+    metadata: Path
+    offsets: torch.Tensor  # int64, lines + 1
+    is_correct: torch.Tensor  # bool
+    difficulty: torch.Tensor  # int16
+    problem: torch.Tensor  # int32
+    problems: List[str]
+
+    def __len__(self) -> int:
+        return len(self.is_correct)
+
+    @classmethod
+    def open(cls, jsonl: Path, metadata: Path, cache: Path, progress: bool = False) -> "SplitIndex":
+        """The index of `jsonl`, from `cache` if it is current, else built (by one process per
+        machine while the others wait) and cached."""
+        path = cache / f"{jsonl.stem}.index.pt"
+        if _local_leader():
+            found = _load(path)
+            if not cls._current(found, jsonl, metadata):
+                found = cls._build(jsonl, metadata, progress)
+                _save_atomic(found, path)
+        _barrier()
+        if not _local_leader():
+            found = _load(path)
+            if not cls._current(found, jsonl, metadata):
+                raise DataError(f"{path}: the index written by local rank 0 is missing or stale")
+        return cls(jsonl, metadata, found["offsets"], found["is_correct"], found["difficulty"],
+                   found["problem"], found["problems"])  # fmt: skip
+
+    @staticmethod
+    def _current(found: Optional[Dict[str, Any]], jsonl: Path, metadata: Path) -> bool:
+        return (
+            found is not None
+            and found.get("version") == INDEX_VERSION
+            and found.get("jsonl") == _identity(jsonl)
+            and found.get("metadata") == _identity(metadata)
+        )
+
+    @staticmethod
+    def _build(jsonl: Path, metadata: Path, progress: bool) -> Dict[str, Any]:
+        jsonl_id, metadata_id = _identity(jsonl), _identity(metadata)
+        entries, index_map = _read_metadata(metadata)
+        has_problem_ids = "problem_id" in entries[0] if entries else True
+        offsets, task_problems = _scan_lines(jsonl, with_task_ids=not has_problem_ids, progress=progress)
+        n = len(offsets) - 1
+        if len(entries) != n:
+            raise DataError(
+                f"{metadata}: lists {len(entries)} entries but {jsonl} has {n} lines; the metadata must have "
+                "one entry per line, in line order (regenerate it, or use the metadata file made with this JSONL)"
+            )
+        if index_map is not None:
+            _check_problem_index_map(metadata, index_map, entries)
+        problem_ids: Dict[str, int] = {}
+        pids = (e["problem_id"] for e in entries) if has_problem_ids else task_problems
+        problem = torch.tensor([problem_ids.setdefault(pid, len(problem_ids)) for pid in pids], dtype=torch.int32)
+        is_correct = torch.tensor([e["is_correct"] for e in entries], dtype=torch.bool)
+        difficulty = torch.tensor([e["difficulty"] for e in entries], dtype=torch.int16)
+        if jsonl_id != _identity(jsonl) or metadata_id != _identity(metadata):
+            raise DataError(f"{jsonl} or {metadata} changed while being indexed; run again once they are written")
+        return _index_record(jsonl_id, metadata_id, offsets, is_correct, difficulty, problem, list(problem_ids))
+
+    @classmethod
+    def write(cls, jsonl: Path, metadata: Path, cache: Path, offsets: torch.Tensor, is_correct: torch.Tensor,
+              difficulty: torch.Tensor, problem: torch.Tensor, problems: List[str]) -> "SplitIndex":  # fmt: skip
+        """Cache the index of files whose columns the caller knows already (it just wrote them)."""
+        record = _index_record(_identity(jsonl), _identity(metadata), offsets, is_correct, difficulty, problem, problems)
+        _save_atomic(record, cache / f"{jsonl.stem}.index.pt")
+        return cls(jsonl, metadata, offsets, is_correct, difficulty, problem, problems)
+
+    def read_line(self, i: int, fd: int) -> bytes:
+        """The bytes of line i (without its newline), read from the open JSONL `fd`."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        data = os.pread(fd, end - start, start)
+        if len(data) != end - start:
+            raise DataError(f"{self.jsonl}:{i + 1}: the file is shorter than its index says; it changed, run again")
+        return data.rstrip(b"\n")
+
+
+def _index_record(jsonl_id, metadata_id, offsets, is_correct, difficulty, problem, problems) -> Dict[str, Any]:
+    return {
+        "version": INDEX_VERSION, "jsonl": jsonl_id, "metadata": metadata_id, "offsets": offsets,
+        "is_correct": is_correct, "difficulty": difficulty, "problem": problem, "problems": problems,
+    }  # fmt: skip
+
+
+def _read_metadata(path: Path) -> Tuple[List[Dict[str, Any]], Any]:
+    """The `metadata` entries of either form, checked: `is_correct` (bool), `difficulty` (int) and,
+    where entry 0 has one, `problem_id` (str) in every entry; and the v2 `problem_index_map`, if any."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    entries = meta.get("metadata") if isinstance(meta, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a top-level object with a 'metadata' list, one entry per line")
+    with_ids = bool(entries) and isinstance(entries[0], dict) and "problem_id" in entries[0]
+    for i, entry in enumerate(entries):
+        problem = f"{path}: metadata[{i}] (line {i + 1})"
+        if not isinstance(entry, dict):
+            raise DataError(f"{problem}: expected an object, found {entry!r:.80}")
+        if not isinstance(entry.get("is_correct"), bool):
+            raise DataError(f"{problem}: expected a boolean 'is_correct', found {entry.get('is_correct')!r:.80}")
+        if type(entry.get("difficulty")) is not int:
+            raise DataError(f"{problem}: expected an integer 'difficulty', found {entry.get('difficulty')!r:.80}")
+        if with_ids and not isinstance(entry.get("problem_id"), str):
+            raise DataError(f"{problem}: expected a string 'problem_id' (entry 0 has one), found {entry.get('problem_id')!r:.80}")
+    return entries, meta.get("problem_index_map")
+
+
+def _check_problem_index_map(path: Path, index_map: Any, entries: List[Dict[str, Any]]) -> None:
+    if not isinstance(index_map, dict):
+        raise DataError(f"{path}: 'problem_index_map' must be an object of problem id -> indices")
+    for pid, info in index_map.items():
+        for key, correct in (("correct_indices", True), ("incorrect_indices", False)):
+            indices = info.get(key, []) if isinstance(info, dict) else None
+            if not isinstance(indices, list):
+                raise DataError(f"{path}: problem_index_map[{pid!r}].{key} must be a list of line numbers")
+            for i in indices:
+                where = f"{path}: problem_index_map[{pid!r}].{key}"
+                if type(i) is not int or not 0 <= i < len(entries):
+                    raise DataError(f"{where} lists line {i!r}, out of range: the split has {len(entries)} lines")
+                if entries[i]["is_correct"] != correct or entries[i].get("problem_id", pid) != pid:
+                    raise DataError(
+                        f"{where} lists line {i}, but metadata[{i}] says is_correct={entries[i]['is_correct']}, "
+                        f"problem_id={entries[i].get('problem_id')!r}; the two parts of the file disagree"
+                    )
+
+
+def _scan_lines(jsonl: Path, with_task_ids: bool, progress: bool) -> Tuple[torch.Tensor, List[str]]:
+    """Byte offsets of every line start (and the end of the file) in one pass, vectorized per
+    64 MB chunk; with `with_task_ids`, each line's problem taken from its `task_id` too."""
+    from tqdm import tqdm
+
+    size = jsonl.stat().st_size
+    starts, problems = [torch.zeros(1, dtype=torch.int64)], []
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"indexing {jsonl.name}", disable=not progress)
+    with open(jsonl, "rb") as f:
+        base, carry = 0, b""  # carry: the unfinished last line of the previous chunk
+        while chunk := f.read(_CHUNK):
+            data = carry + chunk
+            ends = torch.frombuffer(bytearray(data), dtype=torch.uint8).eq(10).nonzero().flatten()
+            if len(ends):
+                starts.append(ends + 1 + base)
+                cut = int(ends[-1]) + 1
+                if with_task_ids:
+                    problems += _task_problems(jsonl, data[:cut], ends, len(problems))
+                base, carry = base + cut, data[cut:]
+            else:
+                carry = data
+            bar.update(len(chunk))
+        if carry:  # a last line without a newline
+            starts.append(torch.tensor([size], dtype=torch.int64))
+            if with_task_ids:
+                problems += _task_problems(jsonl, carry + b"\n", torch.tensor([len(carry)]), len(problems))
+    bar.close()
+    return torch.cat(starts), problems
+
+
+def _task_problems(jsonl: Path, data: bytes, ends: torch.Tensor, first_line: int) -> List[str]:
+    """The problem of each line of `data` (which ends at a newline), from its `task_id`
+    (`{problem}_{correct|incorrect}_{i}`; any other form is its own problem)."""
+    found: List[Optional[str]] = [None] * len(ends)
+    matches = list(_TASK_ID.finditer(data))
+    positions = torch.tensor([m.start() for m in matches], dtype=torch.int64)
+    lines = torch.searchsorted(ends, positions).tolist() if matches else []
+    for m, line in zip(matches, lines):
+        if found[line] is None:
+            task_id = json.loads(b'"' + m.group(1) + b'"')
+            form = _TASK_ID_FORM.fullmatch(task_id)
+            found[line] = form.group(1) if form else task_id
+    for line, problem in enumerate(found):
+        if problem is None:
+            raise DataError(
+                f"{jsonl}:{first_line + line + 1}: no \"task_id\" string field; the metadata has no problem_id, "
+                "so each line's problem is read from its task_id"
+            )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Token lengths, per tokenizer
+
+
+TEMPLATE_VERSION = 1  # bump when the template or the tokenization of a sample changes
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
+    """A digest of a SentencePiece-based tokenizer's model and special ids; None for others."""
+    spm = getattr(getattr(tokenizer, "_spm_model", None), "spm_model", None)
+    if spm is None:
+        return None
+    h = hashlib.sha256(spm.serialized_model_proto())
+    h.update(f"bos={tokenizer.bos_id} eos={tokenizer.eos_id} template={TEMPLATE_VERSION}".encode())
+    return h.hexdigest()[:16]
+
+
+class TokenLengths:
+    """Templated token lengths (`total`) and prompt lengths (`prompt`) of a split's lines under one
+    tokenizer; -1 where not measured yet."""
+
+    def __init__(self, index: SplitIndex, cache: Path, tokenizer: Any):
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        self._path = cache / f"{index.jsonl.stem}.lengths-{fingerprint}.pt" if fingerprint else None
+        self._jsonl_id = _identity(index.jsonl)
+        found = _load(self._path) if self._path is not None else None
+        if found is not None and found.get("jsonl") == self._jsonl_id and len(found["total"]) == len(index):
+            self.total, self.prompt = found["total"].clone(), found["prompt"].clone()
+        else:
+            self.total = torch.full((len(index),), -1, dtype=torch.int32)
+            self.prompt = torch.full((len(index),), -1, dtype=torch.int32)
+
+    def save(self) -> None:
+        """Write the lengths known now (by one process per machine; the others' copies are equal)."""
+        if self._path is not None and _local_leader():
+            _save_atomic({"jsonl": self._jsonl_id, "total": self.total, "prompt": self.prompt}, self._path)
