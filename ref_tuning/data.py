@@ -257,7 +257,11 @@ def measure_lengths(
         bar = tqdm(mine, desc=f"measuring {index.jsonl.name} samples (cached for later runs)", disable=rank != 0)
         with open(index.jsonl, "rb") as f:
             for line in bar:
-                tokens, labels = tokenize_sample(tokenizer, _checked_record(index, line, f.fileno()))
+                record = _checked_record(index, line, f.fileno())
+                try:
+                    tokens, labels = tokenize_sample(tokenizer, record)
+                except DataError as e:
+                    raise DataError(f"{index.jsonl}:{line + 1}: {e}") from e
                 measured.append((len(tokens), labels.count(CROSS_ENTROPY_IGNORE_IDX)))
         parts = [measured]
         if world > 1:

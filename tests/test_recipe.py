@@ -83,14 +83,18 @@ def test_two_processes_train_and_write_a_checkpoint_transformers_loads(assets, t
     )
 
 
-def test_packed_rows_train_with_two_processes(assets, tmp_path):
+def test_packed_rows_and_sampling_keys_from_the_command_line(assets, tmp_path):
     out = tmp_path / "run"
+    sampling = ["dataset.difficulty_bins={easy: [0, 9], hard: [10, 28]}", "dataset.difficulty_weights={easy: 3, hard: 1}",
+                "dataset.max_per_problem=3", "dataset.correct_ratio=0.75"]  # fmt: skip
     overrides = _overrides(assets, out, "batch_size=1", "dataset.n_samples=48", "dataset.packed=true",
-                           "epochs=1", "lr_scheduler.num_warmup_steps=1")  # fmt: skip
+                           "epochs=1", "lr_scheduler.num_warmup_steps=1", *sampling)  # fmt: skip
     _tune(tune_run_command(2, overrides))
     # The rows the recipe trained on: the same draw, packed the same way, built here.
     rows = codecontests_dataset(sheared_llama_tokenizer(str(assets["tokenizer"])), str(assets["data"]),
-                                n_samples=48, seed=42, max_seq_len=2048, packed=True)  # fmt: skip
+                                n_samples=48, seed=42, max_seq_len=2048, packed=True, correct_ratio=0.75,
+                                difficulty_bins={"easy": [0, 9], "hard": [10, 28]},
+                                difficulty_weights={"easy": 3, "hard": 1}, max_per_problem=3)  # fmt: skip
     assert len(rows) < 48 / 2
     assert [step for step, _ in _logged_steps(out)] == list(range(1, len(rows) // 2 + 1))
     assert (out / "checkpoint_final" / "config.json").is_file()
