@@ -19,6 +19,7 @@ from ref_tuning.data import (
     codecontests_dataset,
     parse_record,
     split_files,
+    token_counts,
     tokenize_sample,
 )
 from ref_tuning.index import CACHE_FOLDER, SplitIndex
@@ -441,3 +442,29 @@ def test_a_file_changed_after_its_lengths_were_measured_is_caught(tok, data):
 def test_parse_record_accepts_a_missing_input(tmp_path):
     record = {k: v for k, v in RECORD.items() if k != "input"}
     assert parse_record(tmp_path / "x.jsonl", 0, json.dumps(record).encode()) == record
+
+
+@pytest.mark.parametrize("which", ["demo", "llama"])
+def test_batched_token_counts_equal_tokenize_sample(which, tok, request):
+    tokenizer = tok if which == "demo" else request.getfixturevalue("llama")
+    rows = make_rows(6, 5)
+    records = [dict(RECORD, instruction=f"Solve problem {r['problem']}.", output=r["output"],
+                    input="Input: 1 2\nOutput: 3" if i % 4 == 0 else "") for i, r in enumerate(rows)]  # fmt: skip
+    where = [f"x.jsonl:{i + 1}" for i in range(len(records))]
+    one_by_one = token_counts(tokenizer, records, where, threads=1)
+    assert token_counts(tokenizer, records, where, threads=2) == one_by_one
+    assert one_by_one == [(len(t), lab.count(-100)) for t, lab in (tokenize_sample(tokenizer, r) for r in records)]
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, 1 << 26])
+@pytest.mark.parametrize("newline_at_end", [True, False])
+def test_the_line_scan_across_chunk_boundaries(tmp_path, monkeypatch, chunk, newline_at_end):
+    monkeypatch.setattr(index_module, "_CHUNK", chunk)
+    rows = make_rows(5, 4)
+    path = write_split(tmp_path / "data", rows, form="v1") / "train.jsonl"
+    if not newline_at_end:
+        path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    offsets, problems = index_module._scan_lines(path, with_task_ids=True, progress=False)
+    raw = path.read_bytes()
+    assert offsets.tolist() == [0] + [i + 1 for i, b in enumerate(raw) if b == 10] + ([] if newline_at_end else [len(raw)])
+    assert problems == [r["problem"] for r in rows]

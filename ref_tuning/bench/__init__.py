@@ -1,6 +1,7 @@
 """Benchmarks of ref-tuning's tools next to their obvious baselines, one subcommand each:
 
     python -m ref_tuning.bench convert ...   checkpoint conversion (ref_tuning/bench/convert.py)
+    python -m ref_tuning.bench data ...      dataset building and packing (ref_tuning/bench/data.py)
 
 Every measured run is its own child process, reaped with `os.wait4`, so that its peak RSS is the
 child's own `ru_maxrss`; methods are interleaved within each repeat so that a slow spell of the
@@ -174,12 +175,13 @@ def positive(text: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ref_tuning.bench import convert  # here: it imports this module
+    from ref_tuning.bench import convert, data  # here: they import this module
 
     parser = argparse.ArgumentParser(
         prog="python -m ref_tuning.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     convert.add_parser(sub)
+    data.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
