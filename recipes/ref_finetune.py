@@ -3,21 +3,27 @@
     tune run --nproc_per_node 4 recipes/ref_finetune.py --config configs/ref_tuning.yaml [key=value ...]
 
 Built from torchtune 0.6.1 pieces and following its `full_finetune_distributed` recipe step for
-step (same loss normalization, so per-step losses match it); it also runs on CPU with gloo, and
-writes the result as a complete HF directory (`output_dir/checkpoint_final`) for the Rho-1 stage.
+step (the same loss normalization: a test checks that the per-step losses are equal), with what that
+recipe lacks: validation, step checkpoints with an exact mid-epoch resume, a clean stop on SIGTERM,
+and the outputs Rho-1 loads (`checkpoint_best`, `checkpoint_final`: complete HF directories).
+It also runs on CPU with gloo, which is how it is tested.
 """
 
+import math
 import os
+import signal
 import sys
 import time
 from functools import partial
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed import destroy_process_group, init_device_mesh, init_process_group
 from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
@@ -25,24 +31,56 @@ from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
-from ref_tuning.config import validate_config
+from ref_tuning.config import (
+    BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, is_off, one_of, validate_config,
+)  # fmt: skip
+from ref_tuning.step_checkpoints import StepCheckpoints, load_state, rng_state, save_state, set_rng_state
 
 log = utils.get_logger("INFO")
 
-# Every top-level key the recipe reads; anything else in a config is a mistake.
-CONFIG_KEYS = {
-    "experiment", "output_dir", "device", "dtype", "seed",
-    "model", "tokenizer", "checkpointer", "dataset", "loss", "optimizer", "lr_scheduler",
-    "batch_size", "shuffle", "epochs", "max_steps_per_epoch", "gradient_accumulation_steps",
-    "clip_grad_norm", "enable_activation_checkpointing", "fsdp_reshard_after_forward",
-    "metric_logger", "log_every_n_steps",
+# Every top-level key the recipe reads, and what it takes; anything else is a mistake.
+CONFIG_SCHEMA = {
+    "experiment": STRING, "output_dir": STRING, "device": one_of("cuda", "cpu"), "dtype": one_of("bf16", "fp32"),
+    "seed": INT, "model": COMPONENT, "tokenizer": COMPONENT, "checkpointer": COMPONENT, "dataset": COMPONENT,
+    "dataset_val": COMPONENT.or_null(), "loss": COMPONENT, "optimizer": COMPONENT, "lr_scheduler": COMPONENT,
+    "batch_size": POSITIVE_INT, "val_batch_size": POSITIVE_INT, "shuffle": BOOL, "epochs": POSITIVE_INT,
+    "max_steps_per_epoch": POSITIVE_INT.or_null(), "gradient_accumulation_steps": POSITIVE_INT,
+    "clip_grad_norm": POSITIVE_NUMBER.or_null(), "enable_activation_checkpointing": BOOL,
+    "fsdp_reshard_after_forward": BOOL, "eval_every_n_steps": POSITIVE_INT.or_null(),
+    "save_every_n_steps": POSITIVE_INT.or_null(), "keep_last_n_checkpoints": POSITIVE_INT,
+    "resume_from_checkpoint": BOOL, "metric_logger": COMPONENT, "log_every_n_steps": POSITIVE_INT,
 }  # fmt: skip
 
 
+class NonFiniteError(RuntimeError):
+    """The loss, the gradients or the weights became NaN or infinite: training stops, and no
+    checkpoint is written from them."""
+
+
+class _ValidationShard(Dataset):
+    """This rank's share of the validation samples, padded with label-less copies of its first one
+    so that every rank runs the same number of forward passes (FSDP gathers weights in each)."""
+
+    def __init__(self, ds: Dataset, rank: int, world_size: int):
+        self._ds, self._indices = ds, list(range(rank, len(ds), world_size))
+        self._length = -(-len(ds) // world_size)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        if i < len(self._indices):
+            return self._ds[self._indices[i]]
+        sample = dict(self._ds[self._indices[0] if self._indices else 0])
+        labels = sample["labels"]
+        sample["labels"] = torch.full_like(labels, -100) if torch.is_tensor(labels) else [-100] * len(labels)
+        return sample
+
+
 class RefFinetuneRecipe:
-    """Full fine-tuning with FSDP2 (also on one process), gradient accumulation, AdamW and a
-    cosine schedule with warmup, optional activation checkpointing, a metric logger and a progress
-    bar on rank 0; saves an HF checkpoint for Rho-1 at the end."""
+    """Full fine-tuning with FSDP2 (also on one process), gradient accumulation, AdamW and a cosine
+    schedule with warmup, optional activation checkpointing; validation, step checkpoints, resume,
+    preemption; metrics through torchtune's metric loggers and a progress bar on rank 0."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
@@ -55,37 +93,43 @@ class RefFinetuneRecipe:
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
-        self._output_dir = cfg.output_dir
+        self._cfg = cfg
+        self._output_dir = Path(cfg.output_dir)
         self._log_every_n_steps = cfg.log_every_n_steps
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.clip_grad_norm
+        self._eval_every_n_steps = cfg.eval_every_n_steps
+        self._save_every_n_steps = cfg.save_every_n_steps
         self.seed = training.set_seed(seed=cfg.seed)
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.max_steps_per_epoch
+
         self.global_step = 0
+        self.epoch = 0
+        self.steps_in_epoch = 0  # optimizer steps done in `epoch`
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        self.best_step: Optional[int] = None
+        self._val_metrics: Dict[str, float] = {}
+
+        # Preemption: SIGTERM only raises a flag; the step in progress finishes and a checkpoint is written.
+        self._sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    # -----------------------------------------------------------------------------------------
+    # Setup
 
     def setup(self, cfg: DictConfig) -> None:
-        if self._is_rank_zero:
-            self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
-
-        self._checkpointer = config.instantiate(cfg.checkpointer)
-        checkpoint_dict = self._checkpointer.load_checkpoint()
-        self._model = self._setup_model(
-            cfg.model,
-            model_state_dict=checkpoint_dict[training.MODEL_KEY],
-            enable_activation_checkpointing=cfg.enable_activation_checkpointing,
-            reshard_after_forward=cfg.fsdp_reshard_after_forward,
-        )
-        del checkpoint_dict
+        # Data first: a batch larger than the data, or bad data, fails before any model is built.
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
-
         self._loss_fn = config.instantiate(cfg.loss)
-        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
-            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-
         self._sampler, self._dataloader = self._setup_data(cfg.dataset, cfg.shuffle, cfg.batch_size)
+        self._val_dataloader = None
+        if not is_off(cfg.get("dataset_val")):  # `dataset_val=null` turns validation off
+            self._val_dataloader = self._setup_val_data(cfg.dataset_val, cfg.val_batch_size)
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self._steps_per_epoch == 0:
             raise ValueError(
@@ -98,14 +142,42 @@ class RefFinetuneRecipe:
         if self.max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
 
-        self._lr_scheduler = config.instantiate(
-            cfg.lr_scheduler,
-            self._optimizer,
-            num_training_steps=self.total_epochs * self._steps_per_epoch,
+        self._checkpoints = StepCheckpoints(self._output_dir / "checkpoints", cfg.keep_last_n_checkpoints)
+        resume = self._checkpoints.newest() if cfg.resume_from_checkpoint else None
+        if cfg.resume_from_checkpoint and resume is None:
+            utils.log_rank_zero(log, f"no checkpoint in {self._checkpoints.root}: starting from the base model")
+
+        if self._is_rank_zero:
+            try:
+                self._metric_logger = config.instantiate(cfg.metric_logger)
+            except ImportError as e:  # TensorBoardLogger without tensorboard, WandBLogger without wandb
+                raise ImportError(
+                    f"metric_logger: {cfg.metric_logger._component_} needs a package that is not installed ({e}); "
+                    "install it (pip install tensorboard, for TensorBoardLogger) or use "
+                    "torchtune.training.metric_logging.DiskLogger"
+                ) from e
+            self._metric_logger.log_config(cfg)
+
+        self._checkpointer = config.instantiate(cfg.checkpointer)
+        model_state = self._checkpointer.load_checkpoint(resume / "model" if resume else None)
+        self._model = self._setup_model(
+            cfg.model,
+            model_state_dict=model_state[training.MODEL_KEY],
+            enable_activation_checkpointing=cfg.enable_activation_checkpointing,
+            reshard_after_forward=cfg.fsdp_reshard_after_forward,
         )
+        del model_state
+        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+            self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._lr_scheduler = config.instantiate(
+            cfg.lr_scheduler, self._optimizer, num_training_steps=self.total_epochs * self._steps_per_epoch
+        )
+        if resume is not None:
+            self._resume(resume)
         # Labels are shifted left by one; the last position of every row predicts nothing.
         self._ignore_labels_cache = torch.full(
-            (cfg.batch_size, 1), self._loss_fn.ignore_index, device=self._device
+            (max(cfg.batch_size, cfg.val_batch_size), 1), self._loss_fn.ignore_index, device=self._device
         )
 
     def _setup_model(
@@ -119,9 +191,7 @@ class RefFinetuneRecipe:
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
         if enable_activation_checkpointing:
-            training.set_activation_checkpointing(
-                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
-            )
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         mesh = init_device_mesh(self._device.type, (self.world_size,), mesh_dim_names=("dp",))
         training.shard_model(
             model=model,
@@ -136,107 +206,242 @@ class RefFinetuneRecipe:
                     m.rope_init()
         training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
         training.validate_no_params_on_meta_device(model)
+        n_params = sum(p.numel() for p in model.parameters())
+        utils.log_rank_zero(log, f"model built: {n_params:,} parameters in {self._dtype}, sharded over {self.world_size}")
         if self._is_rank_zero and self._device.type == "cuda":  # memory stats raise on CPU
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         dist.barrier()
         return model
+
+    def _collate_fn(self, ds: Dataset):
+        if getattr(ds, "packed", False):  # rows of max_seq_len with a block-causal mask per sample
+            return padded_collate_packed
+        return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
 
     def _setup_data(self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int):
         ds = config.instantiate(cfg_dataset, self._tokenizer)
         sampler = StatefulDistributedSampler(
             ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed
         )
-        if ds.packed:  # rows of max_seq_len with a block-causal mask per sample
-            collate_fn = padded_collate_packed
-        else:
-            collate_fn = partial(
-                padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index
-            )
         dataloader = StatefulDataLoader(
             dataset=ds,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=collate_fn,
+            collate_fn=self._collate_fn(ds),
             # equal batch counts on every rank, so no rank waits on a collective forever
             drop_last=True,
         )
         return sampler, dataloader
 
+    def _setup_val_data(self, cfg_dataset: DictConfig, batch_size: int) -> DataLoader:
+        ds = config.instantiate(cfg_dataset, self._tokenizer)
+        shard = _ValidationShard(ds, self.rank, self.world_size)
+        return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=self._collate_fn(ds))
+
+    def _resume(self, path: Path) -> None:
+        train_state, rank_state = load_state(path, self._model, self._optimizer)
+        if train_state["world_size"] != self.world_size:
+            raise RuntimeError(f"{path}: written by {train_state['world_size']} processes, this run has "
+                               f"{self.world_size}; resume with --nproc_per_node {train_state['world_size']}")  # fmt: skip
+        self._lr_scheduler.load_state_dict(train_state["lr_scheduler"])
+        self.global_step, self.epoch = train_state["global_step"], train_state["epoch"]
+        self.steps_in_epoch, self.tokens_seen = train_state["steps_in_epoch"], train_state["tokens_seen"]
+        self.best_val_loss, self.best_step = train_state["best_val_loss"], train_state["best_step"]
+        if self.steps_in_epoch < self._steps_per_epoch:  # else the next epoch starts afresh
+            self._dataloader.load_state_dict(rank_state["dataloader"])
+        set_rng_state(rank_state["rng"])
+        utils.log_rank_zero(log, f"resumed from {path} (step {self.global_step}, epoch {self.epoch + 1})")
+
+    # -----------------------------------------------------------------------------------------
+    # Training
+
     def train(self) -> None:
         if self._device.type == "cuda":  # torch.cpu has no empty_cache
             training.cleanup_before_training()
-        self._optimizer.zero_grad()
-        t0 = time.perf_counter()
-        running_loss, num_tokens = 0, 0
         total_steps = self.total_epochs * self._steps_per_epoch
-        pbar = tqdm(total=total_steps, disable=not self._is_rank_zero, desc="training")
-        for curr_epoch in range(self.total_epochs):
-            self._sampler.set_epoch(curr_epoch)
-            for idx, batch in enumerate(self._dataloader):
-                utils.batch_to_device(batch, self._device)
-                current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
-                num_tokens += current_num_tokens
-                labels = batch.pop("labels")
-                logits = self._model(**batch)
-                labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
-                if not isinstance(logits, list):
-                    labels = labels.reshape(-1)
-                    logits = logits.reshape(-1, logits.size(-1))
-                # Summed over tokens here, divided by the tokens of all ranks and micro-batches at the step.
-                current_loss = self._loss_fn(logits, labels) * current_num_tokens
-                del logits
-                running_loss += current_loss
-                current_loss.backward()
-
-                if (idx + 1) % self._gradient_accumulation_steps == 0:
-                    dist.all_reduce(num_tokens)
-                    dist.all_reduce(running_loss)
-                    # FSDP2 averages gradients over ranks; undo that and divide by the token count.
-                    training.scale_grads(self._model, self.world_size / num_tokens)
-                    grad_norm = None
-                    if self._clip_grad_norm is not None:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(
-                            self._model.parameters(), max_norm=float(self._clip_grad_norm)
-                        )
-                        if isinstance(grad_norm, DTensor):  # sharded: the norm over all ranks
-                            grad_norm = grad_norm.full_tensor()
-                    self._optimizer.step()
-                    self._optimizer.zero_grad(set_to_none=True)
-                    self._lr_scheduler.step()
-                    self.global_step += 1
-
-                    loss = running_loss.item() / num_tokens.item()
-                    step_time = time.perf_counter() - t0
-                    metrics = {
-                        "loss": loss,
-                        "lr": get_lr(self._optimizer),
-                        "tokens_per_second_per_gpu": num_tokens.item() / (step_time * self.world_size),
-                    }
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = grad_norm.item()
-                    pbar.update(1)
-                    pbar.set_postfix(
-                        epoch=curr_epoch + 1,
-                        loss=f"{loss:.4f}",
-                        lr=f"{metrics['lr']:.2e}",
-                        tok_s=f"{metrics['tokens_per_second_per_gpu']:.0f}",
-                    )
-                    if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
-                        self._metric_logger.log_dict(metrics, step=self.global_step)
-                    running_loss, num_tokens = 0, 0
-                    t0 = time.perf_counter()
-
-                if (idx + 1) // self._gradient_accumulation_steps == self._steps_per_epoch:
-                    break
+        start, start_step, start_tokens = time.perf_counter(), self.global_step, self.tokens_seen
+        pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="training")
+        while self.epoch < self.total_epochs:
+            self._sampler.set_epoch(self.epoch)
+            batches = iter(self._dataloader)  # mid-epoch after a resume: its state was loaded
+            while self.steps_in_epoch < self._steps_per_epoch:
+                t0 = time.perf_counter()
+                metrics = self._train_step(batches)
+                self.global_step += 1
+                self.steps_in_epoch += 1
+                metrics["tokens_per_second_per_gpu"] = metrics["tokens"] / ((time.perf_counter() - t0) * self.world_size)
+                pbar.update(1)
+                pbar.set_postfix(epoch=self.epoch + 1, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 tok_s=f"{metrics['tokens_per_second_per_gpu']:.0f}")  # fmt: skip
+                if self._val_dataloader is not None and self._eval_every_n_steps and (
+                    self.global_step % self._eval_every_n_steps == 0
+                ):
+                    metrics.update(self.validate())
+                if self._is_rank_zero and (self.global_step % self._log_every_n_steps == 0 or "val_loss" in metrics):
+                    self._metric_logger.log_dict(metrics, step=self.global_step)
+                if self._preempted():
+                    path = self.save_checkpoint()
+                    utils.log_rank_zero(log, f"SIGTERM: stopped after step {self.global_step}, checkpoint {path}; "
+                                             "run again with resume_from_checkpoint=true to continue")  # fmt: skip
+                    pbar.close()
+                    return
+                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                    self.save_checkpoint()
+            self.epoch += 1
+            self.steps_in_epoch = 0
         pbar.close()
+        if self._val_dataloader is not None and self._val_metrics.get("step") != self.global_step:
+            metrics = self.validate()  # at the end too, unless the last step was just validated
+            if self._is_rank_zero:
+                self._metric_logger.log_dict(metrics, step=self.global_step)
+        wall = time.perf_counter() - start
+        best = f", best validation loss {self.best_val_loss:.4f} at step {self.best_step}" if self.best_step else ""
+        utils.log_rank_zero(log, f"done: {self.global_step} steps ({self.global_step - start_step} in this run), "
+                                 f"{self.tokens_seen - start_tokens:,} tokens trained on in {wall:.0f} s{best}")  # fmt: skip
 
-    def save_checkpoint(self, name: str = "checkpoint_final") -> None:
-        """Gather the sharded weights on rank 0 and write them as the HF directory `output_dir/name`."""
-        state_dict = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+    def _train_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Gradient accumulation over micro-batches, then one optimizer step (torchtune's math)."""
+        running_loss, num_tokens = 0, 0
+        for _ in range(self._gradient_accumulation_steps):
+            batch = next(batches)
+            utils.batch_to_device(batch, self._device)
+            current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
+            num_tokens += current_num_tokens
+            labels = batch.pop("labels")
+            logits = self._model(**batch)
+            labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
+            if not isinstance(logits, list):
+                labels = labels.reshape(-1)
+                logits = logits.reshape(-1, logits.size(-1))
+            # Summed over tokens here, divided by the tokens of all ranks and micro-batches at the step.
+            current_loss = self._loss_fn(logits, labels) * current_num_tokens
+            del logits
+            running_loss += current_loss
+            current_loss.backward()
+
+        dist.all_reduce(num_tokens)
+        dist.all_reduce(running_loss)
+        loss = running_loss.item() / num_tokens.item()
+        if not math.isfinite(loss):
+            self._stop_non_finite(f"the training loss is {loss}", self.global_step + 1)
+        # FSDP2 averages gradients over ranks; undo that and divide by the token count.
+        training.scale_grads(self._model, self.world_size / num_tokens)
+        metrics = {"loss": loss}
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+            if isinstance(grad_norm, DTensor):  # sharded: the norm over all ranks
+                grad_norm = grad_norm.full_tensor()
+            metrics["grad_norm"] = grad_norm.item()
+            if not math.isfinite(metrics["grad_norm"]):
+                self._stop_non_finite(f"the gradient norm is {metrics['grad_norm']}", self.global_step + 1)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self._lr_scheduler.step()
+        self.tokens_seen += int(num_tokens.item())
+        metrics.update(lr=get_lr(self._optimizer), tokens=int(num_tokens.item()))
+        return metrics
+
+    def _stop_non_finite(self, what: str, step: int) -> None:
+        newest = self._checkpoints.newest()
+        raise NonFiniteError(
+            f"{what} at step {step} (epoch {self.epoch + 1}); no checkpoint is written from it. The last good "
+            f"checkpoint is {newest or 'none (no step checkpoint yet)'}. Lower optimizer.lr, set clip_grad_norm or "
+            "check the data, then run again with resume_from_checkpoint=true"
+        )
+
+    def _check_finite_weights(self) -> None:
+        """Before any checkpoint: a loss can stay finite for a step after the weights overflow."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self._model.parameters()]
+        bad = torch.tensor(int(not all(bool(torch.isfinite(p).all()) for p in local)), device=self._device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            self._stop_non_finite("the weights are not finite", self.global_step)
+
+    def _preempted(self) -> bool:
+        """Whether any rank received SIGTERM: all ranks must agree, to save the same checkpoint."""
+        flag = torch.tensor(int(self._sigterm), device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # -----------------------------------------------------------------------------------------
+    # Validation
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Loss, perplexity and next-token accuracy over the response tokens of the validation
+        split, summed over all ranks; saves `checkpoint_best` when the loss is the lowest yet."""
+        self._model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self._device)  # loss sum, tokens, correct
+        for batch in self._val_dataloader:
+            utils.batch_to_device(batch, self._device)
+            labels = batch.pop("labels")
+            labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
+            logits = self._model(**batch)
+            chunks = logits if isinstance(logits, list) else [logits]  # chunked along the sequence
+            for chunk, chunk_labels in zip(chunks, labels.chunk(len(chunks), dim=1)):
+                mask = chunk_labels != self._loss_fn.ignore_index
+                totals[0] += torch.nn.functional.cross_entropy(
+                    chunk.float().flatten(0, 1), chunk_labels.flatten(), ignore_index=self._loss_fn.ignore_index,
+                    reduction="sum",
+                )  # fmt: skip
+                totals[1] += mask.sum()
+                totals[2] += ((chunk.argmax(-1) == chunk_labels) & mask).sum()
+        dist.all_reduce(totals)
+        self._model.train()
+        loss = (totals[0] / totals[1]).item()
+        metrics = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
+                   "val_accuracy": (totals[2] / totals[1]).item(), "val_tokens": int(totals[1].item())}  # fmt: skip
+        self._val_metrics = dict(metrics, step=self.global_step)
+        if loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = loss, self.global_step
+            self._save_output("checkpoint_best")
+        return metrics
+
+    # -----------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _gathered_model(self) -> Dict[str, torch.Tensor]:
+        """The full weights on rank 0 (every rank takes part in the gather)."""
+        return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+
+    def _save_output(self, name: str) -> None:
+        """An HF directory for Rho-1, `output_dir/name`, with the step, metrics and config in `ref_tuning.json`."""
+        self._check_finite_weights()
+        state_dict = self._gathered_model()
         if self._is_rank_zero:
-            path = self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=name)
-            log.info(f"HF checkpoint written to {path}")
+            metadata = {"step": self.global_step, "epoch": self.epoch + 1, "validation": self._val_metrics,
+                        "config": OmegaConf.to_container(self._cfg, resolve=True)}  # fmt: skip
+            path = self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=name, metadata=metadata)
+            log.info(f"HF checkpoint written to {path} (step {self.global_step})")
+        del state_dict
         dist.barrier()
+
+    def save_checkpoint(self) -> Path:
+        """A step checkpoint: weights (HF), optimizer, schedule, data position, RNG states, counters."""
+        self._check_finite_weights()
+        tmp = self._checkpoints.begin(self.global_step)
+        state_dict = self._gathered_model()
+        if self._is_rank_zero:
+            self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=tmp.resolve() / "model")
+        del state_dict
+        if os.environ.get("REF_TUNING_FAULT") == f"kill_in_checkpoint:{self.global_step}":  # for tests only
+            dist.barrier()  # the whole run dies mid-write, as on a power cut: workers and torchrun
+            if self._is_rank_zero and "RANK" in os.environ:
+                os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        train_state = {
+            "global_step": self.global_step, "epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch,
+            "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+            "lr_scheduler": self._lr_scheduler.state_dict(), "world_size": self.world_size, "seed": self.seed,
+        }  # fmt: skip
+        rank_state = {"dataloader": self._dataloader.state_dict(), "rng": rng_state()}
+        save_state(tmp, self._model, self._optimizer, train_state, rank_state)
+        path = self._checkpoints.commit(tmp, self.global_step)
+        utils.log_rank_zero(log, f"checkpoint written to {path}")
+        return path
+
+    def save_final(self) -> None:
+        self._save_output("checkpoint_final")
 
     def cleanup(self) -> None:
         if self._is_rank_zero:
@@ -246,12 +451,13 @@ class RefFinetuneRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    validate_config(cfg, CONFIG_KEYS)
+    validate_config(cfg, CONFIG_SCHEMA)
     config.log_config(recipe_name="RefFinetuneRecipe", cfg=cfg)
     recipe = RefFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()
-    recipe.save_checkpoint("checkpoint_final")
+    if recipe.epoch >= recipe.total_epochs:  # not stopped early by SIGTERM
+        recipe.save_final()
     recipe.cleanup()
 
 

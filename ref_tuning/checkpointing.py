@@ -15,12 +15,14 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ref_tuning.tensorfiles import TensorFileError, TensorRef, open_writer, read_refs
@@ -28,6 +30,7 @@ from ref_tuning.tensorfiles import TensorFileError, TensorRef, open_writer, read
 # torchtune is imported where it is used: importing it takes 3 s (torchao, torch._dynamo), as long as
 # copying a gigabyte, and `convert hf-to-hf` does not need it.
 MODEL_KEY = "model"  # torchtune.training.MODEL_KEY
+METADATA_FILE = "ref_tuning.json"  # what made an output directory: step, validation metrics, config
 
 INDEX_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
 SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
@@ -424,9 +427,11 @@ def save_hf_dir(
     overwrite: bool = False,
     progress: bool = False,
     direct_io: bool = True,
+    extra_files: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Write a complete HF directory: shards in the hub layout and their index, `config.json` with
-    the dtype written, and the side files (tokenizer, generation config) of `side_files_from`."""
+    the dtype written, the side files (tokenizer, generation config) of `side_files_from`, and
+    `extra_files` (name -> text), all appearing at once."""
     fmt = "safetensors" if safetensors else "bin"
     shards = _plan_shards(tensors, parse_size(max_shard_size))
     total = sum(t.nbytes for t in tensors)
@@ -450,6 +455,8 @@ def save_hf_dir(
             for name in SIDE_FILES:
                 if (Path(side_files_from) / name).is_file():
                     shutil.copy2(Path(side_files_from) / name, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         os.chmod(tmp, 0o755)
     bar.close()
     return Path(out_dir)
@@ -472,6 +479,30 @@ def save_hf_checkpoint(
     return save_hf_dir(tensors, out_dir, config, side_files_from, max_shard_size, overwrite=True)
 
 
+class LazyStateDict(Mapping):
+    """A state dict whose tensors are read and converted when accessed, one at a time, never kept.
+
+    With `placeholders`, tensors are uninitialized memory of the right shape and dtype, never read:
+    for ranks other than 0 when torchtune's `load_from_full_model_state_dict` shards the model, since
+    its `distribute_tensor` scatters rank 0's data and ignores the other ranks' (`src_data_rank=0`).
+    So one process reads the checkpoint, and none holds all of it.
+    """
+
+    def __init__(self, tensors: List[OutputTensor], placeholders: bool = False):
+        self._tensors = {t.name: t for t in tensors}
+        self._placeholders = placeholders
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        return torch.empty(t.shape, dtype=t.dtype) if self._placeholders else t.load(None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 class HFBinCheckpointer:
     """torchtune checkpointer for HF directories (Sheared-LLaMA ships as `.bin` shards).
 
@@ -491,17 +522,29 @@ class HFBinCheckpointer:
         self._safetensors = safetensors
         self.config = read_hf_config(self._checkpoint_dir)
 
-    def load_checkpoint(self) -> Dict[str, Any]:
-        """`{"model": torchtune state dict}` of the HF directory, checked against its config.json."""
-        refs = hf_tensor_refs(self._checkpoint_dir)
-        check_hf_tensors(refs, self.config, self._checkpoint_dir)
-        # In the model's order on every rank: FSDP loads parameter by parameter with collectives.
-        hf_sd = {name: refs[name].load() for name in expected_hf_shapes(self.config)}
-        return {MODEL_KEY: hf_to_tune(hf_sd, self.config)}
+    def load_checkpoint(self, checkpoint_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+        """`{"model": torchtune state dict}` of `checkpoint_dir` (default: the one configured),
+        checked against config.json. The tensors are read lazily (`LazyStateDict`), in the model's
+        order; in a distributed run only rank 0 reads them, the others get placeholders."""
+        checkpoint_dir = Path(checkpoint_dir or self._checkpoint_dir)
+        config = read_hf_config(checkpoint_dir)
+        if expected_hf_shapes(config) != expected_hf_shapes(self.config):
+            raise CheckpointError(f"{checkpoint_dir}: a model of another shape than {self._checkpoint_dir}")
+        refs = hf_tensor_refs(checkpoint_dir)
+        check_hf_tensors(refs, config, checkpoint_dir)
+        ordered = {name: refs[name] for name in expected_hf_shapes(config)}
+        tensors = converted(ref_sources(ordered), hf_to_tune, config)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return {MODEL_KEY: LazyStateDict(tensors, placeholders=rank != 0)}
 
-    def save_checkpoint(self, state_dict: Dict[str, Any], name: str = "checkpoint_final") -> Path:
-        """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name`."""
+    def save_checkpoint(
+        self, state_dict: Dict[str, Any], name: Union[str, Path] = "checkpoint_final",
+        metadata: Optional[Dict[str, Any]] = None,
+    ) -> Path:  # fmt: skip
+        """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
+        absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it."""
         tensors = converted(memory_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
+        extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else None
         return save_hf_dir(
             tensors,
             self._output_dir / name,
@@ -510,4 +553,5 @@ class HFBinCheckpointer:
             max_shard_size=self._max_shard_size,
             safetensors=self._safetensors,
             overwrite=True,
+            extra_files=extra,
         )

@@ -1,8 +1,9 @@
-"""Config checks that run before anything is built: a misspelled key is an error, never ignored."""
+"""Config checks that run before anything is built: a misspelled key, a missing key or a value of
+the wrong kind is an error that names the key, never ignored."""
 
 import difflib
 import inspect
-from typing import Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
@@ -19,6 +20,9 @@ def _unknown_key_message(path: str, key: str, known: Iterable[str]) -> str:
 
 
 def _check_component(node: DictConfig, path: str, errors: List[str]) -> None:
+    if node._component_ is None:  # what `key=null` on the command line makes of a component node
+        errors.append(f"{path}_component_ is null: '{path[:-1]}' needs a component here")
+        return
     try:
         component = _get_component_from_path(node._component_)
     except Exception as e:
@@ -32,6 +36,12 @@ def _check_component(node: DictConfig, path: str, errors: List[str]) -> None:
             errors.append(_unknown_key_message(path, key, [p for p in params if p != "self"]))
 
 
+def is_off(value: Any) -> bool:
+    """Null, or a component node whose `_component_` is null: `tune run` turns `key=null` on the
+    command line into the latter, and cannot delete a component node (`~key`)."""
+    return value is None or isinstance(value, (dict, DictConfig)) and "_component_" in value and value["_component_"] is None
+
+
 def _walk(node, path: str, errors: List[str]) -> None:
     if isinstance(node, DictConfig):
         if "_component_" in node:
@@ -43,15 +53,50 @@ def _walk(node, path: str, errors: List[str]) -> None:
             _walk(item, f"{path}{i}.", errors)
 
 
-def validate_config(cfg: DictConfig, known_keys: Iterable[str]) -> None:
-    """Raise `ConfigError` listing every unknown top-level key and every argument that a
-    `_component_` does not accept, with the closest known name."""
-    known_keys = set(known_keys)
-    errors = [_unknown_key_message("", key, known_keys) for key in cfg if key not in known_keys]
+class Kind(NamedTuple):
+    """What a top-level key takes: a test of its (resolved) value, its description, and whether
+    the key may be left out (as if null)."""
+
+    accepts: Callable[[Any], bool]
+    expected: str
+    optional: bool = False
+
+    def or_null(self) -> "Kind":
+        return Kind(lambda v: v is None or self.accepts(v), f"{self.expected} or null", optional=True)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+COMPONENT = Kind(lambda v: isinstance(v, dict) and "_component_" in v, "a node with a _component_")
+STRING = Kind(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+BOOL = Kind(lambda v: isinstance(v, bool), "true or false")
+INT = Kind(_is_int, "an integer")
+POSITIVE_INT = Kind(lambda v: _is_int(v) and v > 0, "a positive integer")
+POSITIVE_NUMBER = Kind(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number")
+
+
+def one_of(*choices: str) -> Kind:
+    return Kind(lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+def validate_config(cfg: DictConfig, schema: Dict[str, Kind]) -> None:
+    """Raise `ConfigError` listing every unknown or missing top-level key, every value not of its
+    kind, and every argument that a `_component_` does not accept, with the closest known name."""
+    errors = [_unknown_key_message("", key, schema) for key in cfg if key not in schema]
+    errors += [f"missing config key '{key}': expected {kind.expected}" for key, kind in schema.items()
+               if key not in cfg and not kind.optional]
     try:
-        OmegaConf.resolve(OmegaConf.create(OmegaConf.to_container(cfg)))
+        values = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # a broken ${interpolation}
         errors.append(f"cannot resolve the config: {e}")
-    _walk(cfg, "", errors)
+        values = {}
+    for key, value in values.items():
+        if key in schema and not schema[key].accepts(None if is_off(value) and schema[key].optional else value):
+            errors.append(f"config key '{key}': expected {schema[key].expected}, got {value!r:.80}")
+    for key in cfg:
+        if not (key in schema and schema[key].optional and is_off(values.get(key))):
+            _walk(cfg._get_node(key), f"{key}.", errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

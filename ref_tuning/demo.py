@@ -183,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"tokenizer.path={paths['tokenizer']}",
         f"checkpointer.checkpoint_dir={paths['model']}",
         f"dataset.data_dir={paths['data']}",
+        f"dataset_val.data_dir={paths['data']}",
         f"output_dir={paths['output']}",
         *args.overrides,
     ]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from ref_tuning.models import sheared_llama_tokenizer, tiny_sheared_llama
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
-from recipes.ref_finetune import CONFIG_KEYS  # noqa: E402
+from recipes.ref_finetune import CONFIG_SCHEMA  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def _overrides(assets, output_dir, *extra):
         f"tokenizer.path={assets['tokenizer']}",
         f"checkpointer.checkpoint_dir={assets['model']}",
         f"dataset.data_dir={assets['data']}",
+        f"dataset_val.data_dir={assets['data']}",
         f"output_dir={output_dir}",
         *extra,
     ]
@@ -47,9 +49,10 @@ def _tune(command, env=None, expect_ok=True):
 
 
 def _logged_steps(output_dir):
+    """(step, training loss) of every step in the run's metric log (validation lines left out)."""
     (log_file,) = (Path(output_dir) / "logs").glob("log_*.txt")
-    steps = [line.split("|") for line in log_file.read_text().splitlines() if line.startswith("Step ")]
-    return [(int(s[0].split()[1]), float(s[1].split("loss:")[1].split()[0])) for s in steps]
+    found = [re.match(r"Step (\d+) \| loss:(\S+)", line) for line in log_file.read_text().splitlines()]
+    return [(int(m.group(1)), float(m.group(2))) for m in found if m]
 
 
 def test_two_processes_train_and_write_a_checkpoint_transformers_loads(assets, tmp_path):
@@ -137,7 +140,7 @@ def test_batch_larger_than_the_data_is_a_clear_error(assets, tmp_path):
 
 @pytest.mark.parametrize("config_file", ["configs/ref_tuning.yaml", "configs/tiny_cpu.yaml"])
 def test_shipped_configs_are_valid(config_file):
-    validate_config(OmegaConf.load(PROJECT_ROOT / config_file), CONFIG_KEYS)
+    validate_config(OmegaConf.load(PROJECT_ROOT / config_file), CONFIG_SCHEMA)
 
 
 @pytest.mark.parametrize(
@@ -151,4 +154,4 @@ def test_shipped_configs_are_valid(config_file):
 def test_misspelled_keys_are_errors(override, message):
     cfg = OmegaConf.merge(OmegaConf.load(PROJECT_ROOT / TINY_CONFIG), OmegaConf.from_dotlist([override]))
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("(", r"\(")):
-        validate_config(cfg, CONFIG_KEYS)
+        validate_config(cfg, CONFIG_SCHEMA)
