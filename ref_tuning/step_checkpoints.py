@@ -112,11 +112,11 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=path / "optimizer")
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
-    train_state = torch.load(path / TRAIN_STATE, weights_only=False)
+    train_state = torch.load(path / TRAIN_STATE, weights_only=True)
     rank_file = path / f"rank_{_rank()}.pt"
     if not rank_file.is_file():
         raise RuntimeError(
             f"{path}: has no state for rank {_rank()}: it was written by {train_state['world_size']} processes; "
             "resume with the same number of processes"
         )
-    return train_state, torch.load(rank_file, weights_only=False)
+    return train_state, torch.load(rank_file, weights_only=True)

@@ -126,3 +126,37 @@ def test_model_key_is_torchtunes():
     from ref_tuning import checkpointing
 
     assert checkpointing.MODEL_KEY == MODEL_KEY
+
+
+def test_loading_is_lazy_and_only_rank_zero_reads(hf_model_dir, tmp_path, monkeypatch):
+    """The recipe's model state: read one tensor at a time when torchtune asks for it, and on ranks
+    other than 0 (whose data `distribute_tensor` ignores) never read at all."""
+    from ref_tuning.tensorfiles import TensorRef
+
+    path, _ = hf_model_dir
+    checkpointer = HFBinCheckpointer(str(path), str(tmp_path / "out"))
+    reads = []
+    real_load = TensorRef.load
+    monkeypatch.setattr(TensorRef, "load", lambda self, out=None: reads.append(self) or real_load(self, out))
+    state = checkpointer.load_checkpoint()["model"]
+    assert reads == []  # nothing read up front
+    expected = tiny_sheared_llama(**TINY).state_dict()
+    assert set(state) == set(expected)
+    first = next(iter(state))
+    assert state[first].shape == expected[first].shape and len(reads) == 1
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    reads.clear()
+    placeholders = checkpointer.load_checkpoint()["model"]
+    assert all(placeholders[k].shape == expected[k].shape and placeholders[k].dtype == expected[k].dtype
+               for k in expected)  # fmt: skip
+    assert reads == []
+
+
+def test_metadata_is_written_inside_the_directory(hf_model_dir, tmp_path):
+    path, _ = hf_model_dir
+    checkpointer = HFBinCheckpointer(str(path), str(tmp_path / "out"))
+    out = checkpointer.save_checkpoint(checkpointer.load_checkpoint(), name="best", metadata={"step": 7, "x": [1, 2]})
+    assert json.loads((out / "ref_tuning.json").read_text()) == {"step": 7, "x": [1, 2]}
+    assert sorted(p.name for p in tmp_path.joinpath("out").iterdir()) == ["best"]  # nothing beside it

@@ -2,6 +2,7 @@
 
     python -m ref_tuning.bench convert ...   checkpoint conversion (ref_tuning/bench/convert.py)
     python -m ref_tuning.bench data ...      dataset building and packing (ref_tuning/bench/data.py)
+    python -m ref_tuning.bench train ...     training throughput against torchtune's recipe (ref_tuning/bench/train.py)
 
 Every measured run is its own child process, reaped with `os.wait4`, so that its peak RSS is the
 child's own `ru_maxrss`; methods are interleaved within each repeat so that a slow spell of the
@@ -175,7 +176,7 @@ def positive(text: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ref_tuning.bench import convert, data  # here: they import this module
+    from ref_tuning.bench import convert, data, train  # here: they import this module
 
     parser = argparse.ArgumentParser(
         prog="python -m ref_tuning.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -183,5 +184,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     convert.add_parser(sub)
     data.add_parser(sub)
+    train.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
