@@ -159,7 +159,8 @@ class RefFinetuneRecipe:
             self._metric_logger.log_config(cfg)
 
         self._checkpointer = config.instantiate(cfg.checkpointer)
-        model_state = self._checkpointer.load_checkpoint(resume / "model" if resume else None)
+        # Read by rank 0 alone, one tensor at a time: FSDP scatters the shards from rank 0's copy.
+        model_state = self._checkpointer.load_checkpoint(resume / "model" if resume else None, rank_zero_only=True)
         self._model = self._setup_model(
             cfg.model,
             model_state_dict=model_state[training.MODEL_KEY],

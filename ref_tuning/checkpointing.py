@@ -489,18 +489,31 @@ class LazyStateDict(Mapping):
     """
 
     def __init__(self, tensors: List[OutputTensor], placeholders: bool = False):
-        self._tensors = {t.name: t for t in tensors}
+        self.tensors = {t.name: t for t in tensors}
         self._placeholders = placeholders
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
+        t = self.tensors[name]
         return torch.empty(t.shape, dtype=t.dtype) if self._placeholders else t.load(None)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self.tensors)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self.tensors)
+
+
+def load_tune_state_dict(checkpoint_dir: Union[str, Path], expected_config: Optional[Dict[str, Any]] = None) -> LazyStateDict:
+    """An HF directory's weights under torchtune's names and layout, checked against its config.json
+    (and against `expected_config`'s shapes, if given), each read when accessed."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_hf_config(checkpoint_dir)
+    if expected_config is not None and expected_hf_shapes(config) != expected_hf_shapes(expected_config):
+        raise CheckpointError(f"{checkpoint_dir}: its config.json describes a model of another shape than expected")
+    refs = hf_tensor_refs(checkpoint_dir)
+    check_hf_tensors(refs, config, checkpoint_dir)
+    ordered = {name: refs[name] for name in expected_hf_shapes(config)}
+    return LazyStateDict(converted(ref_sources(ordered), hf_to_tune, config))
 
 
 class HFBinCheckpointer:
@@ -522,20 +535,18 @@ class HFBinCheckpointer:
         self._safetensors = safetensors
         self.config = read_hf_config(self._checkpoint_dir)
 
-    def load_checkpoint(self, checkpoint_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_dir: Optional[Union[str, Path]] = None, rank_zero_only: bool = False
+    ) -> Dict[str, Any]:
         """`{"model": torchtune state dict}` of `checkpoint_dir` (default: the one configured),
-        checked against config.json. The tensors are read lazily (`LazyStateDict`), in the model's
-        order; in a distributed run only rank 0 reads them, the others get placeholders."""
+        checked against config.json, its tensors read lazily (`LazyStateDict`). With
+        `rank_zero_only`, in a distributed run only rank 0 reads them and the others get placeholders:
+        what torchtune's `load_from_full_model_state_dict` needs to shard a model."""
         checkpoint_dir = Path(checkpoint_dir or self._checkpoint_dir)
-        config = read_hf_config(checkpoint_dir)
-        if expected_hf_shapes(config) != expected_hf_shapes(self.config):
-            raise CheckpointError(f"{checkpoint_dir}: a model of another shape than {self._checkpoint_dir}")
-        refs = hf_tensor_refs(checkpoint_dir)
-        check_hf_tensors(refs, config, checkpoint_dir)
-        ordered = {name: refs[name] for name in expected_hf_shapes(config)}
-        tensors = converted(ref_sources(ordered), hf_to_tune, config)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return {MODEL_KEY: LazyStateDict(tensors, placeholders=rank != 0)}
+        state = load_tune_state_dict(checkpoint_dir, expected_config=self.config)
+        if rank_zero_only and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            state = LazyStateDict(list(state.tensors.values()), placeholders=True)
+        return {MODEL_KEY: state}
 
     def save_checkpoint(
         self, state_dict: Dict[str, Any], name: Union[str, Path] = "checkpoint_final",

@@ -212,6 +212,7 @@ def select_lines(
     generator = torch.Generator().manual_seed(seed)
     chosen, shortfalls, report = [], [], []
     for (name, lo, hi, _), mask, quota in zip(bins, masks, _quotas(n_samples, weights)):
+        where = f"bin '{name}' (difficulty {lo}..{hi})" if difficulty_bins is not None else "the split"
         n_correct = round(quota * correct_ratio)
         for correct, n in ((True, n_correct), (False, quota - n_correct)):
             pool = (mask & (index.is_correct == correct)).nonzero().flatten()
@@ -219,9 +220,9 @@ def select_lines(
             if max_per_problem is not None:
                 drawn = drawn[_within_cap(index.problem[drawn], max_per_problem)]
             kind = "correct" if correct else "incorrect"
-            report.append(f"bin '{name}' (difficulty {lo}..{hi}): {len(drawn)} {kind}")
+            report.append(f"{where}: {len(drawn)} {kind}")
             if n > len(drawn):
-                shortfalls.append(f"{n} {kind} from bin '{name}' (difficulty {lo}..{hi}), which has {len(drawn)}")
+                shortfalls.append(f"{n} {kind} from {where}, which has {len(drawn)}")
             chosen.append(drawn[:n])
     if shortfalls:
         cap = f" with max_per_problem={max_per_problem}" if max_per_problem is not None else ""

@@ -24,6 +24,7 @@ from ref_tuning.checkpointing import save_hf_checkpoint, tune_to_hf
 from ref_tuning.data import codecontests_dataset
 from ref_tuning.models import hf_llama_config, sheared_llama_tokenizer, tiny_sheared_llama
 from ref_tuning.prepare import write_split
+from ref_tuning.report import run_report
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
@@ -196,6 +197,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     after = validation_loss(final, paths["data"], paths["tokenizer"])
     print(f"\nvalidation loss (transformers, {final.relative_to(root)} reloaded): "
           f"before {before:.4f}, after {after:.4f}")  # fmt: skip
+    # The Rho-1 view: held-out correct and incorrect solutions under the base and the tuned reference.
+    report_dir = paths["output"] / "report-valid"
+    run_report(paths["model"], final, report_dir, paths["data"], split="valid", n_samples=60, correct_ratio=2 / 3,
+               max_seq_len=TINY_MODEL["max_seq_len"], tokenizer=paths["tokenizer"], progress=False)  # fmt: skip
+    print("\n" + (report_dir / "report.md").read_text())
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
 
 

@@ -148,7 +148,9 @@ def test_loading_is_lazy_and_only_rank_zero_reads(hf_model_dir, tmp_path, monkey
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     reads.clear()
-    placeholders = checkpointer.load_checkpoint()["model"]
+    assert checkpointer.load_checkpoint()["model"][first].shape == expected[first].shape and len(reads) == 1
+    reads.clear()
+    placeholders = checkpointer.load_checkpoint(rank_zero_only=True)["model"]
     assert all(placeholders[k].shape == expected[k].shape and placeholders[k].dtype == expected[k].dtype
                for k in expected)  # fmt: skip
     assert reads == []

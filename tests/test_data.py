@@ -203,7 +203,7 @@ def test_too_few_samples_says_how_many_each_bin_has(tok, data):
     message = str(raised.value)
     assert f"150 correct from bin 'easy' (difficulty 1..7), which has {n_easy_correct}" in message
     assert "bin 'hard' (difficulty 8..20): " in message and "Lower n_samples" in message
-    with pytest.raises(DataError, match=r"with max_per_problem=1: bin 'all'"):
+    with pytest.raises(DataError, match=r"31 correct from the split, which has 30.* with max_per_problem=1: the split: 30 correct"):
         codecontests_dataset(tok, str(data), n_samples=31, correct_ratio=1.0, max_per_problem=1)
 
 

@@ -1,0 +1,100 @@
+"""Score a reference model for Rho-1: the per-token loss of every response token of a processed split.
+
+    tune run --nproc_per_node 4 recipes/ref_score.py --config configs/ref_score.yaml [key=value ...]
+
+Each process holds the whole model (inference needs no sharding: 5.4 GB in bf16 for the 2.7B) and
+scores its share of the samples that the store does not hold yet, writing its own part of the store
+(`ref_tuning.scoring`), so a run stopped at any point continues where it stopped, with any number of
+processes. Rho-1 can then read a sample's reference losses by `task_id` (`ScoreStore.losses`)
+instead of keeping the reference model in GPU memory.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed import destroy_process_group, init_process_group
+from torchtune import config, training, utils
+from tqdm import tqdm
+
+from ref_tuning.config import COMPONENT, POSITIVE_INT, STRING, one_of, validate_config
+from ref_tuning.scoring import ScoreStore, ScoreWriter, load_reference, new_run_id, open_store, score_dataset
+
+log = utils.get_logger("INFO")
+
+CONFIG_SCHEMA = {
+    "model_dir": STRING, "output_dir": STRING, "device": one_of("cuda", "cpu"), "dtype": one_of("bf16", "fp32"),
+    "tokenizer": COMPONENT, "dataset": COMPONENT, "batch_size": POSITIVE_INT, "store_dtype": one_of("float16", "float32"),
+}  # fmt: skip
+
+
+class RefScoreRecipe:
+    """Data-parallel scoring: setup (data, what is left, model), score, cleanup."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        backend = training.get_distributed_backend(self._device.type)
+        if "RANK" in os.environ:
+            init_process_group(backend)
+        else:
+            init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self._store = Path(cfg.output_dir)
+        self._batch_size = cfg.batch_size
+
+    def setup(self, cfg: DictConfig) -> None:
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._ds = config.instantiate(cfg.dataset, self._tokenizer)
+        if getattr(self._ds, "packed", False):
+            raise ValueError("dataset.packed must be false for scoring: every sample is scored on its own, as Rho-1 does")
+        description = {
+            "model_dir": str(Path(cfg.model_dir).resolve()), "dtype": cfg.dtype, "store_dtype": cfg.store_dtype,
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+        }  # fmt: skip
+        if self.rank == 0:
+            open_store(self._store, description)
+        dist.barrier()
+        done = ScoreStore(self._store).lines()  # by any earlier run, with any number of processes
+        todo = [i for i in range(len(self._ds)) if int(self._ds.lines[i]) not in done]
+        self._mine = todo[self.rank :: self.world_size]
+        utils.log_rank_zero(log, f"{len(self._ds)} samples, {len(self._ds) - len(todo)} scored already, "
+                                 f"{len(todo)} to score by {self.world_size} processes")  # fmt: skip
+        run_id = new_run_id() if self.rank == 0 else None
+        shared = [run_id]
+        dist.broadcast_object_list(shared, src=0)
+        self._writer = ScoreWriter(self._store, shared[0], self.rank, cfg.store_dtype) if self._mine else None
+        self._model = load_reference(cfg.model_dir, self._device, self._dtype)
+
+    def score(self) -> None:
+        bar = tqdm(total=len(self._mine), disable=self.rank != 0, desc="scoring (rank 0's share)", unit=" samples")
+        # Longest first: the batch's padding is smallest when similar lengths go together.
+        order = sorted(self._mine, key=lambda i: -int(self._ds.lengths[i]))
+        score_dataset(self._model, self._ds, order, self._writer, self._device, self._batch_size,
+                      self._tokenizer.pad_id, bar)  # fmt: skip
+        bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        dist.barrier()
+        if self.rank == 0:
+            store = ScoreStore(self._store)
+            log.info(f"{self._store}: {len(store)} of {len(self._ds)} samples scored")
+
+    def cleanup(self) -> None:
+        destroy_process_group()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    validate_config(cfg, CONFIG_SCHEMA)
+    recipe = RefScoreRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.score()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,215 @@
+"""Does the tuned reference give Rho-1 a better signal than the base one? A report on held-out data.
+
+    python -m ref_tuning.report BASE_DIR TUNED_DIR [--split valid] [--data-dir DIR] [--n-samples 1000]
+        [--correct-ratio 0.5] [--out DIR] [--device cpu|cuda] [--dtype fp32|bf16]
+
+Both HF directories score the same held-out samples, correct and incorrect solutions, per token as
+Rho-1 scores a reference (`ref_tuning.scoring`). The report gives, for each model, the mean per-token
+loss of correct and of incorrect solutions, and the AUROC of telling a correct solution from an
+incorrect one by its mean loss (lower is taken for correct): a reference that knows code should find
+correct solutions likelier. It writes `report.md` (the table and a plain verdict, which says so when
+the tuned model is not better), `report.json` and `report.png` (histograms of the per-sample mean
+loss, base against tuned, for correct and for incorrect solutions).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+DEFAULT_DATA = Path("storage/datasets/codecontests/processed")
+
+
+def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """P(a positive scores higher than a negative), ties counting half (the Mann-Whitney U / n1 n2)."""
+    if not positives or not negatives:
+        return float("nan")
+    scored = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(scored):
+        j = i
+        while j < len(scored) and scored[j][0] == scored[i][0]:
+            j += 1
+        mean_rank = (i + 1 + j) / 2  # 1-based ranks i+1..j share their mean
+        rank_sum += mean_rank * sum(label for _, label in scored[i:j])
+        i = j
+    n1, n0 = len(positives), len(negatives)
+    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def summarize(losses: Dict[str, torch.Tensor], correct: Dict[str, bool]) -> Dict[str, float]:
+    """Mean per-token loss of correct and incorrect solutions, and the AUROC by per-sample mean loss."""
+    out = {}
+    for kind, want in (("correct", True), ("incorrect", False)):
+        chosen = [losses[t] for t in losses if correct[t] == want]
+        tokens = sum(len(x) for x in chosen)
+        out[f"{kind}_loss"] = float(sum(x.sum() for x in chosen) / tokens) if tokens else float("nan")
+        out[f"{kind}_samples"] = len(chosen)
+    means = {t: float(x.mean()) for t, x in losses.items() if len(x)}
+    out["auroc"] = auroc([-m for t, m in means.items() if correct[t]], [-m for t, m in means.items() if not correct[t]])
+    return out
+
+
+def verdict(base: Dict[str, float], tuned: Dict[str, float]) -> Tuple[bool, str]:
+    lower = tuned["correct_loss"] < base["correct_loss"]
+    sharper = tuned["auroc"] > base["auroc"]
+    if lower and sharper:
+        return True, (f"The tuned reference is better: its loss on correct solutions is lower ({tuned['correct_loss']:.4f} "
+                      f"against {base['correct_loss']:.4f}) and it tells correct from incorrect solutions better "
+                      f"(AUROC {tuned['auroc']:.3f} against {base['auroc']:.3f}).")  # fmt: skip
+    problems = []
+    if not lower:
+        problems.append(f"its loss on correct solutions is not lower ({tuned['correct_loss']:.4f} against "
+                        f"{base['correct_loss']:.4f})")  # fmt: skip
+    if not sharper:
+        problems.append(f"it does not tell correct from incorrect solutions better (AUROC {tuned['auroc']:.3f} "
+                        f"against {base['auroc']:.3f})")  # fmt: skip
+    return False, "The tuned reference is NOT better than the base: " + "; ".join(problems) + "."
+
+
+def markdown(base_dir: Path, tuned_dir: Path, base: Dict[str, float], tuned: Dict[str, float], where: str) -> str:
+    rows = [
+        "| reference | mean loss, correct | mean loss, incorrect | gap | AUROC (correct vs incorrect) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in ((f"base ({base_dir})", base), (f"tuned ({tuned_dir})", tuned)):
+        gap = m["incorrect_loss"] - m["correct_loss"]
+        rows.append(f"| {name} | {m['correct_loss']:.4f} | {m['incorrect_loss']:.4f} | {gap:+.4f} | {m['auroc']:.3f} |")
+    _, text = verdict(base, tuned)
+    return (f"# Reference report\n\n{where}: {base['correct_samples']} correct and {base['incorrect_samples']} "
+            f"incorrect solutions; per-token losses over the response tokens, as Rho-1 scores a reference.\n\n"
+            + "\n".join(rows) + f"\n\n{text}\n\n![per-sample mean loss, base against tuned](report.png)\n")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The figure (Pillow, already installed with torchtune)
+
+
+def histogram_png(path: Path, panels: List[Tuple[str, Dict[str, List[float]]]], bins: int = 30) -> None:
+    """Side-by-side panels, each overlaying one histogram per series (base, tuned) on shared axes."""
+    from PIL import Image, ImageDraw
+
+    colors = {"base": (31, 119, 180, 150), "tuned": (255, 127, 14, 150)}
+    values = [v for _, series in panels for vs in series.values() for v in vs]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    width, height, margin = 480, 360, 50
+    image = Image.new("RGBA", (width * len(panels), height), "white")
+    for p, (title, series) in enumerate(panels):
+        layer = Image.new("RGBA", image.size, (255, 255, 255, 0))
+        draw = ImageDraw.Draw(layer)
+        x0, y0, x1, y1 = p * width + margin, margin // 2 + 10, (p + 1) * width - margin // 2, height - margin
+        counts = {name: _counts(vs, lo, hi, bins) for name, vs in series.items()}
+        top = max((c for cs in counts.values() for c in cs), default=1) or 1
+        for name, cs in counts.items():
+            for b, c in enumerate(cs):
+                bx0 = x0 + (x1 - x0) * b / bins
+                bx1 = x0 + (x1 - x0) * (b + 1) / bins
+                draw.rectangle([bx0, y1 - (y1 - y0) * c / top, bx1, y1], fill=colors.get(name, (90, 90, 90, 150)))
+        image = Image.alpha_composite(image, layer)
+        draw = ImageDraw.Draw(image)
+        draw.line([x0, y1, x1, y1], fill="black")
+        draw.line([x0, y0, x0, y1], fill="black")
+        draw.text((x0 - 8 - 6 * len(str(top)), y0 - 5), str(top), fill="black")  # the y axis: sample counts
+        draw.text((x0 - 14, y1 - 6), "0", fill="black")
+        for t in range(5):
+            x = x0 + (x1 - x0) * t / 4
+            draw.line([x, y1, x, y1 + 4], fill="black")
+            draw.text((x - 12, y1 + 6), f"{lo + (hi - lo) * t / 4:.2f}", fill="black")
+        draw.text((x0, 6), f"{title}: per-sample mean loss", fill="black")
+        draw.text(((x0 + x1) // 2 - 40, height - 18), "mean loss (nats)", fill="black")
+        for k, name in enumerate(series):
+            draw.rectangle([x1 - 90, y0 + 4 + 14 * k, x1 - 80, y0 + 14 + 14 * k], fill=colors.get(name)[:3])
+            draw.text((x1 - 75, y0 + 2 + 14 * k), f"{name} (n={len(series[name])})", fill="black")
+    image.convert("RGB").save(path)
+
+
+def _counts(values: Sequence[float], lo: float, hi: float, bins: int) -> List[int]:
+    counts = [0] * bins
+    for v in values:
+        counts[min(int((v - lo) / (hi - lo) * bins), bins - 1)] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split: str = "valid", n_samples: int = 1000,
+               correct_ratio: float = 0.5, seed: int = 0, max_seq_len: int = 2048, tokenizer: Optional[Path] = None,
+               device: str = "cpu", dtype: str = "fp32", batch_size: int = 4, progress: bool = True) -> Dict[str, Dict[str, float]]:  # fmt: skip
+    """Score both directories on the same held-out samples and write the report into `out`."""
+    from tqdm import tqdm
+
+    from ref_tuning.data import codecontests_dataset
+    from ref_tuning.models import sheared_llama_tokenizer
+    from ref_tuning.scoring import load_reference, sample_info, score_dataset
+
+    tokenizer = Path(tokenizer or base_dir / "tokenizer.model")
+    if not tokenizer.is_file():
+        raise SystemExit(f"{tokenizer}: no tokenizer; pass --tokenizer PATH")
+    tok = sheared_llama_tokenizer(str(tokenizer))
+    ds = codecontests_dataset(tok, str(data_dir), split=split, n_samples=n_samples, correct_ratio=correct_ratio,
+                              seed=seed, max_seq_len=max_seq_len)  # fmt: skip
+    correct = {info["task_id"]: info["is_correct"] for info in (sample_info(ds, i)[0] for i in range(len(ds)))}
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    results, losses = {}, {}
+    for name, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
+        model = load_reference(model_dir, torch.device(device), torch_dtype)
+        bar = tqdm(total=len(ds), desc=f"scoring with the {name} reference", disable=not progress)
+        losses[name] = score_dataset(model, ds, range(len(ds)), None, torch.device(device), batch_size, tok.pad_id, bar)
+        bar.close()
+        del model
+        results[name] = summarize(losses[name], correct)
+    out.mkdir(parents=True, exist_ok=True)
+    where = f"{data_dir}/{split}"
+    (out / "report.md").write_text(markdown(base_dir, tuned_dir, results["base"], results["tuned"], where))
+    better, text = verdict(results["base"], results["tuned"])
+    (out / "report.json").write_text(json.dumps({"base_dir": str(base_dir), "tuned_dir": str(tuned_dir), "data": where,
+                                                 **results, "tuned_is_better": better, "verdict": text}, indent=2))  # fmt: skip
+    panels = []
+    for kind, want in (("correct", True), ("incorrect", False)):
+        panels.append((f"{kind} solutions", {name: [float(x.mean()) for t, x in losses[name].items()
+                                                     if correct[t] == want and len(x)] for name in losses}))  # fmt: skip
+    histogram_png(out / "report.png", panels)
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ref_tuning.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("base_dir", type=Path, help="the base reference (HF directory)")
+    parser.add_argument("tuned_dir", type=Path, help="the tuned reference (HF directory)")
+    parser.add_argument("--split", default="valid", help="held-out split (default valid)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"processed data (default {DEFAULT_DATA})")
+    parser.add_argument("--n-samples", type=int, default=1000, help="samples drawn (default 1000)")
+    parser.add_argument("--correct-ratio", type=float, default=0.5, help="share of correct solutions (default 0.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: BASE_DIR/tokenizer.model)")
+    parser.add_argument("--out", type=Path, help="where the report goes (default: TUNED_DIR/../report-SPLIT)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype (default fp32)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out or args.tuned_dir.parent / f"report-{args.split}"
+    from ref_tuning.data import DataError
+
+    try:
+        run_report(args.base_dir, args.tuned_dir, out, args.data_dir, args.split, args.n_samples, args.correct_ratio,
+                   args.seed, args.max_seq_len, args.tokenizer, args.device, args.dtype, args.batch_size,
+                   not args.no_progress)  # fmt: skip
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

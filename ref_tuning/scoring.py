@@ -1,0 +1,219 @@
+"""Per-token reference losses exactly as Rho-1 computes them, and a compact store for them.
+
+Rho-1 feeds the reference a sample's token ids (BOS, the Alpaca prompt, the solution, EOS; no
+attention mask), takes the logits in the model's dtype and, in float32, the cross-entropy of each
+position's prediction of the next token; only the response tokens (the solution and EOS) count.
+`token_losses` does that with our torchtune model, and a test checks its values against
+`transformers.AutoModelForCausalLM` on the same directory and ids.
+
+A score store is a directory, written by any number of processes and runs:
+
+    scores.json                 what was scored: the model directory, the data and its sampling, dtypes
+    part-<run>-<rank>.bin       the losses, float16 (or float32), one sample after the other
+    part-<run>-<rank>.idx       one JSON line per sample: task_id, line, is_correct, difficulty, offset, count
+
+A line is added to an `.idx` only after its sample's losses are written and flushed, so a run killed
+at any point leaves every indexed sample whole; a later run scores only the samples no part indexes
+(in parts of its own), whatever its number of processes. `ScoreStore` reads them back by `task_id`.
+"""
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
+
+from ref_tuning.checkpointing import load_tune_state_dict, read_hf_config
+from ref_tuning.models import llama_from_hf_config
+
+STORE_CONFIG = "scores.json"
+VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class ScoreError(ValueError):
+    """A score store that cannot be used as asked; the message names the store and the fix."""
+
+
+def load_reference(model_dir: Union[str, Path], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The HF directory's model as our torchtune model, in `dtype` on `device`, for inference."""
+    config = read_hf_config(model_dir)
+    with torch.device("meta"):
+        model = llama_from_hf_config(config)
+    state = {name: tensor.to(dtype) for name, tensor in load_tune_state_dict(model_dir).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    with torch.device(device):
+        for m in model.modules():
+            if hasattr(m, "rope_init"):  # RoPE buffers are not in the state dict
+                m.rope_init()
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, samples: Sequence[Dict[str, List[int]]], device: torch.device,
+                 pad_id: int = 0) -> List[torch.Tensor]:  # fmt: skip
+    """Per sample, the float32 cross-entropy of each response token given the tokens before it."""
+    batch = padded_collate_sft(list(samples), padding_idx=pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
+    # Right padding under a causal mask: a sample's positions never see the padding after them.
+    logits = model(batch["tokens"].to(device))
+    labels = batch["labels"].to(device)
+    losses = []
+    for b in range(len(samples)):
+        targets = labels[b, 1:]
+        keep = targets != CROSS_ENTROPY_IGNORE_IDX
+        losses.append(F.cross_entropy(logits[b, :-1][keep].float(), targets[keep], reduction="none").cpu())
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+@dataclass(frozen=True)
+class ScoredSample:
+    task_id: str
+    line: int
+    is_correct: bool
+    difficulty: int
+    part: str
+    offset: int  # in values
+    count: int
+
+
+class ScoreWriter:
+    """Appends samples' losses to one part of a store (one per process and run)."""
+
+    def __init__(self, store: Path, run_id: str, rank: int, store_dtype: str = "float16"):
+        self._dtype = VALUE_DTYPES[store_dtype]
+        name = f"part-{run_id}-{rank:05d}"
+        self._bin = open(store / f"{name}.bin", "ab")
+        self._idx = open(store / f"{name}.idx", "a", encoding="utf-8")
+        self._offset = 0
+        self._pending: List[Dict[str, Any]] = []  # index lines of values not flushed yet
+
+    def write(self, info: Dict[str, Any], losses: torch.Tensor) -> None:
+        self._bin.write(losses.to(self._dtype).numpy().tobytes())
+        self._pending.append(dict(info, offset=self._offset, count=len(losses)))
+        self._offset += len(losses)
+
+    def flush(self) -> None:
+        """Make what was written durable: the values first, then their index lines."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        for entry in self._pending:
+            self._idx.write(json.dumps(entry) + "\n")
+        self._idx.flush()
+        os.fsync(self._idx.fileno())
+        self._pending = []
+
+    def close(self) -> None:
+        self.flush()
+        self._bin.close()
+        self._idx.close()
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+def open_store(store: Path, description: Dict[str, Any]) -> None:
+    """Create the store, or check that an existing one holds scores of the same model and data."""
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / STORE_CONFIG
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != description:
+            changed = sorted(k for k in set(found) | set(description) if found.get(k) != description.get(k))
+            raise ScoreError(
+                f"{store}: holds scores of another run (differing in {', '.join(changed)}); "
+                "choose another output_dir, or delete the store to score again"
+            )
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(description, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class ScoreStore:
+    """The scores of a store directory, by `task_id` (or by line)."""
+
+    def __init__(self, store: Union[str, Path]):
+        self.path = Path(store)
+        if not (self.path / STORE_CONFIG).is_file():
+            raise ScoreError(f"{self.path}: not a score store (no {STORE_CONFIG}); run recipes/ref_score.py first")
+        self.description = json.loads((self.path / STORE_CONFIG).read_text())
+        self._dtype = VALUE_DTYPES[self.description["store_dtype"]]
+        self._samples: Dict[str, ScoredSample] = {}
+        for idx in sorted(self.path.glob("part-*.idx")):
+            for entry in _complete_lines(idx):
+                sample = ScoredSample(entry["task_id"], entry["line"], entry["is_correct"], entry["difficulty"],
+                                      idx.stem, entry["offset"], entry["count"])  # fmt: skip
+                self._samples.setdefault(sample.task_id, sample)
+        self._by_line = {s.line: s for s in self._samples.values()}
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __iter__(self) -> Iterator[ScoredSample]:
+        return iter(sorted(self._samples.values(), key=lambda s: s.line))
+
+    def lines(self) -> set:
+        return set(self._by_line)
+
+    def sample(self, task_id: str) -> ScoredSample:
+        try:
+            return self._samples[task_id]
+        except KeyError:
+            raise ScoreError(f"{self.path}: no scores for task_id {task_id!r} ({len(self)} samples scored)") from None
+
+    def losses(self, task_id: str) -> torch.Tensor:
+        """The float32 losses of one sample's response tokens, in order."""
+        s = self.sample(task_id)
+        size = self._dtype.itemsize
+        with open(self.path / f"{s.part}.bin", "rb") as f:
+            raw = os.pread(f.fileno(), s.count * size, s.offset * size)
+        if len(raw) != s.count * size:
+            raise ScoreError(f"{self.path / s.part}.bin: shorter than its index says; the store is damaged")
+        return torch.frombuffer(bytearray(raw), dtype=self._dtype).float()
+
+
+def _complete_lines(idx: Path) -> Iterator[Dict[str, Any]]:
+    """The entries of an index file; a last line cut short by a crash is left out."""
+    with open(idx, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                return
+            yield json.loads(line)
+
+
+def sample_info(ds, i: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(the store's entry fields, the record) of item i of a `CodeContestsDataset`."""
+    record = ds.record(i)
+    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    difficulty = meta.get("difficulty") if isinstance(meta.get("difficulty"), int) else -1
+    info = {"task_id": record["task_id"], "line": int(ds.lines[i]), "is_correct": record["is_correct"],
+            "difficulty": difficulty}  # fmt: skip
+    return info, record
+
+
+def score_dataset(model: torch.nn.Module, ds, indices: Sequence[int], writer: Optional[ScoreWriter], device: torch.device,
+                  batch_size: int, pad_id: int, progress=None) -> Dict[str, torch.Tensor]:  # fmt: skip
+    """Score items `indices` of `ds` in batches; write them (if `writer`) and return them by task_id."""
+    scored = {}
+    for at in range(0, len(indices), batch_size):
+        batch = list(indices[at : at + batch_size])
+        samples = [ds[i] for i in batch]
+        for i, losses in zip(batch, token_losses(model, samples, device, pad_id)):
+            info, _ = sample_info(ds, i)
+            if writer is not None:
+                writer.write(info, losses)
+            scored[info["task_id"]] = losses
+        if writer is not None:
+            writer.flush()
+        if progress is not None:
+            progress.update(len(batch))
+    return scored

@@ -1,0 +1,243 @@
+"""Rho-1 readiness: reference scores equal to transformers', a resumable store read back by task_id,
+the excess-loss preview and the report."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM
+
+from ref_tuning import preview as preview_module
+from ref_tuning.data import codecontests_dataset
+from ref_tuning.demo import make_demo_assets, write_tiny_checkpoint
+from ref_tuning.models import sheared_llama_tokenizer
+from ref_tuning.report import auroc, run_report, summarize, verdict
+from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, open_store, score_dataset
+
+from test_training import descendants
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))  # our `recipes` before torchtune's
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    paths = make_demo_assets(tmp_path_factory.mktemp("demo"))
+    # A second model of the same shape, to play the policy (or a worse reference).
+    paths["other"] = write_tiny_checkpoint(tmp_path_factory.mktemp("other") / "model", paths["vocab_size"],
+                                           paths["tokenizer"], seed=1)  # fmt: skip
+    return paths
+
+
+def score_command(assets, out: Path, nproc: int, *extra: str):
+    tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
+    return [tune, "run", "--nproc_per_node", str(nproc), "recipes/ref_score.py", "--config", "configs/ref_score.yaml",
+            f"model_dir={assets['model']}", f"output_dir={out}", "device=cpu", "dtype=fp32", "store_dtype=float32",
+            f"dataset.data_dir={assets['data']}", *extra]  # fmt: skip
+
+
+def run(command, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def dataset_of(store: ScoreStore, assets):
+    """The samples a store describes, rebuilt from its own record of its tokenizer and data."""
+    d = store.description["dataset"]
+    tok = sheared_llama_tokenizer(str(assets["tokenizer"]))
+    args = {k: v for k, v in d.items() if k != "_component_"}
+    return codecontests_dataset(tok, **args)
+
+
+@pytest.fixture(scope="module")
+def valid_store(assets, tmp_path_factory):
+    """The base model's scores of 24 samples of the valid split (correct and incorrect), 2 processes."""
+    out = tmp_path_factory.mktemp("scores") / "valid"
+    run(score_command(assets, out, 2, "dataset.split=valid", "dataset.n_samples=24", "dataset.correct_ratio=0.5",
+                      "batch_size=3"))  # fmt: skip
+    return out
+
+
+def test_scores_equal_transformers_per_token_losses(assets, valid_store):
+    store = ScoreStore(valid_store)
+    ds = dataset_of(store, assets)
+    assert len(store) == len(ds) == 24
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
+    for i in range(len(ds)):
+        sample = ds[i]
+        with torch.no_grad():
+            logits = model(torch.tensor([sample["tokens"]])).logits[0, :-1].float()  # no attention mask, as Rho-1
+        labels = torch.tensor(sample["labels"][1:])
+        keep = labels != -100
+        expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
+        got = store.losses(ds.record(i)["task_id"])
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_the_store_records_what_it_scored(assets, valid_store):
+    store = ScoreStore(valid_store)
+    assert store.description["model_dir"] == str(Path(assets["model"]).resolve())
+    assert store.description["dataset"]["split"] == "valid" and store.description["store_dtype"] == "float32"
+    assert sorted(p.suffix for p in valid_store.glob("part-*")) == [".bin", ".bin", ".idx", ".idx"]  # one part a rank
+    samples = list(store)
+    assert sum(s.is_correct for s in samples) == 12 and all(s.difficulty >= 0 for s in samples)
+    with pytest.raises(ScoreError, match=r"no scores for task_id 'nope' \(24 samples scored\)"):
+        store.losses("nope")
+
+
+def test_float16_values_are_the_float32_ones_rounded(assets, tmp_path):
+    tok = sheared_llama_tokenizer(str(assets["tokenizer"]))
+    ds = codecontests_dataset(tok, str(assets["data"]), split="valid", n_samples=6, correct_ratio=0.5)
+    model = load_reference(assets["model"], torch.device("cpu"), torch.float32)
+    for values in ("float16", "float32"):
+        store = tmp_path / values
+        open_store(store, {"store_dtype": values, "dataset": {}})
+        writer = ScoreWriter(store, "run", 0, values)
+        score_dataset(model, ds, range(len(ds)), writer, torch.device("cpu"), 2, tok.pad_id)
+        writer.close()
+    half, full = ScoreStore(tmp_path / "float16"), ScoreStore(tmp_path / "float32")
+    for s in full:
+        exact = full.losses(s.task_id)
+        assert torch.equal(half.losses(s.task_id), exact.half().float())
+    assert (tmp_path / "float16" / "part-run-00000.bin").stat().st_size * 2 == (
+        tmp_path / "float32" / "part-run-00000.bin"
+    ).stat().st_size
+
+
+def test_scoring_resumes_after_a_kill_with_another_number_of_processes(assets, tmp_path):
+    out = tmp_path / "store"
+    extra = ["dataset.split=train", "dataset.n_samples=96", "dataset.correct_ratio=0.5", "batch_size=1"]
+    proc = subprocess.Popen(score_command(assets, out, 2, *extra), cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    goal = random.Random(os.getpid()).randint(4, 40)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and sum(len(p.read_text().splitlines()) for p in out.glob("part-*.idx")) < goal:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    before = len(ScoreStore(out))
+    assert 0 < before < 96, before  # killed in the middle
+    # A crash may leave a line cut short and values without their index line: both are ignored.
+    with open(next(out.glob("part-*.idx")), "a") as f:
+        f.write('{"task_id": "half a li')
+    with open(next(out.glob("part-*.bin")), "ab") as f:
+        f.write(b"\x00" * 10)
+
+    result = run(score_command(assets, out, 1, *extra))
+    assert f"{before} scored already, {96 - before} to score by 1 processes" in result.stderr + result.stdout
+    store = ScoreStore(out)
+    assert len(store) == 96 and len({s.line for s in store}) == 96
+    fresh = tmp_path / "fresh"
+    run(score_command(assets, fresh, 1, *extra))
+    reference = ScoreStore(fresh)
+    for s in reference:  # to float precision: the thread count (and so the sums' order) differs with nproc
+        torch.testing.assert_close(store.losses(s.task_id), reference.losses(s.task_id), rtol=0, atol=1e-5)
+
+
+def test_a_store_of_another_model_or_data_is_refused(assets, valid_store):
+    result = subprocess.run(score_command(assets, valid_store, 1, "dataset.split=valid", "dataset.n_samples=24",
+                                          "dataset.correct_ratio=0.5", "dataset.seed=7"),
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode != 0
+    assert "holds scores of another run (differing in dataset)" in result.stderr
+    with pytest.raises(ScoreError, match="not a score store"):
+        ScoreStore(assets["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The excess-loss preview
+
+
+def test_top_k_selection_and_its_shares():
+    excess = {"a": torch.tensor([0.5, -1.0, 2.0, 0.0]), "b": torch.tensor([3.0, 0.5, -2.0, 1.0, 1.0, 0.1])}
+    masks = preview_module.select_top(excess, 0.6)
+    assert masks["a"].tolist() == [True, False, True, False]
+    assert masks["b"].tolist() == [True, True, False, True, True, False]  # 6 of 10; tie at 0.5 broken by order
+    table = preview_module.shares(masks, {"a": 7, "b": 9})
+    assert table["difficulty"] == {"7": [2, 4], "9": [4, 6]}
+    assert sum(s for s, _ in table["position in the solution"].values()) == 6
+    assert sum(n for _, n in table["position in the solution"].values()) == 10
+    assert preview_module.render(["x", "=", " 1", "\n"], torch.tensor([True, True, False, True])) == "⟦x=⟧ 1⟦\n⟧"
+
+
+def test_preview_with_a_policy_directory_or_its_scores(assets, valid_store, tmp_path):
+    first = preview_module.preview(valid_store, assets["other"], tmp_path / "p1", k=0.6, progress=False)
+    assert first["samples"] == 24 and first["selected"] == round(0.6 * first["tokens"])
+    text = (tmp_path / "p1" / "preview.md").read_text()
+    assert "## Share of tokens selected, by position in the solution" in text and "by difficulty" in text
+    assert text.count("### ") == 4 and "⟦" in text
+    # The same from the policy's own score store.
+    policy_scores = tmp_path / "policy-scores"
+    command = score_command(assets, policy_scores, 1, "dataset.split=valid", "dataset.n_samples=24",
+                            "dataset.correct_ratio=0.5", "batch_size=3")  # fmt: skip
+    command[command.index(f"model_dir={assets['model']}")] = f"model_dir={assets['other']}"
+    run(command)
+    second = preview_module.preview(valid_store, policy_scores, tmp_path / "p2", k=0.6)
+    assert second["shares"] == first["shares"] and second["selected"] == first["selected"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def test_auroc_against_counting_pairs():
+    rng = random.Random(0)
+    for _ in range(20):
+        pos = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 15))]
+        neg = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(1, 15))]
+        pairs = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+        assert auroc(pos, neg) == pytest.approx(pairs)
+
+
+def test_summary_and_verdict():
+    losses = {"c1": torch.tensor([1.0, 1.0]), "c2": torch.tensor([2.0]), "i1": torch.tensor([3.0, 3.0, 3.0])}
+    correct = {"c1": True, "c2": True, "i1": False}
+    m = summarize(losses, correct)
+    assert m["correct_loss"] == pytest.approx(4 / 3) and m["incorrect_loss"] == 3.0 and m["auroc"] == 1.0
+    worse = dict(m, correct_loss=2.0, auroc=0.5)
+    assert verdict(worse, m)[0] and "is better" in verdict(worse, m)[1]
+    better, text = verdict(m, worse)
+    assert not better and text.startswith("The tuned reference is NOT better than the base: its loss on correct")
+    assert "AUROC 0.500 against 1.000" in text
+
+
+def test_report_end_to_end(assets, tmp_path):
+    out = tmp_path / "report"
+    results = run_report(assets["model"], assets["other"], out, assets["data"], split="valid", n_samples=30,
+                         correct_ratio=0.5, tokenizer=assets["tokenizer"], progress=False)  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["base"] == results["base"] and report["base"]["correct_samples"] == 15
+    text = (out / "report.md").read_text()
+    assert f"| {results['base']['correct_loss']:.4f} |" in text and f"| {results['tuned']['auroc']:.3f} |" in text
+    assert ("NOT better" in text) == (not report["tuned_is_better"])
+    with Image.open(out / "report.png") as image:
+        assert image.format == "PNG" and image.size == (960, 360)
+    # Against itself a model is never better: the report says so.
+    run_report(assets["model"], assets["model"], tmp_path / "same", assets["data"], n_samples=30, correct_ratio=0.5,
+               tokenizer=assets["tokenizer"], progress=False)  # fmt: skip
+    assert "The tuned reference is NOT better than the base" in (tmp_path / "same" / "report.md").read_text()
+
+
+def test_the_shipped_scoring_config_is_valid():
+    from omegaconf import OmegaConf
+
+    from recipes.ref_score import CONFIG_SCHEMA
+    from ref_tuning.config import validate_config
+
+    validate_config(OmegaConf.load(PROJECT_ROOT / "configs" / "ref_score.yaml"), CONFIG_SCHEMA)
