@@ -130,14 +130,6 @@ def test_single_process_forms(assets, tmp_path, command, env, extra, dtype):
     assert AutoModelForCausalLM.from_pretrained(out / "checkpoint_final", dtype="auto").dtype == dtype
 
 
-def test_batch_larger_than_the_data_is_a_clear_error(assets, tmp_path):
-    out = tmp_path / "run"
-    result = _tune(tune_run_command(1, _overrides(assets, out, "batch_size=8", "dataset.n_samples=4")), expect_ok=False)
-    assert result.returncode != 0
-    assert "lower batch_size or raise dataset.n_samples" in result.stderr + result.stdout
-    assert not (out / "checkpoint_final").exists()
-
-
 @pytest.mark.parametrize("config_file", ["configs/ref_tuning.yaml", "configs/tiny_cpu.yaml"])
 def test_shipped_configs_are_valid(config_file):
     validate_config(OmegaConf.load(PROJECT_ROOT / config_file), CONFIG_SCHEMA)
