@@ -368,13 +368,18 @@ class CodeContestsDataset(Dataset):
         return record
 
     def __getitem__(self, i: int) -> Dict[str, List[int]]:
-        tokens, labels = tokenize_sample(self._tokenizer, self.record(i))
+        return self.item(i)[0]
+
+    def item(self, i: int) -> Tuple[Dict[str, List[int]], Dict[str, Any]]:
+        """Item i and the JSON record it was made from, read once."""
+        record = self.record(i)
+        tokens, labels = tokenize_sample(self._tokenizer, record)
         if len(tokens) != int(self._full_lengths[i]):
             raise DataError(
                 f"{self.jsonl}:{int(self.lines[i]) + 1}: tokenizes to {len(tokens)} tokens, but its cached length "
                 f"is {int(self._full_lengths[i])}; the file or the tokenizer changed: delete the cache and run again"
             )
-        return {"tokens": tokens[: self._max_seq_len], "labels": labels[: self._max_seq_len]}
+        return {"tokens": tokens[: self._max_seq_len], "labels": labels[: self._max_seq_len]}, record
 
     @property
     def task_ids(self) -> List[str]:

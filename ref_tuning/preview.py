@@ -94,14 +94,15 @@ def preview(ref: Path, policy: Path, out: Path, k: float = 0.6, examples: int = 
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
 
-    from ref_tuning.scoring import load_reference, sample_info, score_dataset
+    from ref_tuning.scoring import load_reference, score_dataset
 
     ref_store = ScoreStore(ref)
     description = ref_store.description
     tokenizer = tt_config.instantiate(OmegaConf.create(description["tokenizer"]))
     ds = tt_config.instantiate(OmegaConf.create(description["dataset"]), tokenizer)
-    scored = [i for i in range(len(ds)) if int(ds.lines[i]) in ref_store.lines()]
-    if not scored:
+    index_of = {line: i for i, line in enumerate(ds.lines.tolist())}  # dataset item of each line
+    samples = [s for s in ref_store if s.line in index_of]
+    if not samples:
         raise ScoreError(f"{ref}: none of its samples is in its dataset any more; score it again")
     if (policy / STORE_CONFIG).is_file():
         policy_store = ScoreStore(policy)
@@ -112,22 +113,21 @@ def preview(ref: Path, policy: Path, out: Path, k: float = 0.6, examples: int = 
         from tqdm import tqdm
 
         model = load_reference(policy, torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-        bar = tqdm(total=len(scored), desc="scoring with the policy", disable=not progress)
-        policy_losses = score_dataset(model, ds, scored, None, torch.device(device), batch_size, tokenizer.pad_id, bar)
+        bar = tqdm(total=len(samples), desc="scoring with the policy", disable=not progress)
+        scored = score_dataset(model, ds, [index_of[s.line] for s in samples], None, torch.device(device), batch_size,
+                               tokenizer.pad_id, bar)  # fmt: skip
         bar.close()
-    excess, difficulty, response = {}, {}, {}
-    for i in scored:
-        info, _ = sample_info(ds, i)
-        name = info["task_id"]
-        if name not in policy_losses:
+        policy_losses = {info["task_id"]: x for info, x in scored}
+    excess, difficulty = {}, {}
+    for s in samples:
+        if s.task_id not in policy_losses:
             continue
-        ref_losses = ref_store.losses(name)
-        if len(ref_losses) != len(policy_losses[name]):
-            raise ScoreError(f"{ref}: {name} has {len(ref_losses)} scored tokens, the policy {len(policy_losses[name])}")
-        excess[name] = policy_losses[name] - ref_losses
-        difficulty[name] = info["difficulty"]
-        sample = ds[i]
-        response[name] = [t for t, label in zip(sample["tokens"][1:], sample["labels"][1:]) if label != -100]
+        ref_losses = ref_store.losses(s.task_id)
+        if len(ref_losses) != len(policy_losses[s.task_id]):
+            raise ScoreError(f"{ref}: {s.task_id} has {len(ref_losses)} scored tokens, the policy "
+                             f"{len(policy_losses[s.task_id])}")  # fmt: skip
+        excess[s.task_id] = policy_losses[s.task_id] - ref_losses
+        difficulty[s.task_id] = s.difficulty
     masks = select_top(excess, k)
     table = shares(masks, difficulty)
     total = sum(len(m) for m in masks.values())
@@ -139,9 +139,11 @@ def preview(ref: Path, policy: Path, out: Path, k: float = 0.6, examples: int = 
                   "| --- | ---: | ---: | ---: |"]  # fmt: skip
         lines += [f"| {g} | {s} | {n} | {s / n:.3f} |" for g, (s, n) in groups.items() if n]
     lines.append("\n## Examples (selected tokens marked ⟦ ⟧)\n")
-    for name in list(masks)[:examples]:
+    for name in list(masks)[:examples]:  # only these lines are read again, for their token ids
+        sample = ds[index_of[ref_store.sample(name).line]]
+        response = [t for t, label in zip(sample["tokens"][1:], sample["labels"][1:]) if label != -100]
         lines += [f"\n### {name} (difficulty {difficulty[name]}, {int(masks[name].sum())} of {len(masks[name])} "
-                  f"tokens selected)\n", "```", render(_pieces(tokenizer, response[name]), masks[name]), "```"]  # fmt: skip
+                  f"tokens selected)\n", "```", render(_pieces(tokenizer, response), masks[name]), "```"]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "preview.md").write_text("\n".join(lines) + "\n")
     result = {"k": k, "samples": len(masks), "tokens": total, "selected": sum(int(m.sum()) for m in masks.values()),

@@ -146,7 +146,7 @@ def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split
 
     from ref_tuning.data import codecontests_dataset
     from ref_tuning.models import sheared_llama_tokenizer
-    from ref_tuning.scoring import load_reference, sample_info, score_dataset
+    from ref_tuning.scoring import load_reference, score_dataset
 
     tokenizer = Path(tokenizer or base_dir / "tokenizer.model")
     if not tokenizer.is_file():
@@ -154,15 +154,16 @@ def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split
     tok = sheared_llama_tokenizer(str(tokenizer))
     ds = codecontests_dataset(tok, str(data_dir), split=split, n_samples=n_samples, correct_ratio=correct_ratio,
                               seed=seed, max_seq_len=max_seq_len)  # fmt: skip
-    correct = {info["task_id"]: info["is_correct"] for info in (sample_info(ds, i)[0] for i in range(len(ds)))}
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    results, losses = {}, {}
+    results, losses, correct = {}, {}, {}
     for name, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
         model = load_reference(model_dir, torch.device(device), torch_dtype)
         bar = tqdm(total=len(ds), desc=f"scoring with the {name} reference", disable=not progress)
-        losses[name] = score_dataset(model, ds, range(len(ds)), None, torch.device(device), batch_size, tok.pad_id, bar)
+        scored = score_dataset(model, ds, range(len(ds)), None, torch.device(device), batch_size, tok.pad_id, bar)
         bar.close()
         del model
+        losses[name] = {info["task_id"]: x for info, x in scored}
+        correct.update({info["task_id"]: info["is_correct"] for info, _ in scored})
         results[name] = summarize(losses[name], correct)
     out.mkdir(parents=True, exist_ok=True)
     where = f"{data_dir}/{split}"

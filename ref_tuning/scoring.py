@@ -190,28 +190,27 @@ def _complete_lines(idx: Path) -> Iterator[Dict[str, Any]]:
             yield json.loads(line)
 
 
-def sample_info(ds, i: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(the store's entry fields, the record) of item i of a `CodeContestsDataset`."""
-    record = ds.record(i)
+def store_fields(ds, i: int, record: Dict[str, Any]) -> Dict[str, Any]:
+    """What the store keeps of item i of a `CodeContestsDataset`, besides its losses."""
     meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
     difficulty = meta.get("difficulty") if isinstance(meta.get("difficulty"), int) else -1
-    info = {"task_id": record["task_id"], "line": int(ds.lines[i]), "is_correct": record["is_correct"],
+    return {"task_id": record["task_id"], "line": int(ds.lines[i]), "is_correct": record["is_correct"],
             "difficulty": difficulty}  # fmt: skip
-    return info, record
 
 
 def score_dataset(model: torch.nn.Module, ds, indices: Sequence[int], writer: Optional[ScoreWriter], device: torch.device,
-                  batch_size: int, pad_id: int, progress=None) -> Dict[str, torch.Tensor]:  # fmt: skip
-    """Score items `indices` of `ds` in batches; write them (if `writer`) and return them by task_id."""
-    scored = {}
+                  batch_size: int, pad_id: int, progress=None) -> List[Tuple[Dict[str, Any], torch.Tensor]]:  # fmt: skip
+    """Score items `indices` of `ds` in batches; write them (if `writer`) and return them as
+    (store fields, losses), each line read once."""
+    scored = []
     for at in range(0, len(indices), batch_size):
         batch = list(indices[at : at + batch_size])
-        samples = [ds[i] for i in batch]
-        for i, losses in zip(batch, token_losses(model, samples, device, pad_id)):
-            info, _ = sample_info(ds, i)
+        items = [ds.item(i) for i in batch]
+        for i, (_, record), losses in zip(batch, items, token_losses(model, [s for s, _ in items], device, pad_id)):
+            info = store_fields(ds, i, record)
             if writer is not None:
                 writer.write(info, losses)
-            scored[info["task_id"]] = losses
+            scored.append((info, losses))
         if writer is not None:
             writer.flush()
         if progress is not None:
