@@ -322,7 +322,8 @@ class RefFinetuneRecipe:
 
         dist.all_reduce(num_tokens)
         dist.all_reduce(running_loss)
-        loss = running_loss.item() / num_tokens.item()
+        tokens = int(num_tokens.item())
+        loss = running_loss.item() / tokens
         if not math.isfinite(loss):
             self._stop_non_finite(f"the training loss is {loss}", self.global_step + 1)
         # FSDP2 averages gradients over ranks; undo that and divide by the token count.
@@ -338,8 +339,8 @@ class RefFinetuneRecipe:
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._lr_scheduler.step()
-        self.tokens_seen += int(num_tokens.item())
-        metrics.update(lr=get_lr(self._optimizer), tokens=int(num_tokens.item()))
+        self.tokens_seen += tokens
+        metrics.update(lr=get_lr(self._optimizer), tokens=tokens)
         return metrics
 
     def _stop_non_finite(self, what: str, step: int) -> None:
@@ -353,7 +354,7 @@ class RefFinetuneRecipe:
     def _check_finite_weights(self) -> None:
         """Before any checkpoint: a loss can stay finite for a step after the weights overflow."""
         local = [p.to_local() if isinstance(p, DTensor) else p for p in self._model.parameters()]
-        bad = torch.tensor(int(not all(bool(torch.isfinite(p).all()) for p in local)), device=self._device)
+        bad = (~torch.stack([torch.isfinite(p).all() for p in local]).all()).int()  # one device sync, not one a tensor
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             self._stop_non_finite("the weights are not finite", self.global_step)

@@ -489,23 +489,24 @@ class LazyStateDict(Mapping):
     """
 
     def __init__(self, tensors: List[OutputTensor], placeholders: bool = False):
-        self.tensors = {t.name: t for t in tensors}
+        self._tensors = {t.name: t for t in tensors}
         self._placeholders = placeholders
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        t = self.tensors[name]
+        t = self._tensors[name]
         return torch.empty(t.shape, dtype=t.dtype) if self._placeholders else t.load(None)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
+        return iter(self._tensors)
 
     def __len__(self) -> int:
-        return len(self.tensors)
+        return len(self._tensors)
 
 
-def load_tune_state_dict(checkpoint_dir: Union[str, Path], expected_config: Optional[Dict[str, Any]] = None) -> LazyStateDict:
+def load_tune_state_dict(checkpoint_dir: Union[str, Path], expected_config: Optional[Dict[str, Any]] = None,
+                         placeholders: bool = False) -> LazyStateDict:  # fmt: skip
     """An HF directory's weights under torchtune's names and layout, checked against its config.json
-    (and against `expected_config`'s shapes, if given), each read when accessed."""
+    (and against `expected_config`'s shapes, if given), each read when accessed (see `LazyStateDict`)."""
     checkpoint_dir = Path(checkpoint_dir)
     config = read_hf_config(checkpoint_dir)
     if expected_config is not None and expected_hf_shapes(config) != expected_hf_shapes(expected_config):
@@ -513,7 +514,7 @@ def load_tune_state_dict(checkpoint_dir: Union[str, Path], expected_config: Opti
     refs = hf_tensor_refs(checkpoint_dir)
     check_hf_tensors(refs, config, checkpoint_dir)
     ordered = {name: refs[name] for name in expected_hf_shapes(config)}
-    return LazyStateDict(converted(ref_sources(ordered), hf_to_tune, config))
+    return LazyStateDict(converted(ref_sources(ordered), hf_to_tune, config), placeholders)
 
 
 class HFBinCheckpointer:
@@ -543,9 +544,8 @@ class HFBinCheckpointer:
         `rank_zero_only`, in a distributed run only rank 0 reads them and the others get placeholders:
         what torchtune's `load_from_full_model_state_dict` needs to shard a model."""
         checkpoint_dir = Path(checkpoint_dir or self._checkpoint_dir)
-        state = load_tune_state_dict(checkpoint_dir, expected_config=self.config)
-        if rank_zero_only and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-            state = LazyStateDict(list(state.tensors.values()), placeholders=True)
+        not_rank_zero = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+        state = load_tune_state_dict(checkpoint_dir, self.config, placeholders=rank_zero_only and not_rank_zero)
         return {MODEL_KEY: state}
 
     def save_checkpoint(

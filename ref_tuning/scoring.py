@@ -154,6 +154,7 @@ class ScoreStore:
                                       idx.stem, entry["offset"], entry["count"])  # fmt: skip
                 self._samples.setdefault(sample.task_id, sample)
         self._by_line = {s.line: s for s in self._samples.values()}
+        self._fds: Dict[str, int] = {}  # part -> open file: a reader looks up sample after sample
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -174,11 +175,21 @@ class ScoreStore:
         """The float32 losses of one sample's response tokens, in order."""
         s = self.sample(task_id)
         size = self._dtype.itemsize
-        with open(self.path / f"{s.part}.bin", "rb") as f:
-            raw = os.pread(f.fileno(), s.count * size, s.offset * size)
+        if s.part not in self._fds:  # pread keeps no file position: safe to share with forked workers
+            self._fds[s.part] = os.open(self.path / f"{s.part}.bin", os.O_RDONLY)
+        raw = os.pread(self._fds[s.part], s.count * size, s.offset * size)
         if len(raw) != s.count * size:
             raise ScoreError(f"{self.path / s.part}.bin: shorter than its index says; the store is damaged")
         return torch.frombuffer(bytearray(raw), dtype=self._dtype).float()
+
+    def close(self) -> None:
+        fds = getattr(self, "_fds", {})  # absent when __init__ refused the directory
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _complete_lines(idx: Path) -> Iterator[Dict[str, Any]]:
