@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ref_tuning.tensorfiles import TensorFileError, TensorRef, open_writer, read_refs
@@ -544,7 +543,9 @@ class HFBinCheckpointer:
         `rank_zero_only`, in a distributed run only rank 0 reads them and the others get placeholders:
         what torchtune's `load_from_full_model_state_dict` needs to shard a model."""
         checkpoint_dir = Path(checkpoint_dir or self._checkpoint_dir)
-        not_rank_zero = dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+        from torchtune.utils import get_world_size_and_rank
+
+        not_rank_zero = get_world_size_and_rank()[1] != 0
         state = load_tune_state_dict(checkpoint_dir, self.config, placeholders=rank_zero_only and not_rank_zero)
         return {MODEL_KEY: state}
 

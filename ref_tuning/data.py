@@ -238,12 +238,6 @@ def select_lines(
 # Token lengths
 
 
-def _world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def measure_lengths(
     index: SplitIndex, lines: torch.Tensor, tokenizer: ModelTokenizer, cache: Path
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +246,7 @@ def measure_lengths(
     lengths = TokenLengths(index, cache, tokenizer)
     missing = lines[lengths.total[lines] < 0]
     if len(missing):
-        world, rank = _world()
+        world, rank = utils.get_world_size_and_rank()
         mine = missing[rank::world].tolist()
         measured: List[Tuple[int, int]] = []
         threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -468,7 +462,7 @@ def codecontests_dataset(
         raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     jsonl, metadata = split_files(data_dir, split)
     cache = cache_folder(Path(data_dir), cache_dir)
-    index = SplitIndex.open(jsonl, metadata, cache, progress=_world()[1] == 0)
+    index = SplitIndex.open(jsonl, metadata, cache, progress=utils.get_world_size_and_rank()[1] == 0)
     lines = select_lines(index, n_samples, correct_ratio, difficulty_bins, difficulty_weights, max_per_problem, seed)
     total, prompt = measure_lengths(index, lines, tokenizer, cache)
 

@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torchtune.utils import get_world_size_and_rank
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 TRAIN_STATE = "train_state.pt"
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return get_world_size_and_rank()[1]
 
 
 def _barrier() -> None:

@@ -147,6 +147,7 @@ def test_loading_is_lazy_and_only_rank_zero_reads(hf_model_dir, tmp_path, monkey
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     reads.clear()
     assert checkpointer.load_checkpoint()["model"][first].shape == expected[first].shape and len(reads) == 1
     reads.clear()
