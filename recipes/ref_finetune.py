@@ -12,8 +12,11 @@ It also runs on CPU with gloo, which is how it is tested.
 import math
 import os
 import signal
+import statistics
 import sys
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -22,6 +25,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed import destroy_process_group, init_device_mesh, init_process_group
+from torch.distributed.distributed_c10d import _set_pg_timeout
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -32,15 +37,25 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from ref_tuning.config import (
-    BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, is_off, one_of, validate_config,
+    BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off, one_of, validate_config,
 )  # fmt: skip
-from ref_tuning.step_checkpoints import StepCheckpoints, load_state, rng_state, save_state, set_rng_state
+from ref_tuning.step_checkpoints import (
+    HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state, set_rng_state,
+)  # fmt: skip
 
 log = utils.get_logger("INFO")
 
+# precision -> (dtype of the weights and optimizer state, dtype of the matmuls); see configs/ref_tuning.yaml.
+PRECISIONS = {"bf16_mixed": (torch.float32, torch.bfloat16), "bf16": (torch.bfloat16, torch.bfloat16),
+              "fp32": (torch.float32, torch.float32)}  # fmt: skip
+# Dense bf16 peak TFLOP/s per GPU by device name (vendor datasheets), for MFU when `peak_tflops` is null.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0))
+
 # Every top-level key the recipe reads, and what it takes; anything else is a mistake.
 CONFIG_SCHEMA = {
-    "experiment": STRING, "output_dir": STRING, "device": one_of("cuda", "cpu"), "dtype": one_of("bf16", "fp32"),
+    "experiment": STRING, "output_dir": STRING, "device": one_of("cuda", "cpu"),
+    "precision": one_of(*PRECISIONS), "output_dtype": one_of("bf16", "fp32"), "compile": BOOL,
+    "timeout_setup_s": POSITIVE_NUMBER, "timeout_step_s": POSITIVE_NUMBER, "peak_tflops": POSITIVE_NUMBER.or_null(),
     "seed": INT, "model": COMPONENT, "tokenizer": COMPONENT, "checkpointer": COMPONENT, "dataset": COMPONENT,
     "dataset_val": COMPONENT.or_null(), "loss": COMPONENT, "optimizer": COMPONENT, "lr_scheduler": COMPONENT,
     "batch_size": POSITIVE_INT, "val_batch_size": POSITIVE_INT, "shuffle": BOOL, "epochs": POSITIVE_INT,
@@ -84,12 +99,17 @@ class RefFinetuneRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self._param_dtype, self._compute_dtype = PRECISIONS[cfg.precision]
+        self._output_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.output_dtype]
+        # Collectives wait `timeout_setup_s` while one rank works alone (the first run's data index,
+        # checkpoint_best), and `timeout_step_s` in training steps, so that a hung rank is found early.
+        self._timeout_setup = timedelta(seconds=cfg.timeout_setup_s)
+        self._timeout_step = timedelta(seconds=cfg.timeout_step_s)
         backend = training.get_distributed_backend(self._device.type)
         if "RANK" in os.environ:  # started by torchrun
-            init_process_group(backend)
+            init_process_group(backend, timeout=self._timeout_setup)
         else:  # a plain single process: a world of one, no rendezvous needed
-            init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=self._timeout_setup)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
@@ -107,7 +127,9 @@ class RefFinetuneRecipe:
         self.global_step = 0
         self.epoch = 0
         self.steps_in_epoch = 0  # optimizer steps done in `epoch`
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # trained on (response tokens), over all ranks
+        self._compile = cfg.compile
+        self._peak_flops = self._device_peak_flops(cfg.peak_tflops)
         self.best_val_loss = math.inf
         self.best_step: Optional[int] = None
         self._val_metrics: Dict[str, float] = {}
@@ -119,6 +141,23 @@ class RefFinetuneRecipe:
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
 
+    def _device_peak_flops(self, peak_tflops: Optional[float]) -> Optional[float]:
+        if peak_tflops is None and self._device.type == "cuda":
+            name = torch.cuda.get_device_name(self._device)
+            peak_tflops = next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
+            if peak_tflops is None:
+                utils.log_rank_zero(log, f"no known peak for {name}: set peak_tflops to log MFU")
+        return peak_tflops * 1e12 if peak_tflops else None
+
+    @contextmanager
+    def _patience(self, timeout: timedelta):
+        """Collectives inside wait up to `timeout` (then back to the training steps' timeout)."""
+        _set_pg_timeout(timeout)
+        try:
+            yield
+        finally:
+            _set_pg_timeout(self._timeout_step)
+
     # -----------------------------------------------------------------------------------------
     # Setup
 
@@ -126,6 +165,8 @@ class RefFinetuneRecipe:
         # Data first: a batch larger than the data, or bad data, fails before any model is built.
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
+        if self._compile:
+            self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
         self._sampler, self._dataloader = self._setup_data(cfg.dataset, cfg.shuffle, cfg.batch_size)
         self._val_dataloader = None
         if not is_off(cfg.get("dataset_val")):  # `dataset_val=null` turns validation off
@@ -159,15 +200,19 @@ class RefFinetuneRecipe:
             self._metric_logger.log_config(cfg)
 
         self._checkpointer = config.instantiate(cfg.checkpointer)
+        if os.environ.get("REF_TUNING_FAULT", "").startswith("slow_setup:") and self._is_rank_zero:  # tests only
+            time.sleep(float(os.environ["REF_TUNING_FAULT"].split(":")[1]))
         # Read by rank 0 alone, one tensor at a time: FSDP scatters the shards from rank 0's copy.
-        model_state = self._checkpointer.load_checkpoint(resume / "model" if resume else None, rank_zero_only=True)
+        # A resumed run reads its weights from the step checkpoint's shards instead, in `_resume`.
+        model_state = None if resume else self._checkpointer.load_checkpoint(rank_zero_only=True)[training.MODEL_KEY]
         self._model = self._setup_model(
             cfg.model,
-            model_state_dict=model_state[training.MODEL_KEY],
+            model_state_dict=model_state,
             enable_activation_checkpointing=cfg.enable_activation_checkpointing,
             reshard_after_forward=cfg.fsdp_reshard_after_forward,
         )
         del model_state
+        self._model_flops = self._flops_constants(self._model)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
@@ -184,35 +229,51 @@ class RefFinetuneRecipe:
     def _setup_model(
         self,
         cfg_model: DictConfig,
-        model_state_dict: Dict[str, Any],
+        model_state_dict: Optional[Dict[str, Any]],
         enable_activation_checkpointing: bool,
         reshard_after_forward: bool,
     ) -> torch.nn.Module:
         # Built on the meta device and filled shard by shard, so no rank holds a full copy.
-        with training.set_default_dtype(self._dtype), torch.device("meta"):
+        with training.set_default_dtype(self._param_dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
+        if self._compile:  # per layer, as torchtune's recipes do
+            training.compile_model(model, verbose=self._is_rank_zero)
         if enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         mesh = init_device_mesh(self._device.type, (self.world_size,), mesh_dim_names=("dp",))
-        training.shard_model(
-            model=model,
-            shard_conditions=[training.get_shard_conditions],
-            cpu_offload=False,
-            reshard_after_forward=reshard_after_forward,
-            dp_mesh=mesh,
-        )
-        with training.set_default_dtype(self._dtype), self._device:
+        # torchtune's `shard_model` takes no mixed-precision policy: the same loop, with one. Under
+        # bf16_mixed, FSDP gathers bf16 copies of the fp32 weights and reduces gradients in fp32.
+        mixed = self._compute_dtype != self._param_dtype
+        policy = MixedPrecisionPolicy(self._compute_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+        fsdp = dict(reshard_after_forward=reshard_after_forward, mesh=mesh, mp_policy=policy)
+        for name, module in reversed(list(model.named_modules())):
+            if training.get_shard_conditions(name, module):
+                fully_shard(module, **fsdp)
+        fully_shard(model, **fsdp)
+        if model_state_dict is None:  # to be filled from a step checkpoint
+            model.to_empty(device=self._device)
+        with training.set_default_dtype(self._param_dtype), self._device:
             for m in model.modules():
                 if hasattr(m, "rope_init"):  # RoPE buffers are not in the state dict
                     m.rope_init()
-        training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
+        if model_state_dict is not None:
+            training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
         training.validate_no_params_on_meta_device(model)
         n_params = sum(p.numel() for p in model.parameters())
-        utils.log_rank_zero(log, f"model built: {n_params:,} parameters in {self._dtype}, sharded over {self.world_size}")
+        utils.log_rank_zero(log, f"model built: {n_params:,} parameters in {self._param_dtype}, computing in "
+                                 f"{self._compute_dtype}, sharded over {self.world_size}")  # fmt: skip
         if self._is_rank_zero and self._device.type == "cuda":  # memory stats raise on CPU
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         dist.barrier()
         return model
+
+    @staticmethod
+    def _flops_constants(model: torch.nn.Module) -> Dict[str, int]:
+        """FLOPs of a training step (forward and backward, no recomputation), as in PaLM's MFU:
+        6 per weight (all but the embedding lookup) per token, and for causal attention 12 * layers
+        * embed_dim per token per position it attends to (QK^T and AV: 4 * dim each, forward)."""
+        weights = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" not in n)
+        return {"per_token": 6 * weights, "per_attended": 12 * len(model.layers) * model.tok_embeddings.embedding_dim}
 
     def _collate_fn(self, ds: Dataset):
         if getattr(ds, "packed", False):  # rows of max_seq_len with a block-causal mask per sample
@@ -261,7 +322,9 @@ class RefFinetuneRecipe:
             training.cleanup_before_training()
         total_steps = self.total_epochs * self._steps_per_epoch
         start, start_step, start_tokens = time.perf_counter(), self.global_step, self.tokens_seen
+        history = []  # per-step rates for the summary
         pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="training")
+        _set_pg_timeout(self._timeout_step)
         while self.epoch < self.total_epochs:
             self._sampler.set_epoch(self.epoch)
             batches = iter(self._dataloader)  # mid-epoch after a resume: its state was loaded
@@ -270,7 +333,8 @@ class RefFinetuneRecipe:
                 metrics = self._train_step(batches)
                 self.global_step += 1
                 self.steps_in_epoch += 1
-                metrics["tokens_per_second_per_gpu"] = metrics["tokens"] / ((time.perf_counter() - t0) * self.world_size)
+                metrics.update(self._rates(metrics, time.perf_counter() - t0))
+                history.append(metrics)
                 pbar.update(1)
                 pbar.set_postfix(epoch=self.epoch + 1, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                  tok_s=f"{metrics['tokens_per_second_per_gpu']:.0f}")  # fmt: skip
@@ -281,13 +345,15 @@ class RefFinetuneRecipe:
                 if self._is_rank_zero and (self.global_step % self._log_every_n_steps == 0 or "val_loss" in metrics):
                     self._metric_logger.log_dict(metrics, step=self.global_step)
                 if self._preempted():
-                    path = self.save_checkpoint()
+                    with self._patience(self._timeout_setup):
+                        path = self.save_checkpoint()
                     utils.log_rank_zero(log, f"SIGTERM: stopped after step {self.global_step}, checkpoint {path}; "
                                              "run again with resume_from_checkpoint=true to continue")  # fmt: skip
                     pbar.close()
                     return
                 if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
-                    self.save_checkpoint()
+                    with self._patience(self._timeout_setup):  # rank 0 commits and rotates alone
+                        self.save_checkpoint()
             self.epoch += 1
             self.steps_in_epoch = 0
         pbar.close()
@@ -299,15 +365,49 @@ class RefFinetuneRecipe:
         best = f", best validation loss {self.best_val_loss:.4f} at step {self.best_step}" if self.best_step else ""
         utils.log_rank_zero(log, f"done: {self.global_step} steps ({self.global_step - start_step} in this run), "
                                  f"{self.tokens_seen - start_tokens:,} tokens trained on in {wall:.0f} s{best}")  # fmt: skip
+        utils.log_rank_zero(log, self._summary(history))
+
+    def _rates(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:
+        """Tokens/s per GPU over trained tokens (responses) and over all non-padding tokens (the
+        compute rate), MFU where the device's peak is known, and peak memory on CUDA."""
+        per_gpu = seconds * self.world_size
+        rates = {"tokens_per_second_per_gpu": metrics["tokens"] / per_gpu,
+                 "all_tokens_per_second_per_gpu": metrics.pop("all_tokens") / per_gpu}  # fmt: skip
+        flops = metrics.pop("flops")
+        if self._peak_flops:
+            rates["mfu"] = flops / per_gpu / self._peak_flops
+        if self._device.type == "cuda" and self.global_step % self._log_every_n_steps == 0:
+            rates.update(training.get_memory_stats(device=self._device))  # GiB since the last log step
+        return rates
+
+    def _summary(self, history: list) -> str:
+        """Medians over the steps of this run, the first (which pays for lazy initialization and
+        compilation) left out where there are others."""
+        steps = history[1:] or history
+        if not steps:
+            return "no training step in this run"
+        line = (f"per GPU, median of {len(steps)} steps: {statistics.median(m['tokens_per_second_per_gpu'] for m in steps):,.0f} "
+                f"trained tokens/s, {statistics.median(m['all_tokens_per_second_per_gpu'] for m in steps):,.0f} "
+                "non-padding tokens/s")  # fmt: skip
+        if "mfu" in steps[0]:
+            line += f", MFU {statistics.median(m['mfu'] for m in steps):.1%}"
+        peaks = [m["peak_memory_alloc"] for m in history if "peak_memory_alloc" in m]
+        if peaks:
+            line += f", peak memory {max(peaks):.1f} GiB allocated, {max(m['peak_memory_reserved'] for m in history if 'peak_memory_reserved' in m):.1f} GiB reserved"
+        return line
 
     def _train_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Gradient accumulation over micro-batches, then one optimizer step (torchtune's math)."""
-        running_loss, num_tokens = 0, 0
+        running_loss = 0
+        counts = torch.zeros(3, dtype=torch.int64, device=self._device)  # trained, non-padding, attended positions
         for _ in range(self._gradient_accumulation_steps):
             batch = next(batches)
             utils.batch_to_device(batch, self._device)
             current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
-            num_tokens += current_num_tokens
+            real = batch["tokens"] != self._tokenizer.pad_id
+            pos = batch.get("input_pos")  # packed rows restart positions at each sample
+            pos = torch.arange(real.shape[-1], device=real.device) if pos is None else pos
+            counts += torch.stack([current_num_tokens, real.sum(), ((pos + 1) * real).sum()])
             labels = batch.pop("labels")
             logits = self._model(**batch)
             labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
@@ -320,9 +420,20 @@ class RefFinetuneRecipe:
             running_loss += current_loss
             current_loss.backward()
 
-        dist.all_reduce(num_tokens)
-        dist.all_reduce(running_loss)
-        tokens = int(num_tokens.item())
+        if os.environ.get("REF_TUNING_FAULT") == f"hang_step:{self.global_step + 1}" and self.rank == 1:  # tests only
+            time.sleep(3600)
+        try:
+            dist.all_reduce(counts)
+            dist.all_reduce(running_loss)
+        except dist.DistError as e:
+            raise RuntimeError(
+                f"training step {self.global_step + 1}: a collective waited longer than timeout_step_s="
+                f"{self._timeout_step.total_seconds():g} s for another process, which hung or died ({e}). Check the "
+                "other ranks' logs; raise timeout_step_s if steps are legitimately that slow; resume with "
+                "resume_from_checkpoint=true"
+            ) from None
+        num_tokens = counts[0]
+        tokens, all_tokens, attended = counts.tolist()
         loss = running_loss.item() / tokens
         if not math.isfinite(loss):
             self._stop_non_finite(f"the training loss is {loss}", self.global_step + 1)
@@ -340,7 +451,8 @@ class RefFinetuneRecipe:
         self._optimizer.zero_grad(set_to_none=True)
         self._lr_scheduler.step()
         self.tokens_seen += tokens
-        metrics.update(lr=get_lr(self._optimizer), tokens=tokens)
+        flops = self._model_flops["per_token"] * all_tokens + self._model_flops["per_attended"] * attended
+        metrics.update(lr=get_lr(self._optimizer), tokens=tokens, all_tokens=all_tokens, flops=flops)
         return metrics
 
     def _stop_non_finite(self, what: str, step: int) -> None:
@@ -372,6 +484,10 @@ class RefFinetuneRecipe:
     def validate(self) -> Dict[str, float]:
         """Loss, perplexity and next-token accuracy over the response tokens of the validation
         split, summed over all ranks; saves `checkpoint_best` when the loss is the lowest yet."""
+        with self._patience(self._timeout_setup):  # ranks wait while rank 0 writes checkpoint_best
+            return self._validate()
+
+    def _validate(self) -> Dict[str, float]:
         self._model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self._device)  # loss sum, tokens, correct
         for batch in self._val_dataloader:
@@ -403,15 +519,19 @@ class RefFinetuneRecipe:
     # Checkpoints
 
     def _gathered_model(self) -> Dict[str, torch.Tensor]:
-        """The full weights on rank 0 (every rank takes part in the gather)."""
-        return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        """The full weights on rank 0 in `output_dtype` (every rank takes part in the gather)."""
+        state_dict = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        for name in state_dict:  # one tensor at a time: the fp32 dict and one cast tensor at most
+            state_dict[name] = state_dict[name].to(self._output_dtype)
+        return state_dict
 
     def _save_output(self, name: str) -> None:
         """An HF directory for Rho-1, `output_dir/name`, with the step, metrics and config in `ref_tuning.json`."""
         self._check_finite_weights()
         state_dict = self._gathered_model()
         if self._is_rank_zero:
-            metadata = {"step": self.global_step, "epoch": self.epoch + 1, "validation": self._val_metrics,
+            epoch = self.epoch + (1 if self.steps_in_epoch else 0)  # after the last epoch, `epoch` counts it already
+            metadata = {"step": self.global_step, "epoch": epoch, "validation": self._val_metrics,
                         "config": OmegaConf.to_container(self._cfg, resolve=True)}  # fmt: skip
             path = self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=name, metadata=metadata)
             log.info(f"HF checkpoint written to {path} (step {self.global_step})")
@@ -419,13 +539,14 @@ class RefFinetuneRecipe:
         dist.barrier()
 
     def save_checkpoint(self) -> Path:
-        """A step checkpoint: weights (HF), optimizer, schedule, data position, RNG states, counters."""
+        """A step checkpoint: weights and optimizer (each rank its own shards, in parallel), schedule,
+        data position, RNG states, counters."""
         self._check_finite_weights()
+        start = time.perf_counter()
         tmp = self._checkpoints.begin(self.global_step)
-        state_dict = self._gathered_model()
+        save_sharded(tmp, self._model, self._optimizer)
         if self._is_rank_zero:
-            self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=tmp.resolve() / "model")
-        del state_dict
+            self._checkpointer.save_config(tmp / HF_DIR)
         if os.environ.get("REF_TUNING_FAULT") == f"kill_in_checkpoint:{self.global_step}":  # for tests only
             dist.barrier()  # the whole run dies mid-write, as on a power cut: workers and torchrun
             if self._is_rank_zero and "RANK" in os.environ:
@@ -437,13 +558,14 @@ class RefFinetuneRecipe:
             "lr_scheduler": self._lr_scheduler.state_dict(), "world_size": self.world_size, "seed": self.seed,
         }  # fmt: skip
         rank_state = {"dataloader": self._dataloader.state_dict(), "rng": rng_state()}
-        save_state(tmp, self._model, self._optimizer, train_state, rank_state)
+        save_state(tmp, train_state, rank_state)
         path = self._checkpoints.commit(tmp, self.global_step)
-        utils.log_rank_zero(log, f"checkpoint written to {path}")
+        utils.log_rank_zero(log, f"checkpoint written to {path} in {time.perf_counter() - start:.1f} s")
         return path
 
     def save_final(self) -> None:
-        self._save_output("checkpoint_final")
+        with self._patience(self._timeout_setup):
+            self._save_output("checkpoint_final")
 
     def cleanup(self) -> None:
         if self._is_rank_zero:
@@ -453,7 +575,13 @@ class RefFinetuneRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    validate_config(cfg, CONFIG_SCHEMA)
+    try:
+        validate_config(cfg, CONFIG_SCHEMA)
+    except ConfigError as e:
+        if "dtype" in cfg:  # the key of earlier versions
+            raise ConfigError(f"{e}\n  'dtype' is now 'precision' (bf16_mixed: fp32 master weights and bf16 compute; "
+                              "bf16; fp32), with 'output_dtype' (bf16 or fp32) for checkpoint_best/final") from None
+        raise
     config.log_config(recipe_name="RefFinetuneRecipe", cfg=cfg)
     recipe = RefFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)

@@ -549,6 +549,16 @@ class HFBinCheckpointer:
         state = load_tune_state_dict(checkpoint_dir, self.config, placeholders=rank_zero_only and not_rank_zero)
         return {MODEL_KEY: state}
 
+    def save_config(self, out_dir: Union[str, Path]) -> None:
+        """config.json and the tokenizer files into `out_dir`: with a step checkpoint's weights,
+        what makes an HF directory (`python -m ref_tuning.convert step-to-hf`)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        for name in SIDE_FILES:
+            if (self._checkpoint_dir / name).is_file():
+                shutil.copy2(self._checkpoint_dir / name, out_dir / name)
+
     def save_checkpoint(
         self, state_dict: Dict[str, Any], name: Union[str, Path] = "checkpoint_final",
         metadata: Optional[Dict[str, Any]] = None,

@@ -3,6 +3,7 @@
     python -m ref_tuning.convert hf-to-tune SRC_DIR OUT.pt
     python -m ref_tuning.convert tune-to-hf SRC.pt OUT_DIR --config HF_DIR
     python -m ref_tuning.convert hf-to-hf SRC_DIR OUT_DIR --dtype bf16
+    python -m ref_tuning.convert step-to-hf OUTPUT_DIR/checkpoints/step_NNNNNN OUT_DIR --dtype bf16
     python -m ref_tuning.convert verify HF_DIR
 
 Tensors are read lazily and written one by one, so memory stays at a few tensors whatever the model's
@@ -81,6 +82,23 @@ def hf_to_hf_dir(src_dir: Path, out_dir: Path, dtype: Optional[torch.dtype] = No
     return save_hf_dir(tensors, out_dir, config, src_dir, max_shard_size, safetensors, overwrite, progress, direct_io)
 
 
+def step_to_hf_dir(step_dir: Path, out_dir: Path, dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB",
+                   safetensors: bool = False, overwrite: bool = False, progress: bool = True,
+                   direct_io: bool = True) -> Path:  # fmt: skip
+    """A training step checkpoint (sharded weights, any number of ranks) to an HF directory, with the
+    config and tokenizer files the run stored beside the weights."""
+    from ref_tuning.step_checkpoints import HF_DIR, STATE_DIR, weight_sources
+
+    if not (step_dir / STATE_DIR / ".metadata").is_file() or not (step_dir / HF_DIR / "config.json").is_file():
+        raise CheckpointError(f"{step_dir}: not a step checkpoint (expected {STATE_DIR}/.metadata and {HF_DIR}/config.json, "
+                              "as in OUTPUT_DIR/checkpoints/step_NNNNNN)")  # fmt: skip
+    config = read_hf_config(step_dir / HF_DIR)
+    tensors = converted(weight_sources(step_dir), tune_to_hf, config, dtype)
+    check_hf_tensors({t.name: t for t in tensors}, config, step_dir)
+    return save_hf_dir(tensors, out_dir, config, step_dir / HF_DIR, max_shard_size, safetensors, overwrite, progress,
+                       direct_io)  # fmt: skip
+
+
 def verify(hf_dir: Path, prompt: str = VERIFY_PROMPT) -> float:
     """Max absolute difference between the logits of `transformers` and of our torchtune model, both
     in float32, on a fixed prompt: what a Rho-1 user checks before using a directory as reference."""
@@ -145,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src_dir", type=Path)
     p.add_argument("out_dir", type=Path)
     output_options(p, hf=True)
+    p = sub.add_parser("step-to-hf", help="training step checkpoint -> HF directory")
+    p.add_argument("step_dir", type=Path, help="e.g. OUTPUT_DIR/checkpoints/step_000500")
+    p.add_argument("out_dir", type=Path)
+    output_options(p, hf=True)
     p = sub.add_parser("verify", help="compare transformers' and our logits on a fixed prompt")
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--atol", type=float, default=1e-4, help="largest difference accepted (default 1e-4)")
@@ -163,6 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         dtype, progress, direct = DTYPES.get(args.dtype), not args.no_progress, not args.no_direct_io
         if args.command == "hf-to-tune":
             out = hf_to_tune_file(args.src_dir, args.out, dtype, args.overwrite, progress, direct)
+        elif args.command == "step-to-hf":
+            out = step_to_hf_dir(args.step_dir, args.out_dir, dtype, args.max_shard_size, args.safetensors,
+                                 args.overwrite, progress, direct)  # fmt: skip
         elif args.command == "tune-to-hf":
             out = tune_to_hf_dir(args.src, args.out_dir, args.config, dtype, args.max_shard_size,
                                  args.safetensors, args.overwrite, progress, direct)  # fmt: skip

@@ -2,9 +2,11 @@
 and how many are kept.
 
     output_dir/checkpoints/step_000120/
-        model/            the weights as an HF directory (Rho-1 can load any step as it is)
-        optimizer/        the optimizer state, sharded: each rank writes its own part
-                          (torch.distributed.checkpoint, which can also read it back resharded)
+        state/            weights (at the training precision) and optimizer state, sharded: every rank
+                          writes its own shards in parallel, nothing is gathered (torch.distributed.
+                          checkpoint, which can also read them back resharded)
+        hf/               config.json and tokenizer files: `python -m ref_tuning.convert step-to-hf`
+                          makes an HF directory of any step with nothing else
         train_state.pt    step, epoch, learning-rate schedule, best validation loss, world size
         rank_0.pt ...     each rank's dataloader position and random number generator states
 
@@ -22,11 +24,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)  # fmt: skip
 from torchtune.utils import get_world_size_and_rank
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 TRAIN_STATE = "train_state.pt"
+STATE_DIR = "state"  # model and optimizer shards
+HF_DIR = "hf"  # config.json and tokenizer files
 
 
 def _rank() -> int:
@@ -84,6 +90,29 @@ class StepCheckpoints:
         return final
 
 
+def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], Any, None]]:
+    """The weights of step checkpoint `step_dir` (torchtune names, training precision) as sources for
+    `checkpointing.converted`: shapes from the shards' metadata, each tensor read when loaded, in one
+    process, whatever the number of ranks that wrote it."""
+    reader = dcp.FileSystemReader(Path(step_dir) / STATE_DIR)
+    sources = {}
+    for fqn, meta in reader.read_metadata().state_dict_metadata.items():
+        if fqn.startswith("model.") and hasattr(meta, "size"):
+
+            def load(scratch=None, fqn=fqn, meta=meta):
+                tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                dcp.load({fqn: tensor}, storage_reader=reader, no_dist=True)
+                return tensor
+
+            sources[fqn.removeprefix("model.")] = (meta.properties.dtype, tuple(meta.size), load, None)
+    return sources
+
+
+def load_weights(step_dir: Path) -> Dict[str, torch.Tensor]:
+    """All weights of step checkpoint `step_dir`, full tensors under torchtune's names."""
+    return {name: load() for name, (_, _, load, _) in weight_sources(step_dir).items()}
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -98,10 +127,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: Dict[str, Any],
-               rank_state: Dict[str, Any]) -> None:  # fmt: skip
-    """Everything but the model weights, into the checkpoint directory `path` (all ranks call this)."""
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path / "optimizer")
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its own shards of the weights and optimizer state into `path/state`."""
+    dcp.save(_sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(path / STATE_DIR))
+
+
+def save_state(path: Path, train_state: Dict[str, Any], rank_state: Dict[str, Any]) -> None:
+    """The counters and each rank's state, into the checkpoint directory `path`, after
+    `save_sharded`; the train state, written last, marks it complete (all ranks call this)."""
     torch.save(rank_state, path / f"rank_{_rank()}.pt")
     _barrier()
     if _rank() == 0:  # last: its presence marks the directory complete
@@ -109,9 +146,10 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Restore the optimizer from checkpoint `path`; return its train state and this rank's state."""
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path / "optimizer")
+    """Restore the weights and optimizer from checkpoint `path`; return its train state and this rank's state."""
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path / STATE_DIR)
+    set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
     train_state = torch.load(path / TRAIN_STATE, weights_only=True)
     rank_file = path / f"rank_{_rank()}.pt"

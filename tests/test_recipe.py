@@ -112,7 +112,7 @@ def _tiny_model_args():
     "command, env, extra, dtype",
     [
         # The production settings too: bf16 and activation checkpointing.
-        (["--nproc_per_node", "1"], {}, ["dtype=bf16", "enable_activation_checkpointing=true"], torch.bfloat16),
+        (["--nproc_per_node", "1"], {}, ["precision=bf16", "output_dtype=bf16", "enable_activation_checkpointing=true"], torch.bfloat16),
         # The plain single-process form needs the project root ahead of torchtune's own `recipes`.
         ([], {"PYTHONPATH": str(PROJECT_ROOT)}, [], torch.float32),
     ],

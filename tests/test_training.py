@@ -18,11 +18,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from ref_tuning import convert
 from ref_tuning.bench.stock_recipe import stock_config
 from ref_tuning.checkpointing import METADATA_FILE, load_hf_state_dict
 from ref_tuning.data import codecontests_dataset
 from ref_tuning.demo import TINY_CONFIG, make_demo_assets, tune_run_command
 from ref_tuning.models import sheared_llama_tokenizer
+from ref_tuning.step_checkpoints import load_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # 16 samples, 2 per process and micro-batch, 2 processes: 4 optimizer steps an epoch, 8 in 2 epochs.
@@ -132,10 +134,22 @@ def test_the_uninterrupted_run_writes_rotated_step_checkpoints_and_the_outputs(r
     checkpoints = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert checkpoints == ["step_000006", "step_000008"]  # keep_last_n_checkpoints=2, nothing half-written
     step = reference / "checkpoints" / "step_000008"
-    assert sorted(p.name for p in step.iterdir()) == ["model", "optimizer", "rank_0.pt", "rank_1.pt", "train_state.pt"]
-    assert (step / "model" / "config.json").is_file()
+    assert sorted(p.name for p in step.iterdir()) == ["hf", "rank_0.pt", "rank_1.pt", "state", "train_state.pt"]
+    # Each rank wrote its own shard of weights and optimizer state; nothing was gathered.
+    assert sorted(p.name for p in (step / "state").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     final = json.loads((reference / "checkpoint_final" / METADATA_FILE).read_text())
     assert final["step"] == STEPS and final["config"]["batch_size"] == 2 and "val_loss" in final["validation"]
+    assert final["epoch"] == 2  # epochs=2 (it once said 3: the counter was read after the loop advanced it)
+
+
+def test_a_step_checkpoint_converts_to_an_hf_directory_that_transformers_loads(reference, tmp_path):
+    out = tmp_path / "step8-hf"
+    assert convert.main(["step-to-hf", str(reference / "checkpoints" / "step_000008"), str(out), "--no-progress"]) == 0
+    # The last step's checkpoint holds the weights checkpoint_final holds, both fp32 here.
+    assert_bit_identical(load_hf_state_dict(out), final_weights(reference))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.dtype == torch.float32 and (out / "tokenizer.model").is_file()
+    assert convert.main(["step-to-hf", str(reference), str(tmp_path / "x"), "--no-progress"]) == 2  # not a step dir
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights_and_losses(assets, reference, tmp_path):
@@ -156,8 +170,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights_and_losses(
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(assets, reference, tmp_path):
     out = tmp_path / "run"
-    # Rank 0 SIGKILLs the whole run in the middle of writing step 4's checkpoint (weights written,
-    # optimizer state not yet): fault injection, so the moment is certain.
+    # Rank 0 SIGKILLs the whole run in the middle of writing step 4's checkpoint (weight and optimizer
+    # shards written, the train state not yet): fault injection, so the moment is certain.
     result = tune(overrides(assets, out), env={"REF_TUNING_FAULT": "kill_in_checkpoint:4"})
     assert result.returncode != 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".tmp-step_000004", "step_000002"]
@@ -245,8 +259,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp
     # The newest checkpoint is the one named, from before the failing step, and its weights are finite.
     assert good == out / "checkpoints" / f"step_{step - 1:06d}"
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) [-1] == good.name
-    weights = load_hf_state_dict(good / "model")
-    assert all(torch.isfinite(t).all() for t in weights.values())
+    weights = load_weights(good)
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
     assert not (out / "checkpoint_final").exists()
 
 
@@ -254,12 +268,12 @@ def test_config_and_data_mistakes_fail_before_any_model_is_built(assets, tmp_pat
     result = tune(overrides(assets, tmp_path / "a", "batch_size=8", "dataset.n_samples=4"))
     assert result.returncode != 0 and "lower batch_size or raise dataset.n_samples" in result.stderr + result.stdout
     assert "model built" not in result.stderr + result.stdout
-    result = tune(overrides(assets, tmp_path / "b", "batch_size=two", "eval_every_n_steps=0", "dtype=fp16"))
+    result = tune(overrides(assets, tmp_path / "b", "batch_size=two", "eval_every_n_steps=0", "precision=fp16"))
     text = result.stderr + result.stdout
     assert result.returncode != 0 and "model built" not in text
     for message in ("config key 'batch_size': expected a positive integer, got 'two'",
                     "config key 'eval_every_n_steps': expected a positive integer or null, got 0",
-                    "config key 'dtype': expected one of bf16, fp32, got 'fp16'"):  # fmt: skip
+                    "config key 'precision': expected one of bf16_mixed, bf16, fp32, got 'fp16'"):  # fmt: skip
         assert message in text, text[-3000:]
 
 

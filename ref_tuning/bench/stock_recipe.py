@@ -54,7 +54,7 @@ def stock_config(ours: DictConfig, output_dir: str) -> DictConfig:
         "optimizer_in_bwd": False,
         "compile": False,
         "device": ours.device,
-        "dtype": ours.dtype,
+        "dtype": "fp32" if ours.precision == "fp32" else "bf16",  # the stock recipe has no fp32 master weights
         "enable_activation_checkpointing": ours.enable_activation_checkpointing,
         "enable_activation_offloading": False,
         "fsdp_reshard_after_forward": ours.fsdp_reshard_after_forward,
