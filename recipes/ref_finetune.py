@@ -67,6 +67,10 @@ CONFIG_SCHEMA = {
 }  # fmt: skip
 
 
+class CollectiveTimeout(RuntimeError):
+    """Another rank did not reach a collective of a training step within `timeout_step_s`."""
+
+
 class NonFiniteError(RuntimeError):
     """The loss, the gradients or the weights became NaN or infinite: training stops, and no
     checkpoint is written from them."""
@@ -330,7 +334,17 @@ class RefFinetuneRecipe:
             batches = iter(self._dataloader)  # mid-epoch after a resume: its state was loaded
             while self.steps_in_epoch < self._steps_per_epoch:
                 t0 = time.perf_counter()
-                metrics = self._train_step(batches)
+                try:
+                    metrics = self._train_step(batches)
+                except RuntimeError as e:  # gloo raises RuntimeError; NCCL's watchdog aborts the process itself
+                    if "timed out" not in str(e).lower():
+                        raise
+                    raise CollectiveTimeout(
+                        f"training step {self.global_step + 1}: a collective waited longer than timeout_step_s="
+                        f"{self._timeout_step.total_seconds():g} s for another process, which hung or died. Check the "
+                        "other ranks' logs; raise timeout_step_s if steps are legitimately that slow; continue with "
+                        f"resume_from_checkpoint=true ({e})"
+                    ) from None
                 self.global_step += 1
                 self.steps_in_epoch += 1
                 metrics.update(self._rates(metrics, time.perf_counter() - t0))
@@ -420,18 +434,11 @@ class RefFinetuneRecipe:
             running_loss += current_loss
             current_loss.backward()
 
-        if os.environ.get("REF_TUNING_FAULT") == f"hang_step:{self.global_step + 1}" and self.rank == 1:  # tests only
-            time.sleep(3600)
-        try:
-            dist.all_reduce(counts)
-            dist.all_reduce(running_loss)
-        except dist.DistError as e:
-            raise RuntimeError(
-                f"training step {self.global_step + 1}: a collective waited longer than timeout_step_s="
-                f"{self._timeout_step.total_seconds():g} s for another process, which hung or died ({e}). Check the "
-                "other ranks' logs; raise timeout_step_s if steps are legitimately that slow; resume with "
-                "resume_from_checkpoint=true"
-            ) from None
+        fault = os.environ.get("REF_TUNING_FAULT", "").split(":")
+        if fault[:2] == ["hang_step", str(self.global_step + 1)] and self.rank == 1:  # tests only: a rank stalls
+            time.sleep(float(fault[2]))
+        dist.all_reduce(counts)
+        dist.all_reduce(running_loss)
         num_tokens = counts[0]
         tokens, all_tokens, attended = counts.tolist()
         loss = running_loss.item() / tokens
