@@ -3,12 +3,19 @@
     python -m ref_tuning.bench convert ...   checkpoint conversion (ref_tuning/bench/convert.py)
     python -m ref_tuning.bench data ...      dataset building and packing (ref_tuning/bench/data.py)
     python -m ref_tuning.bench train ...     training throughput against torchtune's recipe (ref_tuning/bench/train.py)
+    python -m ref_tuning.bench checkpoint ... a step checkpoint: gather + HF write against sharded DCP
+                                             (ref_tuning/bench/checkpoint.py)
+    python -m ref_tuning.bench gpu ...       the production config on GPUs: variants vs torchtune's recipe, MFU,
+                                             memory, resume and bf16 scoring checks (ref_tuning/bench/gpu.py)
+    python -m ref_tuning.bench precision ... fp32 vs bf16_mixed vs pure bf16 training: unchanged weights, validation
+                                             loss, total update (ref_tuning/bench/precision.py)
 
 Every measured run is its own child process, reaped with `os.wait4`, so that its peak RSS is the
 child's own `ru_maxrss`; methods are interleaved within each repeat so that a slow spell of the
 machine hits all alike, and tables report medians. Linux counts the launching process's own peak
 RSS into every child's `ru_maxrss`, so this package never imports torch in the launcher; the floor
-it adds is printed as `launcher RSS`.
+it adds is printed as `launcher RSS`. `checkpoint` differs: it times the saves inside one torchrun
+launch, between barriers, so that the 2.7B model is built once.
 """
 
 import argparse
@@ -176,14 +183,21 @@ def positive(text: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ref_tuning.bench import convert, data, train  # here: they import this module
+    from ref_tuning.bench import gpu  # here: they import this module
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="python -m ref_tuning.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    convert.add_parser(sub)
-    data.add_parser(sub)
-    train.add_parser(sub)
+    if argv[:1] != ["gpu"]:  # `train` imports torchtune (and torch): the gpu launcher never does
+        from ref_tuning.bench import checkpoint, convert, data, precision, train
+
+        convert.add_parser(sub)
+        data.add_parser(sub)
+        train.add_parser(sub)
+        checkpoint.add_parser(sub)
+        precision.add_parser(sub)
+    gpu.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
