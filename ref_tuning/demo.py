@@ -87,6 +87,15 @@ def train_tokenizer(problems: List[Dict[str, Any]], out_path: Path, vocab_size: 
     return out_path
 
 
+# The HF side files of a LLaMA-2 checkpoint, for the checkpoints the demo and the benchmarks write.
+HF_SIDE_FILES = {
+    "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False},
+    "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+}  # fmt: skip
+
+
 def write_tiny_checkpoint(
     out_dir: Path, vocab_size: int, tokenizer_path: Optional[Path] = None, seed: int = 0
 ) -> Path:
@@ -101,13 +110,7 @@ def write_tiny_checkpoint(
     save_hf_checkpoint(hf_sd, out_dir, config, max_shard_size=total_bytes - lm_head_bytes)
     if tokenizer_path is not None:
         shutil.copy2(tokenizer_path, out_dir / "tokenizer.model")
-    side = {
-        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                                  "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False},
-        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
-        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-    }  # fmt: skip
-    for name, content in side.items():
+    for name, content in HF_SIDE_FILES.items():
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     return out_dir
 

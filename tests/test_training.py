@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from ref_tuning import convert
+from ref_tuning.bench import descendants  # noqa: F401  (test_scoring imports it from here)
 from ref_tuning.bench.stock_recipe import stock_config
 from ref_tuning.checkpointing import METADATA_FILE, load_hf_state_dict
 from ref_tuning.data import codecontests_dataset
@@ -72,23 +73,6 @@ def tune(args: List[str], nproc: int = 2, env: Optional[Dict[str, str]] = None, 
                     pass
     stdout, stderr = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def descendants(pid: int) -> List[int]:
-    """Every process below `pid`, from /proc."""
-    children: Dict[int, List[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GB = 1e9
@@ -129,6 +129,26 @@ def _versions() -> str:
         except metadata.PackageNotFoundError:
             found.append(f"{name} absent")
     return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def descendants(pid: int) -> List[int]:
+    """Every living descendant of `pid`, from /proc (torchrun starts each worker in a session of its own,
+    out of reach of its parent's process group)."""
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 def launcher_rss_kib() -> int:

@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from ref_tuning.bench import GB, PROJECT_ROOT, machine_lines, positive
+from ref_tuning.bench import GB, PROJECT_ROOT, descendants, machine_lines, positive
 from ref_tuning.bench.data import default_tokenizer, make_split
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "gpu"
@@ -205,6 +205,7 @@ def _worker_checkpoint(args: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     from ref_tuning.checkpointing import OutputTensor, expected_hf_shapes, save_hf_dir
+    from ref_tuning.demo import HF_SIDE_FILES
     from ref_tuning.models import hf_llama_config
 
     out, tiny = Path(args["out"]), args["tiny"]
@@ -228,13 +229,7 @@ def _worker_checkpoint(args: Dict[str, Any]) -> Dict[str, Any]:
         OutputTensor(name, dtype, shape, lambda scratch=None, name=name, shape=shape, i=i: make(name, shape, i))
         for i, (name, shape) in enumerate(expected_hf_shapes(config).items())
     ]
-    side = {
-        "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                                  "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False},
-        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
-        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-    }  # fmt: skip
-    extra = {name: json.dumps(content, indent=2) + "\n" for name, content in side.items()}
+    extra = {name: json.dumps(content, indent=2) + "\n" for name, content in HF_SIDE_FILES.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_hf_dir(tensors, out, config, max_shard_size="5GB", overwrite=True, extra_files=extra)
     shutil.copy2(args["tokenizer"], out / "tokenizer.model")
@@ -379,26 +374,6 @@ def run_worker(name: str, args: Dict[str, Any], log: Path, timeout: Optional[flo
     return None, output
 
 
-def _descendants(pid: int) -> List[int]:
-    """Every living descendant of `pid`, from /proc (torchrun starts each worker in a session of its own,
-    out of reach of its parent's process group)."""
-    children: Dict[int, List[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -413,7 +388,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     hold GPU memory through the next run."""
     victims = set()
     for _ in range(2):  # a second look for any started meanwhile
-        pids = [proc.pid, *_descendants(proc.pid)]
+        pids = [proc.pid, *descendants(proc.pid)]
         victims.update(pids)
         for pid in pids:
             try:
