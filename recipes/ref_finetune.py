@@ -105,6 +105,10 @@ class RefFinetuneRecipe:
         self._device = utils.get_device(device=cfg.device)
         self._param_dtype, self._compute_dtype = PRECISIONS[cfg.precision]
         self._output_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.output_dtype]
+        if cfg.precision == "bf16":
+            log.warning("precision=bf16 keeps the weights in bf16: updates below half a weight's bf16 spacing (0.2-0.4% "
+                        "of its magnitude) round away, most AdamW steps at fine-tuning learning rates. "
+                        "precision=bf16_mixed keeps them (README, Precision)")  # fmt: skip
         # Collectives wait `timeout_setup_s` while one rank works alone (the first run's data index,
         # checkpoint_best), and `timeout_step_s` in training steps, so that a hung rank is found early.
         self._timeout_setup = timedelta(seconds=cfg.timeout_setup_s)

@@ -18,6 +18,7 @@ leaves the previous checkpoint the newest.
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -101,7 +102,9 @@ def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ..
 
             def load(scratch=None, fqn=fqn, meta=meta):
                 tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-                dcp.load({fqn: tensor}, storage_reader=reader, no_dist=True)
+                with warnings.catch_warnings():  # "assuming ... a single process": exactly so
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load({fqn: tensor}, storage_reader=reader, no_dist=True)
                 return tensor
 
             sources[fqn.removeprefix("model.")] = (meta.properties.dtype, tuple(meta.size), load, None)
