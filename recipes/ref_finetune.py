@@ -36,6 +36,7 @@ from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
+from ref_tuning import run_dir
 from ref_tuning.config import (
     BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off, one_of, validate_config,
 )  # fmt: skip
@@ -63,7 +64,7 @@ CONFIG_SCHEMA = {
     "clip_grad_norm": POSITIVE_NUMBER.or_null(), "enable_activation_checkpointing": BOOL,
     "fsdp_reshard_after_forward": BOOL, "eval_every_n_steps": POSITIVE_INT.or_null(),
     "save_every_n_steps": POSITIVE_INT.or_null(), "keep_last_n_checkpoints": POSITIVE_INT,
-    "resume_from_checkpoint": BOOL, "metric_logger": COMPONENT, "log_every_n_steps": POSITIVE_INT,
+    "resume_from_checkpoint": BOOL, "start_over": BOOL, "metric_logger": COMPONENT, "log_every_n_steps": POSITIVE_INT,
 }  # fmt: skip
 
 
@@ -170,7 +171,10 @@ class RefFinetuneRecipe:
     # Setup
 
     def setup(self, cfg: DictConfig) -> None:
-        # Data first: a batch larger than the data, or bad data, fails before any model is built.
+        # Whose directory this is first: a run never overwrites another or resumes one it is not.
+        run_dir.claim(self._output_dir, cfg, self.world_size, self.rank)
+        dist.barrier()  # rank 0 may have deleted an earlier run (start_over)
+        # Data next: a batch larger than the data, or bad data, fails before any model is built.
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
         if self._compile:

@@ -150,6 +150,12 @@ def save_state(path: Path, train_state: Dict[str, Any], rank_state: Dict[str, An
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Restore the weights and optimizer from checkpoint `path`; return its train state and this rank's state."""
+    if not (path / STATE_DIR / ".metadata").is_file():
+        raise RuntimeError(
+            f"{path}: has no {STATE_DIR}/ shards: written by an earlier version of ref-tuning, which kept the weights "
+            f"as an HF directory in model/. This version cannot resume it; start a new run from those weights "
+            f"(checkpointer.checkpoint_dir={path / 'model'}) with start_over=true or another experiment=NAME"
+        )
     state = _sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=path / STATE_DIR)
     set_model_state_dict(model, state["model"])
