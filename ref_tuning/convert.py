@@ -32,6 +32,7 @@ from ref_tuning.checkpointing import (
     tune_to_hf,
     write_tensor_file,
 )
+from ref_tuning.paths import check_separate
 from ref_tuning.tensorfiles import TensorFileError, read_refs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -183,6 +184,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"({'OK' if ok else 'MISMATCH'}, tolerance {args.atol:g})")  # fmt: skip
             return 0 if ok else 1
         dtype, progress, direct = DTYPES.get(args.dtype), not args.no_progress, not args.no_direct_io
+        inputs = {"hf-to-tune": ["src_dir"], "tune-to-hf": ["src", "config"], "hf-to-hf": ["src_dir"],
+                  "step-to-hf": ["step_dir"]}[args.command]  # fmt: skip
+        output = args.out if args.command == "hf-to-tune" else args.out_dir
+        check_separate([getattr(args, name) for name in inputs], [output])
         if args.command == "hf-to-tune":
             out = hf_to_tune_file(args.src_dir, args.out, dtype, args.overwrite, progress, direct)
         elif args.command == "step-to-hf":

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ref_tuning.data import tokenize_sample
 from ref_tuning.index import CACHE_FOLDER, DataError, SplitIndex, TokenLengths
+from ref_tuning.paths import check_separate
 
 # CodeContests language ids: 1 = Python 2, 3 = Python 3.
 PYTHON_LANGUAGES = (1, 3)
@@ -333,7 +334,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"{args.raw_dir}: no raw files for split '{split}' (looked for {split}-*.parquet, {split}.jsonl, "
                     f"{split}-*.jsonl, also under data/)"
                 )
-            for out in (args.out_dir / f"{split}.jsonl", args.out_dir / f"{split}_metadata.json"):
+            outputs = (args.out_dir / f"{split}.jsonl", args.out_dir / f"{split}_metadata.json")
+            try:
+                check_separate([args.raw_dir, args.tokenizer], outputs)
+            except ValueError as e:
+                raise PrepareError(str(e)) from None
+            for out in outputs:
                 if out.exists() and not args.overwrite:
                     raise PrepareError(f"{out}: already exists; pass --overwrite to replace it")
         for split, files in plan.items():

@@ -709,3 +709,15 @@ def test_tune_to_hf_with_an_unknown_parameter(src, tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.bogus_proj\.weight' cannot be converted"):
         convert.tune_to_hf_dir(pt, out, src, progress=False)
+
+
+@pytest.mark.parametrize("where", ["the source itself", "a folder that contains it", "a folder inside it"])
+def test_an_output_that_is_contains_or_lies_inside_the_source_is_refused(src, tmp_path, capsys, where):
+    source = Path(shutil.copytree(src, tmp_path / "models" / "src"))
+    before = dir_digest(source)
+    out = {"the source itself": source, "a folder that contains it": tmp_path / "models",
+           "a folder inside it": source / "bf16"}[where]  # fmt: skip
+    for command in (["hf-to-hf", source, out, "--dtype", "bf16"], ["hf-to-tune", source, out]):
+        rc, _, err = run_main(capsys, *command, "--overwrite", "--no-progress")
+        assert rc == 2 and "writing it would destroy the input" in err, err
+    assert dir_digest(source) == before and sorted(p.name for p in (tmp_path / "models").iterdir()) == ["src"]

@@ -172,3 +172,12 @@ def test_unusable_arguments_are_clear_errors(problems, tmp_path, demo_tokenizer_
                "--workers", "1")[0] == 0  # fmt: skip
     rc, _, err = run(capsys, raw.parent, tmp_path / "out", "--tokenizer", demo_tokenizer_path, "--splits", "train")
     assert rc == 2 and "train.jsonl: already exists; pass --overwrite" in err
+
+
+def test_an_output_folder_that_is_the_raw_folder_is_refused(problems, tmp_path, demo_tokenizer_path, capsys):
+    raw = write_jsonl(problems, tmp_path / "raw" / "train.jsonl")
+    before = raw.read_bytes()
+    rc, _, err = run(capsys, raw.parent, raw.parent, "--tokenizer", demo_tokenizer_path, "--splits", "train",
+                     "--workers", "1", "--overwrite")  # fmt: skip
+    assert rc == 2 and "lies inside the input" in err and "writing it would destroy the input" in err, err
+    assert raw.read_bytes() == before and sorted(p.name for p in raw.parent.iterdir()) == ["train.jsonl"]
