@@ -88,6 +88,10 @@ def read_hf_config(checkpoint_dir: Union[str, Path]) -> Dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    kind = config.get("model_type"), config.get("architectures")
+    if kind[0] not in (None, "llama") or not all("Llama" in a for a in kind[1] or []):
+        raise CheckpointError(f"{path}: describes a {kind[0]} model ({', '.join(kind[1] or [])}), not a LLaMA-family "
+                              "one (model_type llama, LlamaForCausalLM): use the config.json of these weights")  # fmt: skip
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if not isinstance(config.get(key), int) or config[key] <= 0:
             raise CheckpointError(f"{path}: expected a positive integer '{key}', found {config.get(key)!r}")

@@ -205,6 +205,10 @@ def select_lines(
     if outside:
         log.info(f"{index.jsonl}: {outside} of {len(index)} lines fall in no difficulty bin and are never drawn")
     sizes = [int(m.sum()) for m in masks]
+    empty = [f"'{name}' (difficulty {lo}..{hi})" for (name, lo, hi, _), size in zip(bins, sizes) if not size]
+    if difficulty_bins is not None and empty:  # a bin that can never be drawn is a mistake in the bins
+        raise DataError(f"{index.jsonl}: difficulty bin {', '.join(empty)} holds no line; difficulties present: "
+                        f"{sorted(set(index.difficulty.tolist()))}. Fix or drop the bin")  # fmt: skip
     weights = [w if w is not None else size for (_, _, _, w), size in zip(bins, sizes)]
     if not sum(weights) > 0:
         raise DataError(f"{index.jsonl}: no line falls in the difficulty_bins {[(n, lo, hi) for n, lo, hi, _ in bins]}")

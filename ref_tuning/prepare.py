@@ -76,7 +76,9 @@ def check_row(row: Any, where: str) -> Dict[str, Any]:
         if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
             raise PrepareError(f"{where}: field '{name}' must be a {kind.__name__}, found {row.get(name)!r:.80}")
     for name in ("solutions", "incorrect_solutions"):
-        value = row.get(name)
+        if name not in row:  # a null field is a problem without such solutions; a missing one, a broken row
+            raise PrepareError(f"{where}: field '{name}' is missing (null if the problem has none)")
+        value = row[name]
         if value is None:
             continue
         ok = (isinstance(value, dict) and isinstance(value.get("language"), list) and isinstance(value.get("solution"), list)
@@ -280,6 +282,12 @@ def prepare_split(
                     stats.incorrect += not correct
                 bar.update(1)
             bar.close()
+            if not len(is_correct):
+                raise PrepareError(
+                    f"{split}: no solution kept of {stats.solutions} in {stats.problems} problems ({stats.other_languages} "
+                    f"in other languages than {list(languages)}, {stats.too_long} longer than --max-seq-len="
+                    f"{max_seq_len}); nothing written"
+                )
             meta.write("\n  ],\n")
             stats_json = {"total": len(is_correct), "correct": stats.correct, "incorrect": stats.incorrect,
                           "n_problems": stats.problems, "skipped_other_languages": stats.other_languages,
@@ -310,6 +318,12 @@ def prepare_split(
     return stats
 
 
+def positive_int(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return int(text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ref_tuning.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -319,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="default: all three")
     parser.add_argument("--languages", nargs="+", type=int, default=list(PYTHON_LANGUAGES),
                         help="CodeContests language ids to keep (default 1 3: Python 2 and 3)")  # fmt: skip
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="longest templated sample kept, in tokens")
+    parser.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest templated sample kept, in tokens")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
     parser.add_argument("--overwrite", action="store_true", help="replace existing processed files")
     parser.add_argument("--no-progress", action="store_true")

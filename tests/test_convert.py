@@ -721,3 +721,11 @@ def test_an_output_that_is_contains_or_lies_inside_the_source_is_refused(src, tm
         rc, _, err = run_main(capsys, *command, "--overwrite", "--no-progress")
         assert rc == 2 and "writing it would destroy the input" in err, err
     assert dir_digest(source) == before and sorted(p.name for p in (tmp_path / "models").iterdir()) == ["src"]
+
+
+def test_a_config_of_another_architecture_is_refused(src, tmp_path, capsys):
+    source = Path(shutil.copytree(src, tmp_path / "src"))
+    edit_json(source / "config.json", lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    rc, _, err = run_main(capsys, "hf-to-hf", source, tmp_path / "out", "--no-progress")
+    assert rc == 2 and "describes a gpt2 model (GPT2LMHeadModel), not a LLaMA-family one" in err, err
+    assert not (tmp_path / "out").exists()

@@ -174,7 +174,9 @@ def test_difficulty_bins_and_weights_are_applied(tok, data):
         ({"easy": [1, 7], "hard": [8, 20]}, {"easy": 1, "hrad": 1}, r"difficulty_weights must give a weight to each of"),
         ({"easy": [1, 9], "hard": [8, 20]}, None, r"difficulty_bins overlap"),
         ({"easy": [7, 1]}, None, r"difficulty_bins\.easy must be \[lowest, highest\]"),
-        ({"far": [50, 60]}, None, r"no line falls in the difficulty_bins"),
+        ({"far": [50, 60]}, None, r"difficulty bin 'far' \(difficulty 50\.\.60\) holds no line; difficulties present"),
+        # A bin that holds nothing is an error even when the others have data and weights are null.
+        ({"easy": [1, 7], "far": [50, 60]}, None, r"difficulty bin 'far' \(difficulty 50\.\.60\) holds no line"),
         (None, {"easy": 1}, r"difficulty_weights needs difficulty_bins"),
         ({"easy": [1, 7]}, {"easy": -1}, r"difficulty_weights\.easy must be a number >= 0"),
     ],

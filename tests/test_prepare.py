@@ -181,3 +181,19 @@ def test_an_output_folder_that_is_the_raw_folder_is_refused(problems, tmp_path, 
                      "--workers", "1", "--overwrite")  # fmt: skip
     assert rc == 2 and "lies inside the input" in err and "writing it would destroy the input" in err, err
     assert raw.read_bytes() == before and sorted(p.name for p in raw.parent.iterdir()) == ["train.jsonl"]
+
+
+def test_a_problem_without_solutions_field_or_nothing_kept_is_an_error(problems, tmp_path, demo_tokenizer_path, capsys):
+    rows = copy.deepcopy(problems)
+    del rows[2]["solutions"]
+    raw = write_jsonl(rows, tmp_path / "raw" / "train.jsonl")
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--splits", "train", "--workers", "1")
+    assert rc == 2 and "train.jsonl:3: field 'solutions' is missing" in err, err
+    write_jsonl(problems, raw)
+    with pytest.raises(SystemExit):  # argparse: "--max-seq-len: expected a positive integer, got 0"
+        run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--max-seq-len", "0")
+    rc, _, err = run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--splits", "train", "--workers", "1",
+                     "--max-seq-len", "8")  # fmt: skip
+    assert rc == 2 and "no solution kept" in err and "longer than --max-seq-len=8); nothing written" in err, err
+    assert not out.exists() or not any(out.glob("train*"))
