@@ -588,10 +588,24 @@ class RefFinetuneRecipe:
         destroy_process_group()
 
 
+def _check_values(cfg: DictConfig) -> None:
+    """What the schema cannot say, checked before anything is built."""
+    errors = []
+    lr = cfg.optimizer.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        errors.append(f"config key 'optimizer.lr': expected a positive number, got {lr!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        errors.append(f"config key 'device': cuda, but torch {torch.__version__} sees no CUDA device here; run on a GPU "
+                      "machine (with a CUDA build of torch), or set device=cpu for tiny models")  # fmt: skip
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     try:
         validate_config(cfg, CONFIG_SCHEMA)
+        _check_values(cfg)
     except ConfigError as e:
         if "dtype" in cfg:  # the key of earlier versions
             raise ConfigError(f"{e}\n  'dtype' is now 'precision' (bf16_mixed: fp32 master weights and bf16 compute; "

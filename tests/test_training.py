@@ -259,6 +259,11 @@ def test_config_and_data_mistakes_fail_before_any_model_is_built(assets, tmp_pat
                     "config key 'eval_every_n_steps': expected a positive integer or null, got 0",
                     "config key 'precision': expected one of bf16_mixed, bf16, fp32, got 'fp16'"):  # fmt: skip
         assert message in text, text[-3000:]
+    result = tune(overrides(assets, tmp_path / "c", "optimizer.lr=-1e-5", "device=cuda"))
+    text = result.stderr + result.stdout
+    assert result.returncode != 0 and "model built" not in text
+    assert "config key 'optimizer.lr': expected a positive number, got -1e-05" in text, text[-3000:]
+    assert "config key 'device': cuda, but torch" in text and "sees no CUDA device here" in text, text[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
