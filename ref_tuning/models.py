@@ -1,5 +1,6 @@
 """Model and tokenizer builders for the Sheared-LLaMA family, referenced from YAML by `_component_`."""
 
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -53,7 +54,15 @@ def tiny_sheared_llama(
 
 def sheared_llama_tokenizer(path: str, max_seq_len: Optional[int] = None) -> Llama2Tokenizer:
     """The LLaMA-2 SentencePiece tokenizer with no chat template: we tune a base model on raw text."""
-    return Llama2Tokenizer(path=path, max_seq_len=max_seq_len, prompt_template=None)
+    file = Path(path)
+    expected = "expected a SentencePiece model such as the model's tokenizer.model"
+    if not file.is_file() or file.stat().st_size == 0:
+        found = "a directory" if file.is_dir() else "an empty file" if file.is_file() else "nothing"
+        raise ValueError(f"tokenizer.path {path}: {expected}, found {found}")
+    try:
+        return Llama2Tokenizer(path=path, max_seq_len=max_seq_len, prompt_template=None)
+    except RuntimeError as e:  # sentencepiece: "Internal: could not parse ModelProto ..."
+        raise ValueError(f"tokenizer.path {path}: {expected}; SentencePiece cannot read it ({e})") from None
 
 
 def hf_llama_config(

@@ -63,6 +63,12 @@ def claim(output_dir: Path, cfg: DictConfig, world_size: int, rank: int) -> None
     """Check that this run may use `output_dir` (every rank: they see the same files), and on rank 0
     delete an earlier run with `start_over` and record this run's identity. Raises `RunDirError`."""
     output_dir = Path(output_dir)
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RunDirError(f"output_dir {output_dir}: {existing} is a file, not a directory; choose another output_dir")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"output_dir {output_dir}: {existing} is not writable by this user; choose another "
+                          "output_dir or fix its permissions")  # fmt: skip
     found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     steps = sorted(p.name for p in (output_dir / "checkpoints").glob("step_*")) if "checkpoints" in found else []
     finished = "checkpoint_final" in found

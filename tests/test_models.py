@@ -1,10 +1,11 @@
 """The 2.7B builder against the HF reference architecture, built on the meta device (no memory)."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ref_tuning.checkpointing import hf_to_tune, tune_to_hf
-from ref_tuning.models import SHEARED_LLAMA_2_7B, hf_llama_config, sheared_llama_2_7b
+from ref_tuning.models import SHEARED_LLAMA_2_7B, hf_llama_config, sheared_llama_2_7b, sheared_llama_tokenizer
 
 
 def _meta_models():
@@ -30,3 +31,12 @@ def test_state_dict_maps_one_to_one_onto_hf_names():
     assert {k: tuple(v.shape) for k, v in as_hf.items()} == {k: tuple(v.shape) for k, v in hf_sd.items()}
     as_tune = hf_to_tune(hf_sd, config)
     assert {k: tuple(v.shape) for k, v in as_tune.items()} == {k: tuple(v.shape) for k, v in ours_sd.items()}
+
+
+def test_a_tokenizer_path_that_is_no_sentencepiece_model_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.model").touch()
+    (tmp_path / "text.model").write_text("not a model")
+    for path, found in ((tmp_path, "found a directory"), (tmp_path / "empty.model", "found an empty file"),
+                        (tmp_path / "missing.model", "found nothing"), (tmp_path / "text.model", "SentencePiece cannot read it")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"tokenizer.path {path}: expected a SentencePiece model.*{found}"):
+            sheared_llama_tokenizer(str(path))

@@ -76,3 +76,10 @@ def test_start_over_replaces_the_earlier_run(assets, unfinished):
     ok(tune(overrides(assets, unfinished, *QUICK, "save_every_n_steps=null", "start_over=true")))
     assert not (unfinished / "checkpoints").exists() and not stale.exists()
     assert (unfinished / "checkpoint_final" / "config.json").is_file()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(assets, tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    refused(tune(overrides(assets, tmp_path / "taken" / "run", *QUICK)),
+            f"{tmp_path / 'taken'} is a file, not a directory")  # fmt: skip
+    assert (tmp_path / "taken").read_text() == "not a directory"
