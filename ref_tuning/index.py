@@ -153,6 +153,12 @@ class SplitIndex:
         has_problem_ids = "problem_id" in entries[0] if entries else True
         offsets, task_problems = _scan_lines(jsonl, with_task_ids=not has_problem_ids, progress=progress)
         n = len(offsets) - 1
+        if n == 0:
+            raise DataError(f"{jsonl}: empty; expected one JSON sample per line, as listed in {metadata}")
+        blank = ((offsets[1:] - offsets[:-1]) <= 1).nonzero().flatten()
+        if len(blank):  # it would shift every later line against its metadata entry
+            raise DataError(f"{jsonl}:{int(blank[0]) + 1}: blank line ({len(blank)} in all); every line must be one "
+                            "JSON sample: remove them")  # fmt: skip
         if len(entries) != n:
             raise DataError(
                 f"{metadata}: lists {len(entries)} entries but {jsonl} has {n} lines; the metadata must have "

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -22,7 +23,7 @@ from ref_tuning.data import (
     token_counts,
     tokenize_sample,
 )
-from ref_tuning.index import CACHE_FOLDER, SplitIndex
+from ref_tuning.index import CACHE_FOLDER, DataError, SplitIndex
 from ref_tuning.models import sheared_llama_tokenizer
 
 RECORD = {
@@ -470,3 +471,14 @@ def test_the_line_scan_across_chunk_boundaries(tmp_path, monkeypatch, chunk, new
     raw = path.read_bytes()
     assert offsets.tolist() == [0] + [i + 1 for i, b in enumerate(raw) if b == 10] + ([] if newline_at_end else [len(raw)])
     assert problems == [r["problem"] for r in rows]
+
+
+def test_a_blank_line_or_an_empty_jsonl_is_named(tok, data, tmp_path):
+    broken = Path(shutil.copytree(data, tmp_path / "blank", ignore=shutil.ignore_patterns(".ref_tuning_cache")))
+    lines = (broken / "train.jsonl").read_text().split("\n")
+    (broken / "train.jsonl").write_text("\n".join(lines[:3] + [""] + lines[3:]))
+    with pytest.raises(DataError, match=r"train\.jsonl:4: blank line \(1 in all\); every line must be one JSON sample"):
+        codecontests_dataset(tok, str(broken), n_samples=8)
+    (broken / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"train\.jsonl: empty; expected one JSON sample per line"):
+        codecontests_dataset(tok, str(broken), n_samples=8)
