@@ -37,6 +37,7 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from ref_tuning import run_dir
+from ref_tuning.checkpointing import CheckpointError
 from ref_tuning.config import (
     BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off, one_of, validate_config,
 )  # fmt: skip
@@ -248,6 +249,7 @@ class RefFinetuneRecipe:
         # Built on the meta device and filled shard by shard, so no rank holds a full copy.
         with training.set_default_dtype(self._param_dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
+        self._check_against_checkpoint(model)
         if self._compile:  # per layer, as torchtune's recipes do
             training.compile_model(model, verbose=self._is_rank_zero)
         if enable_activation_checkpointing:
@@ -278,6 +280,20 @@ class RefFinetuneRecipe:
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         dist.barrier()
         return model
+
+    def _check_against_checkpoint(self, model: torch.nn.Module) -> None:
+        """The model the config builds must be the checkpoint's shape: say which key differs."""
+        hf = self._checkpointer.config
+        built = {"vocab_size": model.tok_embeddings.num_embeddings, "hidden_size": model.tok_embeddings.embedding_dim,
+                 "num_hidden_layers": len(model.layers)}  # fmt: skip
+        wrong = [f"{key} {hf.get(key)} in the checkpoint, {value} in the model" for key, value in built.items()
+                 if hf.get(key) != value]  # fmt: skip
+        if wrong:
+            raise CheckpointError(
+                f"config key 'model' ({self._cfg.model._component_}) builds another shape than the checkpoint "
+                f"{self._cfg.checkpointer.checkpoint_dir}/config.json: {'; '.join(wrong)}. Set the model's arguments "
+                "(e.g. model.vocab_size) to the checkpoint's, or point checkpointer.checkpoint_dir at its model"
+            )
 
     @staticmethod
     def _flops_constants(model: torch.nn.Module) -> Dict[str, int]:

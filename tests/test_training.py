@@ -264,6 +264,10 @@ def test_config_and_data_mistakes_fail_before_any_model_is_built(assets, tmp_pat
     assert result.returncode != 0 and "model built" not in text
     assert "config key 'optimizer.lr': expected a positive number, got -1e-05" in text, text[-3000:]
     assert "config key 'device': cuda, but torch" in text and "sees no CUDA device here" in text, text[-3000:]
+    result = tune(overrides(assets, tmp_path / "d", "model.vocab_size=512"))
+    text = result.stderr + result.stdout
+    assert result.returncode != 0 and "model built" not in text
+    assert f"vocab_size {assets['vocab_size']} in the checkpoint, 512 in the model" in text, text[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
