@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed import destroy_process_group, init_device_mesh, init_process_group
 from torch.distributed.distributed_c10d import _set_pg_timeout
@@ -329,7 +330,13 @@ class RefFinetuneRecipe:
         return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=self._collate_fn(ds))
 
     def _resume(self, path: Path) -> None:
-        train_state, rank_state = load_state(path, self._model, self._optimizer)
+        try:
+            train_state, rank_state = load_state(path, self._model, self._optimizer)
+        except (Exception, dcp.CheckpointException) as e:  # a truncated or corrupt file (DCP raises a BaseException)
+            older = [p for _, p in self._checkpoints.complete() if p != path]
+            fix = (f"delete it (rm -r {path}) and resume again to continue from the previous complete checkpoint, "
+                   f"{older[-1]}") if older else "no earlier complete checkpoint is left: start over (start_over=true)"
+            raise CheckpointError(f"{path}: cannot be read, it is damaged ({type(e).__name__}: {str(e)[:300]}); {fix}") from None
         if train_state["world_size"] != self.world_size:
             raise RuntimeError(f"{path}: written by {train_state['world_size']} processes, this run has "
                                f"{self.world_size}; resume with --nproc_per_node {train_state['world_size']}")  # fmt: skip

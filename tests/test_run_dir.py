@@ -83,3 +83,13 @@ def test_an_output_dir_that_is_a_file_is_refused(assets, tmp_path):
     refused(tune(overrides(assets, tmp_path / "taken" / "run", *QUICK)),
             f"{tmp_path / 'taken'} is a file, not a directory")  # fmt: skip
     assert (tmp_path / "taken").read_text() == "not a directory"
+
+
+def test_a_damaged_step_checkpoint_names_itself_and_the_previous_one(assets, unfinished):
+    shard = unfinished / "checkpoints" / "step_000004" / "state" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated, as by a full disk
+    result = tune(overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true"))
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"{unfinished / 'checkpoints' / 'step_000004'}: cannot be read, it is damaged" in text, text[-3000:]
+    assert f"continue from the previous complete checkpoint, {unfinished / 'checkpoints' / 'step_000002'}" in text
