@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ref_tuning import run_dir
 from ref_tuning.checkpointing import CheckpointError
+from ref_tuning.index import DataError
 from ref_tuning.config import (
     BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off, one_of, validate_config,
 )  # fmt: skip
@@ -626,6 +627,16 @@ def _check_values(cfg: DictConfig) -> None:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout) as e:
+        # A mistake in the config, data or files, not a bug: its message on rank 0, no tracebacks.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run(cfg: DictConfig) -> None:
     try:
         validate_config(cfg, CONFIG_SCHEMA)
         _check_values(cfg)

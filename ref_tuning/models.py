@@ -8,6 +8,8 @@ from torchtune.models.llama2 import llama2
 from torchtune.models.llama2._tokenizer import Llama2Tokenizer
 from torchtune.modules import TransformerDecoder
 
+from ref_tuning.config import ConfigError
+
 # princeton-nlp/Sheared-LLaMA-2.7B, read off its config.json (see shared/docs/MODEL_AND_RHO1.md).
 SHEARED_LLAMA_2_7B = dict(
     vocab_size=32_000,
@@ -58,11 +60,11 @@ def sheared_llama_tokenizer(path: str, max_seq_len: Optional[int] = None) -> Lla
     expected = "expected a SentencePiece model such as the model's tokenizer.model"
     if not file.is_file() or file.stat().st_size == 0:
         found = "a directory" if file.is_dir() else "an empty file" if file.is_file() else "nothing"
-        raise ValueError(f"tokenizer.path {path}: {expected}, found {found}")
+        raise ConfigError(f"tokenizer.path {path}: {expected}, found {found}")
     try:
         return Llama2Tokenizer(path=path, max_seq_len=max_seq_len, prompt_template=None)
     except RuntimeError as e:  # sentencepiece: "Internal: could not parse ModelProto ..."
-        raise ValueError(f"tokenizer.path {path}: {expected}; SentencePiece cannot read it ({e})") from None
+        raise ConfigError(f"tokenizer.path {path}: {expected}; SentencePiece cannot read it ({e})") from None
 
 
 def hf_llama_config(
