@@ -175,8 +175,11 @@ class RefFinetuneRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         # Whose directory this is first: a run never overwrites another or resumes one it is not.
-        run_dir.claim(self._output_dir, cfg, self.world_size, self.rank)
-        dist.barrier()  # rank 0 may have deleted an earlier run (start_over)
+        run_dir.check(self._output_dir, cfg, self.world_size)
+        dist.barrier()  # every rank has looked before rank 0 changes anything
+        if self._is_rank_zero:
+            run_dir.record(self._output_dir, cfg, self.world_size)
+        dist.barrier()
         # Data next: a batch larger than the data, or bad data, fails before any model is built.
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
@@ -630,9 +633,10 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout) as e:
-        # A mistake in the config, data or files, not a bug: its message on rank 0, no tracebacks.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # A mistake in the config, data or files, not a bug: its message, no traceback. Every rank that
+        # raised says so (usually all, with the same line): an error on one rank alone must not be hidden.
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {type(e).__name__}: {e}" + (f" [rank {rank}]" if rank != "0" else ""), file=sys.stderr, flush=True)
         sys.exit(2)
 
 

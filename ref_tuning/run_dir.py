@@ -59,9 +59,9 @@ def differences(run: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
             for key in sorted(set(run) | set(now)) if run.get(key, missing) != now.get(key, missing)]  # fmt: skip
 
 
-def claim(output_dir: Path, cfg: DictConfig, world_size: int, rank: int) -> None:
-    """Check that this run may use `output_dir` (every rank: they see the same files), and on rank 0
-    delete an earlier run with `start_over` and record this run's identity. Raises `RunDirError`."""
+def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
+    """Raise `RunDirError` unless this run may use `output_dir`. Every rank checks (they see the same
+    files), all before rank 0 changes anything (`record`)."""
     output_dir = Path(output_dir)
     existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -99,14 +99,21 @@ def claim(output_dir: Path, cfg: DictConfig, world_size: int, rank: int) -> None
                 f"({RUN_FILE}), so resuming would mix two runs:\n  " + "\n  ".join(diff) + "\nResume with the "
                 "run's values, or start another experiment=NAME"
             )
-    if rank != 0:
-        return
+
+
+def record(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
+    """Once `check` passed on every rank (rank 0 alone): delete an earlier run with `start_over`, and
+    record this run's identity."""
+    output_dir = Path(output_dir)
     if cfg.start_over and not cfg.resume_from_checkpoint:
-        for name in found:
+        for name in RUN_OUTPUTS:
             path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     if not (output_dir / RUN_FILE).is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp = output_dir / f".{RUN_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(now, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(identity(cfg, world_size), indent=2, default=str) + "\n")
         tmp.rename(output_dir / RUN_FILE)
