@@ -65,10 +65,21 @@ def tune_to_hf_dir(src: Path, out_dir: Path, config_dir: Path, dtype: Optional[t
                    progress: bool = True, direct_io: bool = True) -> Path:  # fmt: skip
     """A torchtune state-dict file to an HF directory, with config and side files from `config_dir`."""
     config = read_hf_config(config_dir)
+    if src.is_dir():
+        raise CheckpointError(f"{src}: a directory; tune-to-hf reads one torchtune state-dict file (.pt). For an HF "
+                              "directory use hf-to-hf, for a step checkpoint step-to-hf")  # fmt: skip
     try:
         refs = read_refs(src)
     except TensorFileError as e:
         raise CheckpointError(str(e)) from e
+    meta = {name: torch.empty(shape, device="meta") for name, shape in expected_hf_shapes(config).items()}
+    expected = {name: tuple(t.shape) for name, t in hf_to_tune(meta, config).items()}
+    wrong = [f"{name} {tuple(ref.shape)} (expected {expected[name]})" for name, ref in refs.items()
+             if name in expected and tuple(ref.shape) != expected[name]]  # fmt: skip
+    if wrong:
+        raise CheckpointError(f"{src}: its weights are not of the shape {config_dir}/config.json describes: "
+                              f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}; give --config the HF "
+                              "directory of the model these weights came from")  # fmt: skip
     tensors = converted(ref_sources(refs), tune_to_hf, config, dtype)
     check_hf_tensors({t.name: t for t in tensors}, config, src)
     return save_hf_dir(tensors, out_dir, config, config_dir, max_shard_size, safetensors, overwrite, progress, direct_io)

@@ -729,3 +729,15 @@ def test_a_config_of_another_architecture_is_refused(src, tmp_path, capsys):
     rc, _, err = run_main(capsys, "hf-to-hf", source, tmp_path / "out", "--no-progress")
     assert rc == 2 and "describes a gpt2 model (GPT2LMHeadModel), not a LLaMA-family one" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_tune_to_hf_names_a_directory_source_and_a_config_of_another_shape(src, tmp_path, capsys):
+    rc, _, err = run_main(capsys, "tune-to-hf", src, tmp_path / "a", "--config", src, "--no-progress")
+    assert rc == 2 and "a directory; tune-to-hf reads one torchtune state-dict file (.pt)" in err, err
+    pt = tmp_path / "model.pt"
+    assert run_main(capsys, "hf-to-tune", src, pt, "--no-progress")[0] == 0
+    other = Path(shutil.copytree(src, tmp_path / "other"))
+    edit_json(other / "config.json", lambda c: c.update(hidden_size=c["hidden_size"] * 2))
+    rc, _, err = run_main(capsys, "tune-to-hf", pt, tmp_path / "b", "--config", other, "--no-progress")
+    assert rc == 2 and "its weights are not of the shape" in err and "give --config the HF directory" in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
