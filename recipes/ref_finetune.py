@@ -440,9 +440,10 @@ class RefFinetuneRecipe:
                 "non-padding tokens/s")  # fmt: skip
         if "mfu" in steps[0]:
             line += f", MFU {statistics.median(m['mfu'] for m in steps):.1%}"
-        peaks = [m["peak_memory_alloc"] for m in history if "peak_memory_alloc" in m]
+        peaks = [(m["peak_memory_alloc"], m["peak_memory_reserved"]) for m in history if "peak_memory_alloc" in m]
         if peaks:
-            line += f", peak memory {max(peaks):.1f} GiB allocated, {max(m['peak_memory_reserved'] for m in history if 'peak_memory_reserved' in m):.1f} GiB reserved"
+            alloc, reserved = map(max, zip(*peaks))
+            line += f", peak memory {alloc:.1f} GiB allocated, {reserved:.1f} GiB reserved"
         return line
 
     def _train_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, float]:

@@ -72,7 +72,6 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
     found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     steps = sorted(p.name for p in (output_dir / "checkpoints").glob("step_*")) if "checkpoints" in found else []
     finished = "checkpoint_final" in found
-    now = identity(cfg, world_size)
     if cfg.resume_from_checkpoint and cfg.start_over:
         raise RunDirError("resume_from_checkpoint=true and start_over=true: choose one (continue the run in "
                           f"{output_dir}, or delete it and start again)")  # fmt: skip
@@ -92,7 +91,7 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
         )
     if cfg.resume_from_checkpoint and (output_dir / RUN_FILE).is_file():
         run = json.loads((output_dir / RUN_FILE).read_text())
-        diff = differences(run, now)
+        diff = differences(run, identity(cfg, world_size))
         if diff:
             raise RunDirError(
                 f"resume_from_checkpoint=true: this config is not that of the run in {output_dir} "
