@@ -13,14 +13,18 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed import destroy_process_group, init_process_group
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from ref_tuning.config import COMPONENT, POSITIVE_INT, STRING, one_of, validate_config
-from ref_tuning.scoring import ScoreStore, ScoreWriter, load_reference, new_run_id, open_store, score_dataset
+from ref_tuning.checkpointing import CheckpointError, read_hf_config
+from ref_tuning.config import COMPONENT, POSITIVE_INT, STRING, ConfigError, one_line_errors, one_of, validate_config
+from ref_tuning.index import DataError
+from ref_tuning.paths import check_separate
+from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, new_run_id, open_store, score_dataset
 
 log = utils.get_logger("INFO")
 
@@ -49,7 +53,8 @@ class RefScoreRecipe:
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._ds = config.instantiate(cfg.dataset, self._tokenizer)
         if getattr(self._ds, "packed", False):
-            raise ValueError("dataset.packed must be false for scoring: every sample is scored on its own, as Rho-1 does")
+            raise ConfigError("config key 'dataset.packed': must be false for scoring: every sample is scored on its "
+                              "own, as Rho-1 does")  # fmt: skip
         description = {
             "model_dir": str(Path(cfg.model_dir).resolve()), "dtype": cfg.dtype, "store_dtype": cfg.store_dtype,
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
@@ -58,7 +63,11 @@ class RefScoreRecipe:
         if self.rank == 0:
             open_store(self._store, description)
         dist.barrier()
-        done = ScoreStore(self._store).lines()  # by any earlier run, with any number of processes
+        store = ScoreStore(self._store)
+        done = store.lines()  # by any earlier run, with any number of processes
+        if store.damaged:
+            utils.log_rank_zero(log, f"{len(store.damaged)} samples' scores are damaged (in "
+                                     f"{', '.join(sorted(set(store.damaged.values())))}): scoring them again")  # fmt: skip
         todo = [i for i in range(len(self._ds)) if int(self._ds.lines[i]) not in done]
         self._mine = todo[self.rank :: self.world_size]
         utils.log_rank_zero(log, f"{len(self._ds)} samples, {len(self._ds) - len(todo)} scored already, "
@@ -87,9 +96,27 @@ class RefScoreRecipe:
         destroy_process_group()
 
 
+def _check(cfg: DictConfig) -> None:
+    """Before anything is built or written: the values, the model directory, a store apart from its inputs."""
+    validate_config(cfg, CONFIG_SCHEMA)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': cuda, but torch {torch.__version__} sees no CUDA device here; "
+                          "run on a GPU machine, or set device=cpu for tiny models")  # fmt: skip
+    read_hf_config(cfg.model_dir)  # names the directory and what is missing
+    try:
+        check_separate([cfg.model_dir, cfg.dataset.data_dir], [cfg.output_dir])
+    except ValueError as e:
+        raise ConfigError(f"config key 'output_dir': {e}") from None
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    validate_config(cfg, CONFIG_SCHEMA)
+    with one_line_errors(ConfigError, DataError, CheckpointError, ScoreError):
+        _check(cfg)
+        run(cfg)
+
+
+def run(cfg: DictConfig) -> None:
     recipe = RefScoreRecipe(cfg)
     recipe.setup(cfg)
     recipe.score()

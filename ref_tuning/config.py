@@ -1,9 +1,13 @@
 """Config checks that run before anything is built: a misspelled key, a missing key or a value of
 the wrong kind is an error that names the key, never ignored."""
 
+import argparse
 import difflib
 import inspect
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Type
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
@@ -11,6 +15,28 @@ from torchtune.config._utils import _get_component_from_path
 
 class ConfigError(ValueError):
     """A config key that is unknown or malformed; the message names the key and the fix."""
+
+
+def raise_if_any(errors: List[str]) -> None:
+    if errors:
+        raise ConfigError("invalid config: " + (errors[0] if len(errors) == 1 else "\n  " + "\n  ".join(errors)))
+
+
+@contextmanager
+def one_line_errors(*known: Type[BaseException]) -> Iterator[None]:
+    """A known mistake (config, data, files) ends the process with its message and exit status 2;
+    anything else is a bug and keeps its traceback. Every rank that raised prints its line: an error
+    on one rank alone must not be hidden."""
+    try:
+        yield
+    except known as e:
+        import torch.distributed as dist
+
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {type(e).__name__}: {e}" + (f" [rank {rank}]" if rank != "0" else ""), file=sys.stderr, flush=True)
+        if dist.is_initialized():  # for callers in the same process (tests); a recipe's process ends here
+            dist.destroy_process_group()
+        sys.exit(2)
 
 
 def _unknown_key_message(path: str, key: str, known: Iterable[str]) -> str:
@@ -98,5 +124,24 @@ def validate_config(cfg: DictConfig, schema: Dict[str, Kind]) -> None:
     for key in cfg:
         if not (key in schema and schema[key].optional and is_off(values.get(key))):
             _walk(cfg._get_node(key), f"{key}.", errors)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    raise_if_any(errors)
+
+
+# Argument types of the command-line tools: a bad value is argparse's one-line error naming the option.
+
+
+def positive_int(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return int(text)
+
+
+def share(text: str) -> float:
+    """A share in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value

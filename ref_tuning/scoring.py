@@ -15,6 +15,9 @@ A score store is a directory, written by any number of processes and runs:
 A line is added to an `.idx` only after its sample's losses are written and flushed, so a run killed
 at any point leaves every indexed sample whole; a later run scores only the samples no part indexes
 (in parts of its own), whatever its number of processes. `ScoreStore` reads them back by `task_id`.
+A store checks its parts when it opens: a sample whose values lie past the end of its `.bin` (a file
+cut short by a copy or a full disk) or whose index line is garbled counts as damaged, not scored, so
+the next scoring run scores it again.
 """
 
 import json
@@ -37,6 +40,20 @@ VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 class ScoreError(ValueError):
     """A score store that cannot be used as asked; the message names the store and the fix."""
+
+
+def check_vocab(model_dirs: Sequence[Union[str, Path]], tokenizer_size: int, tokenizer_name: str) -> None:
+    """Losses are comparable only between models of one vocabulary that covers the tokenizer's ids."""
+    sizes = {Path(d) / "config.json": read_hf_config(d)["vocab_size"] for d in model_dirs}
+    if not sizes:
+        return
+    if len(set(sizes.values())) > 1:
+        raise ScoreError("the models have different vocabularies (" + ", ".join(f"{p}: vocab_size {v}" for p, v in
+                         sizes.items()) + "); compare models that share one tokenizer")  # fmt: skip
+    path, size = next(iter(sizes.items()))
+    if tokenizer_size > size:
+        raise ScoreError(f"{tokenizer_name}: {tokenizer_size} token ids, more than vocab_size {size} in {path}; "
+                         "use the tokenizer of these models")  # fmt: skip
 
 
 def load_reference(model_dir: Union[str, Path], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -148,11 +165,23 @@ class ScoreStore:
         self.description = json.loads((self.path / STORE_CONFIG).read_text())
         self._dtype = VALUE_DTYPES[self.description["store_dtype"]]
         self._samples: Dict[str, ScoredSample] = {}
+        self.damaged: Dict[str, str] = {}  # task_id (or index line) -> the part file that should hold it
         for idx in sorted(self.path.glob("part-*.idx")):
-            for entry in _complete_lines(idx):
-                sample = ScoredSample(entry["task_id"], entry["line"], entry["is_correct"], entry["difficulty"],
-                                      idx.stem, entry["offset"], entry["count"])  # fmt: skip
-                self._samples.setdefault(sample.task_id, sample)
+            values = idx.with_suffix(".bin")
+            size = values.stat().st_size if values.is_file() else 0
+            for number, entry in enumerate(_complete_lines(idx), 1):
+                try:
+                    sample = ScoredSample(entry["task_id"], entry["line"], entry["is_correct"], entry["difficulty"],
+                                          idx.stem, entry["offset"], entry["count"])  # fmt: skip
+                except (KeyError, TypeError):
+                    self.damaged[f"{idx.name} line {number}"] = idx.name
+                    continue
+                if (sample.offset + sample.count) * self._dtype.itemsize > size:
+                    self.damaged[sample.task_id] = values.name
+                else:
+                    self._samples.setdefault(sample.task_id, sample)
+        for task_id in self._samples:  # scored again after the damage
+            self.damaged.pop(task_id, None)
         self._by_line = {s.line: s for s in self._samples.values()}
         self._fds: Dict[str, int] = {}  # part -> open file: a reader looks up sample after sample
 
@@ -169,6 +198,10 @@ class ScoreStore:
         try:
             return self._samples[task_id]
         except KeyError:
+            if task_id in self.damaged:
+                raise ScoreError(f"{self.path / self.damaged[task_id]}: the scores of task_id {task_id!r} are cut "
+                                 "off (the file is shorter than its index says); run recipes/ref_score.py again with "
+                                 "the same config to score what is damaged") from None
             raise ScoreError(f"{self.path}: no scores for task_id {task_id!r} ({len(self)} samples scored)") from None
 
     def losses(self, task_id: str) -> torch.Tensor:
@@ -193,12 +226,16 @@ class ScoreStore:
 
 
 def _complete_lines(idx: Path) -> Iterator[Dict[str, Any]]:
-    """The entries of an index file; a last line cut short by a crash is left out."""
-    with open(idx, encoding="utf-8") as f:
+    """The entries of an index file; a last line cut short by a crash is left out, a garbled one is {}."""
+    with open(idx, encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.endswith("\n"):
                 return
-            yield json.loads(line)
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = {}
+            yield entry if isinstance(entry, dict) else {}
 
 
 def store_fields(ds, i: int, record: Dict[str, Any]) -> Dict[str, Any]:
