@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 from tqdm import tqdm
 
+from ref_tuning.config import positive_int
 from ref_tuning.data import tokenize_sample
 from ref_tuning.index import CACHE_FOLDER, DataError, SplitIndex, TokenLengths
 from ref_tuning.paths import check_separate
@@ -242,6 +243,7 @@ def prepare_split(
                 n_all = sum(len((row.get(k) or {}).get("language", [])) for k in ("solutions", "incorrect_solutions"))
                 yield row, n_all - len(records), records
 
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # removed again if this fails
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_jsonl, tmp_meta = _tmp(jsonl), _tmp(metadata)
     try:
@@ -296,10 +298,13 @@ def prepare_split(
             meta.write(json.dumps(tail, indent=2, ensure_ascii=False)[2:])  # the rest of the top-level object
         os.replace(tmp_jsonl, jsonl)
         os.replace(tmp_meta, metadata)
+        created = []
     finally:
         for tmp in (tmp_jsonl, tmp_meta):
             if tmp.exists():
                 tmp.unlink()
+        for d in created:  # deepest first
+            d.rmdir()
 
     cache = out_dir / CACHE_FOLDER
     index = SplitIndex.write(
@@ -318,12 +323,6 @@ def prepare_split(
     return stats
 
 
-def positive_int(text: str) -> int:
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return int(text)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ref_tuning.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -334,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--languages", nargs="+", type=int, default=list(PYTHON_LANGUAGES),
                         help="CodeContests language ids to keep (default 1 3: Python 2 and 3)")  # fmt: skip
     parser.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest templated sample kept, in tokens")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="tokenizing processes")
     parser.add_argument("--overwrite", action="store_true", help="replace existing processed files")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

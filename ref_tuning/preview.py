@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ref_tuning.config import positive_int, share
 from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore
 
 POSITION_BINS = 10  # tenths of the solution
@@ -94,8 +95,14 @@ def preview(ref: Path, policy: Path, out: Path, k: float = 0.6, examples: int = 
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
 
-    from ref_tuning.scoring import load_reference, score_dataset
+    from ref_tuning.checkpointing import read_hf_config
+    from ref_tuning.paths import check_separate
+    from ref_tuning.scoring import check_vocab, load_reference, score_dataset
 
+    try:
+        check_separate([ref, policy], [out])
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
     ref_store = ScoreStore(ref)
     description = ref_store.description
     tokenizer = tt_config.instantiate(OmegaConf.create(description["tokenizer"]))
@@ -104,8 +111,15 @@ def preview(ref: Path, policy: Path, out: Path, k: float = 0.6, examples: int = 
     samples = [s for s in ref_store if s.line in index_of]
     if not samples:
         raise ScoreError(f"{ref}: none of its samples is in its dataset any more; score it again")
-    if (policy / STORE_CONFIG).is_file():
-        policy_store = ScoreStore(policy)
+    is_store = (policy / STORE_CONFIG).is_file()
+    policy_store = ScoreStore(policy) if is_store else None
+    models = [description["model_dir"], policy_store.description["model_dir"] if is_store else policy]
+    if not is_store:
+        read_hf_config(policy)  # names the directory and what it lacks
+    # A store's model may have moved since it was scored: compare the models that are still there.
+    check_vocab([d for d in models if (Path(d) / "config.json").is_file()], tokenizer.vocab_size,
+                description["tokenizer"]["path"])  # fmt: skip
+    if is_store:
         if policy_store.description["dataset"] != description["dataset"]:
             raise ScoreError(f"{policy}: scores other samples than {ref} (its dataset config differs)")
         policy_losses = {s.task_id: policy_store.losses(s.task_id) for s in policy_store}
@@ -158,11 +172,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("ref_scores", type=Path, help="the reference's score store")
     parser.add_argument("policy", type=Path, help="the policy: an HF directory, or a score store of it")
     parser.add_argument("--out", type=Path, required=True, help="where preview.md and preview.json go")
-    parser.add_argument("--k", type=float, default=0.6, help="share of tokens Rho-1 selects (default 0.6)")
+    parser.add_argument("--k", type=share, default=0.6, help="share of tokens Rho-1 selects (default 0.6)")
     parser.add_argument("--examples", type=int, default=4, help="samples rendered with their selection")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:

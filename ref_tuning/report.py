@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ref_tuning.config import positive_int, share
+
 DEFAULT_DATA = Path("storage/datasets/codecontests/processed")
 
 
@@ -146,12 +148,18 @@ def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split
 
     from ref_tuning.data import codecontests_dataset
     from ref_tuning.models import sheared_llama_tokenizer
-    from ref_tuning.scoring import load_reference, score_dataset
+    from ref_tuning.paths import check_separate
+    from ref_tuning.scoring import check_vocab, load_reference, score_dataset
 
+    try:
+        check_separate([base_dir, tuned_dir, data_dir], [out])
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
     tokenizer = Path(tokenizer or base_dir / "tokenizer.model")
     if not tokenizer.is_file():
         raise SystemExit(f"{tokenizer}: no tokenizer; pass --tokenizer PATH")
     tok = sheared_llama_tokenizer(str(tokenizer))
+    check_vocab([base_dir, tuned_dir], tok.vocab_size, str(tokenizer))
     ds = codecontests_dataset(tok, str(data_dir), split=split, n_samples=n_samples, correct_ratio=correct_ratio,
                               seed=seed, max_seq_len=max_seq_len)  # fmt: skip
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -186,15 +194,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("tuned_dir", type=Path, help="the tuned reference (HF directory)")
     parser.add_argument("--split", default="valid", help="held-out split (default valid)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"processed data (default {DEFAULT_DATA})")
-    parser.add_argument("--n-samples", type=int, default=1000, help="samples drawn (default 1000)")
-    parser.add_argument("--correct-ratio", type=float, default=0.5, help="share of correct solutions (default 0.5)")
+    parser.add_argument("--n-samples", type=positive_int, default=1000, help="samples drawn (default 1000)")
+    parser.add_argument("--correct-ratio", type=share, default=0.5, help="share of correct solutions (default 0.5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--max-seq-len", type=positive_int, default=2048)
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: BASE_DIR/tokenizer.model)")
     parser.add_argument("--out", type=Path, help="where the report goes (default: TUNED_DIR/../report-SPLIT)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype (default fp32)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = args.out or args.tuned_dir.parent / f"report-{args.split}"
