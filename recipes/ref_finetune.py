@@ -41,7 +41,8 @@ from ref_tuning import run_dir
 from ref_tuning.checkpointing import CheckpointError
 from ref_tuning.index import DataError
 from ref_tuning.config import (
-    BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off, one_of, validate_config,
+    BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off, one_line_errors, one_of,
+    raise_if_any, validate_config,
 )  # fmt: skip
 from ref_tuning.step_checkpoints import (
     HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state, set_rng_state,
@@ -146,12 +147,14 @@ class RefFinetuneRecipe:
         self.best_step: Optional[int] = None
         self._val_metrics: Dict[str, float] = {}
 
-        # Preemption: SIGTERM only raises a flag; the step in progress finishes and a checkpoint is written.
-        self._sigterm = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Preemption (SIGTERM) and Ctrl-C (torchrun passes SIGINT on) only raise a flag: the step in
+        # progress finishes and a checkpoint is written.
+        self._stop_signal = 0
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._sigterm = True
+    def _on_stop_signal(self, signum, frame) -> None:
+        self._stop_signal = max(self._stop_signal, signum)
 
     def _device_peak_flops(self, peak_tflops: Optional[float]) -> Optional[float]:
         if peak_tflops is None and self._device.type == "cuda":
@@ -176,10 +179,6 @@ class RefFinetuneRecipe:
     def setup(self, cfg: DictConfig) -> None:
         # Whose directory this is first: a run never overwrites another or resumes one it is not.
         run_dir.check(self._output_dir, cfg, self.world_size)
-        dist.barrier()  # every rank has looked before rank 0 changes anything
-        if self._is_rank_zero:
-            run_dir.record(self._output_dir, cfg, self.world_size)
-        dist.barrier()
         # Data next: a batch larger than the data, or bad data, fails before any model is built.
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
@@ -191,7 +190,7 @@ class RefFinetuneRecipe:
             self._val_dataloader = self._setup_val_data(cfg.dataset_val, cfg.val_batch_size)
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self._steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset gives {len(self._dataloader)} batches per rank, fewer than "
                 f"gradient_accumulation_steps={self._gradient_accumulation_steps}: one optimizer step needs "
                 f"batch_size * gradient_accumulation_steps * world_size = "
@@ -205,26 +204,30 @@ class RefFinetuneRecipe:
         resume = self._checkpoints.newest() if cfg.resume_from_checkpoint else None
         if cfg.resume_from_checkpoint and resume is None:
             utils.log_rank_zero(log, f"no checkpoint in {self._checkpoints.root}: starting from the base model")
-
         if self._is_rank_zero:
             try:
                 self._metric_logger = config.instantiate(cfg.metric_logger)
             except ImportError as e:  # TensorBoardLogger without tensorboard, WandBLogger without wandb
-                raise ImportError(
-                    f"metric_logger: {cfg.metric_logger._component_} needs a package that is not installed ({e}); "
+                raise ConfigError(
+                    f"config key 'metric_logger': {cfg.metric_logger._component_} needs a package that is not installed ({e}); "
                     "install it (pip install tensorboard, for TensorBoardLogger) or use "
                     "torchtune.training.metric_logging.DiskLogger"
                 ) from e
             self._metric_logger.log_config(cfg)
-
         self._checkpointer = config.instantiate(cfg.checkpointer)
+        # Built on the meta device (filled shard by shard later, so no rank holds a full copy), and
+        # checked against the checkpoint before anything is written.
+        with training.set_default_dtype(self._param_dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        self._check_against_checkpoint(model)
+
         if os.environ.get("REF_TUNING_FAULT", "").startswith("slow_setup:") and self._is_rank_zero:  # tests only
             time.sleep(float(os.environ["REF_TUNING_FAULT"].split(":")[1]))
         # Read by rank 0 alone, one tensor at a time: FSDP scatters the shards from rank 0's copy.
         # A resumed run reads its weights from the step checkpoint's shards instead, in `_resume`.
         model_state = None if resume else self._checkpointer.load_checkpoint(rank_zero_only=True)[training.MODEL_KEY]
         self._model = self._setup_model(
-            cfg.model,
+            model,
             model_state_dict=model_state,
             enable_activation_checkpointing=cfg.enable_activation_checkpointing,
             reshard_after_forward=cfg.fsdp_reshard_after_forward,
@@ -239,6 +242,12 @@ class RefFinetuneRecipe:
         )
         if resume is not None:
             self._resume(resume)
+        # Only now, with every input read and checked, is the directory this run's: a run that failed
+        # before this point leaves nothing but its log (`logs/`).
+        dist.barrier()
+        if self._is_rank_zero:
+            run_dir.record(self._output_dir, cfg, self.world_size)
+        dist.barrier()
         # Labels are shifted left by one; the last position of every row predicts nothing.
         self._ignore_labels_cache = torch.full(
             (max(cfg.batch_size, cfg.val_batch_size), 1), self._loss_fn.ignore_index, device=self._device
@@ -246,15 +255,12 @@ class RefFinetuneRecipe:
 
     def _setup_model(
         self,
-        cfg_model: DictConfig,
+        model: torch.nn.Module,
         model_state_dict: Optional[Dict[str, Any]],
         enable_activation_checkpointing: bool,
         reshard_after_forward: bool,
     ) -> torch.nn.Module:
-        # Built on the meta device and filled shard by shard, so no rank holds a full copy.
-        with training.set_default_dtype(self._param_dtype), torch.device("meta"):
-            model = config.instantiate(cfg_model)
-        self._check_against_checkpoint(model)
+        """Shard the meta-device `model` and fill it from the full state dict (or leave it empty for a resume)."""
         if self._compile:  # per layer, as torchtune's recipes do
             training.compile_model(model, verbose=self._is_rank_zero)
         if enable_activation_checkpointing:
@@ -340,9 +346,10 @@ class RefFinetuneRecipe:
             older = [p for _, p in self._checkpoints.complete() if p != path]
             fix = (f"delete it (rm -r {path}) and resume again to continue from the previous complete checkpoint, "
                    f"{older[-1]}") if older else "no earlier complete checkpoint is left: start over (start_over=true)"
-            raise CheckpointError(f"{path}: cannot be read, it is damaged ({type(e).__name__}: {str(e)[:300]}); {fix}") from None
+            reason = ([line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
+            raise CheckpointError(f"{path}: cannot be read, it is damaged ({reason[:200]}); {fix}") from None
         if train_state["world_size"] != self.world_size:
-            raise RuntimeError(f"{path}: written by {train_state['world_size']} processes, this run has "
+            raise CheckpointError(f"{path}: written by {train_state['world_size']} processes, this run has "
                                f"{self.world_size}; resume with --nproc_per_node {train_state['world_size']}")  # fmt: skip
         self._lr_scheduler.load_state_dict(train_state["lr_scheduler"])
         self.global_step, self.epoch = train_state["global_step"], train_state["epoch"]
@@ -393,10 +400,12 @@ class RefFinetuneRecipe:
                     metrics.update(self.validate())
                 if self._is_rank_zero and (self.global_step % self._log_every_n_steps == 0 or "val_loss" in metrics):
                     self._metric_logger.log_dict(metrics, step=self.global_step)
-                if self._preempted():
+                stop_signal = self._stop_signal_of_any_rank()
+                if stop_signal:
                     with self._patience(self._timeout_setup):
                         path = self.save_checkpoint()
-                    utils.log_rank_zero(log, f"SIGTERM: stopped after step {self.global_step}, checkpoint {path}; "
+                    utils.log_rank_zero(log, f"{signal.Signals(stop_signal).name}: stopped after step {self.global_step}, "
+                                             f"checkpoint {path}; "
                                              "run again with resume_from_checkpoint=true to continue")  # fmt: skip
                     pbar.close()
                     return
@@ -514,11 +523,11 @@ class RefFinetuneRecipe:
         if bad.item():
             self._stop_non_finite("the weights are not finite", self.global_step)
 
-    def _preempted(self) -> bool:
-        """Whether any rank received SIGTERM: all ranks must agree, to save the same checkpoint."""
-        flag = torch.tensor(int(self._sigterm), device=self._device)
+    def _stop_signal_of_any_rank(self) -> int:
+        """SIGTERM or SIGINT if any rank received one, else 0: all ranks must agree, to save the same checkpoint."""
+        flag = torch.tensor(self._stop_signal, device=self._device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     # -----------------------------------------------------------------------------------------
     # Validation
@@ -625,20 +634,13 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         errors.append(f"config key 'device': cuda, but torch {torch.__version__} sees no CUDA device here; run on a GPU "
                       "machine (with a CUDA build of torch), or set device=cpu for tiny models")  # fmt: skip
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    raise_if_any(errors)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors(ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout):
         run(cfg)
-    except (ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout) as e:
-        # A mistake in the config, data or files, not a bug: its message, no traceback. Every rank that
-        # raised says so (usually all, with the same line): an error on one rank alone must not be hidden.
-        rank = os.environ.get("RANK", "0")
-        print(f"error: {type(e).__name__}: {e}" + (f" [rank {rank}]" if rank != "0" else ""), file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def run(cfg: DictConfig) -> None:
@@ -654,7 +656,7 @@ def run(cfg: DictConfig) -> None:
     recipe = RefFinetuneRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     recipe.train()
-    if recipe.epoch >= recipe.total_epochs:  # not stopped early by SIGTERM
+    if recipe.epoch >= recipe.total_epochs:  # not stopped early by SIGTERM or SIGINT
         recipe.save_final()
     recipe.cleanup()
 

@@ -5,9 +5,9 @@ A fresh run writes `output_dir/run.json`: its identity, the resolved config less
 change when a run is resumed (logging, cadences, speed and memory knobs), and the number of
 processes. Then:
 
-- a fresh run into a directory that holds a run (finished or not) is refused, with the command to
-  resume it or the key to start over (`start_over=true`, which deletes that run's checkpoints and
-  outputs first);
+- a fresh run into a directory that holds a run's checkpoints or outputs (finished or not) is
+  refused, with the command to resume it or the key to start over (`start_over=true`, which deletes
+  them first); a run that failed before it saved anything left only `run.json`: nothing to lose;
 - a resumed run must have the identity of the run it resumes, and the error names every difference;
 - a finished run (one with `checkpoint_final`) is not resumed: there is nothing left to train.
 """
@@ -15,8 +15,9 @@ processes. Then:
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,9 +54,10 @@ def identity(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
     return dict(kept, world_size=world_size)
 
 
-def differences(run: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+def differences(run: Dict[str, Any], now: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """(key, how it differs) for every key whose value differs."""
     missing = object()
-    return [f"{key}: {run.get(key, missing)!r} in the run, {now.get(key, missing)!r} now".replace(repr(missing), "absent")
+    return [(key, f"{run.get(key, missing)!r} in the run, {now.get(key, missing)!r} now".replace(repr(missing), "absent"))
             for key in sorted(set(run) | set(now)) if run.get(key, missing) != now.get(key, missing)]  # fmt: skip
 
 
@@ -66,10 +68,12 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
     existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise RunDirError(f"output_dir {output_dir}: {existing} is a file, not a directory; choose another output_dir")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"output_dir {output_dir}: {existing} is not writable by this user; choose another "
-                          "output_dir or fix its permissions")  # fmt: skip
-    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    try:  # a real write, not os.access: root passes that even on a read-only file system
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        raise RunDirError(f"output_dir {output_dir}: cannot write in {existing} ({e.strerror}); choose another "
+                          "output_dir or fix its permissions") from None
+    found = [name for name in RUN_OUTPUTS[1:] if (output_dir / name).exists()]  # run.json alone holds nothing
     steps = sorted(p.name for p in (output_dir / "checkpoints").glob("step_*")) if "checkpoints" in found else []
     finished = "checkpoint_final" in found
     if cfg.resume_from_checkpoint and cfg.start_over:
@@ -94,9 +98,9 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
         diff = differences(run, identity(cfg, world_size))
         if diff:
             raise RunDirError(
-                f"resume_from_checkpoint=true: this config is not that of the run in {output_dir} "
-                f"({RUN_FILE}), so resuming would mix two runs:\n  " + "\n  ".join(diff) + "\nResume with the "
-                "run's values, or start another experiment=NAME"
+                f"resume_from_checkpoint=true: this config differs from that of the run in {output_dir} ({RUN_FILE}) "
+                f"in {', '.join(key for key, _ in diff)}, so resuming would mix two runs; resume with the run's values, "
+                "or start another experiment=NAME:\n  " + "\n  ".join(f"{key}: {what}" for key, what in diff)
             )
 
 
@@ -111,7 +115,7 @@ def record(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    if not (output_dir / RUN_FILE).is_file():
+    if not cfg.resume_from_checkpoint or not (output_dir / RUN_FILE).is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp = output_dir / f".{RUN_FILE}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(identity(cfg, world_size), indent=2, default=str) + "\n")

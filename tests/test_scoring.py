@@ -150,6 +150,24 @@ def test_scoring_resumes_after_a_kill_with_another_number_of_processes(assets, t
         torch.testing.assert_close(store.losses(s.task_id), reference.losses(s.task_id), rtol=0, atol=1e-5)
 
 
+def test_a_damaged_part_is_found_on_open_and_scored_again(assets, valid_store, tmp_path):
+    store_dir = shutil.copytree(valid_store, tmp_path / "store")
+    part = max(store_dir.glob("part-*.bin"), key=lambda p: p.stat().st_size)
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # as a copy cut short leaves it
+    damaged = ScoreStore(store_dir)
+    assert damaged.damaged and len(damaged) + len(damaged.damaged) == 24
+    lost = next(iter(damaged.damaged))
+    with pytest.raises(ScoreError, match=f"{part.name}: the scores of task_id '{lost}' are cut off"):
+        damaged.losses(lost)
+    result = run(score_command(assets, store_dir, 1, "dataset.split=valid", "dataset.n_samples=24",
+                               "dataset.correct_ratio=0.5", "batch_size=3"))  # fmt: skip
+    assert f"{len(damaged.damaged)} samples' scores are damaged (in {part.name}): scoring them again" in result.stderr
+    repaired, reference = ScoreStore(store_dir), ScoreStore(valid_store)
+    assert len(repaired) == 24 and not repaired.damaged
+    for s in reference:
+        torch.testing.assert_close(repaired.losses(s.task_id), reference.losses(s.task_id), rtol=0, atol=1e-5)
+
+
 def test_a_store_of_another_model_or_data_is_refused(assets, valid_store):
     result = subprocess.run(score_command(assets, valid_store, 1, "dataset.split=valid", "dataset.n_samples=24",
                                           "dataset.correct_ratio=0.5", "dataset.seed=7"),

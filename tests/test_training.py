@@ -53,9 +53,10 @@ def overrides(assets, output_dir: Path, *extra: str, validation: bool = True) ->
 
 
 def tune(args: List[str], nproc: int = 2, env: Optional[Dict[str, str]] = None, kill_at_step: Optional[int] = None,
-         signal_to_send: int = signal.SIGKILL, log_dir: Optional[Path] = None) -> subprocess.CompletedProcess:  # fmt: skip
+         signal_to_send: int = signal.SIGKILL, log_dir: Optional[Path] = None,
+         launcher_only: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
     """`tune run` from the project root; with `kill_at_step`, `signal_to_send` goes to every process of
-    the run as soon as the metric log shows that step done."""
+    the run (or to the launcher only) as soon as the metric log shows that step done."""
     proc = subprocess.Popen(tune_run_command(nproc, args), cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})),
                             start_new_session=True)  # fmt: skip
@@ -66,7 +67,7 @@ def tune(args: List[str], nproc: int = 2, env: Optional[Dict[str, str]] = None, 
             time.sleep(0.005)
         if proc.poll() is None:
             # torchrun starts each worker in a session of its own: signal every process of the tree.
-            for pid in [proc.pid, *descendants(proc.pid)]:
+            for pid in [proc.pid, *([] if launcher_only else descendants(proc.pid))]:
                 try:
                     os.kill(pid, signal_to_send)
                 except ProcessLookupError:
@@ -175,6 +176,18 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly(assets,
     assert [s for s, _ in logged(out / "logs", "loss")] == list(range(1, stopped_at + 1))
     ok(tune(overrides(assets, out, "resume_from_checkpoint=true", "save_every_n_steps=null")))
     assert_bit_identical(final_weights(out), final_weights(reference))
+
+
+def test_ctrl_c_stops_like_sigterm_without_a_traceback(assets, tmp_path):
+    out = tmp_path / "run"
+    # Ctrl-C reaches the launcher, which passes SIGINT on to the workers.
+    result = tune(overrides(assets, out, "save_every_n_steps=null"), kill_at_step=3, signal_to_send=signal.SIGINT,
+                  log_dir=out / "logs", launcher_only=True)  # fmt: skip
+    text = result.stderr + result.stdout
+    assert "SIGINT: stopped after step" in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "]: Traceback" not in text  # no worker's traceback ("[rank0]: Traceback")
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(saved) == 1 and saved[0].startswith("step_") and not (out / "checkpoint_final").exists()
 
 
 def test_resume_without_a_checkpoint_starts_from_the_base_model(assets, reference, tmp_path):
@@ -303,7 +316,7 @@ def test_tensorboard_when_asked(assets, tmp_path):
         import tensorboard  # noqa: F401
     except ImportError:
         assert result.returncode != 0
-        assert "metric_logger: torchtune.training.metric_logging.TensorBoardLogger needs a package that is not " \
+        assert "config key 'metric_logger': torchtune.training.metric_logging.TensorBoardLogger needs a package that is not " \
                "installed" in result.stderr and "pip install tensorboard" in result.stderr  # fmt: skip
         assert "model built" not in result.stderr + result.stdout
         return
