@@ -1,0 +1,262 @@
+"""A table of bad or careless inputs across every entry point (training, scoring, conversion,
+preparation, report, preview): each ends with a non-zero exit and exactly one error line that names
+the key or the file, and changes nothing, neither the inputs nor any output.
+
+The recipes run in this process (one process, no torchrun): a known error ends them before any
+collective, so one process says what two would, in a fraction of the time. A failed run may leave its
+own log (`logs/`, `torchtune_config.yaml`); nothing else may change.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import pytest
+
+from ref_tuning import convert, prepare, preview, report
+from ref_tuning.demo import TINY_CONFIG, make_demo_assets, read_problems, write_tiny_checkpoint
+from ref_tuning.scoring import ScoreStore
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))  # our `recipes` before torchtune's
+from recipes import ref_finetune, ref_score  # noqa: E402
+
+TRAIN = ["batch_size=2", "dataset.n_samples=16", "epochs=1", "seed=0", "save_every_n_steps=2",
+         "keep_last_n_checkpoints=2", "val_batch_size=2", "dataset_val.n_samples=6", "lr_scheduler.num_warmup_steps=2"]  # fmt: skip
+SCORE = ["device=cpu", "dtype=fp32", "store_dtype=float32", "dataset.split=valid", "dataset.n_samples=6", "batch_size=3"]
+LOG_FILES = ("logs", "torchtune_config.yaml")  # a failed run's own log
+
+
+def call(entry: str, args: List[str]) -> "tuple[int, str]":
+    """Run an entry point in this process: (exit status, stdout and stderr)."""
+    out = io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the recipe sets its own
+    argv = sys.argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            if entry in ("train", "score"):
+                recipe, config = (ref_finetune, TINY_CONFIG) if entry == "train" else (ref_score, "configs/ref_score.yaml")
+                sys.argv = [entry, "--config", str(PROJECT_ROOT / config), *args]
+                recipe.recipe_main()
+                code = 0
+            else:
+                code = {"convert": convert, "prepare": prepare, "report": report, "preview": preview}[entry].main(args)
+    except SystemExit as e:  # torchtune's `config.parse` exits with the recipe's result; argparse with 2
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            out.write(f"{e.code}\n")
+    finally:
+        sys.argv = argv
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return code, out.getvalue()
+
+
+def snapshot(root: Path) -> Dict[str, str]:
+    """Every file under `root` (caches and run logs aside) and a hash of its bytes."""
+    found = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and ".ref_tuning_cache" not in rel.parts and not set(rel.parts) & set(LOG_FILES):
+            found[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Inputs and outputs of every kind, good and bad, under one root."""
+    root = tmp_path_factory.mktemp("world")
+    w = make_demo_assets(root / "demo")
+    w["root"] = root
+    w["gpt2"] = _copy(w["model"], root / "gpt2", lambda c: dict(c, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    w["wide"] = write_tiny_checkpoint(root / "wide", 2 * w["vocab_size"], w["tokenizer"], seed=1)
+    w["narrow"] = write_tiny_checkpoint(root / "narrow", w["vocab_size"] // 2, w["tokenizer"], seed=1)
+    w["no_shard"] = shutil.copytree(w["model"], root / "no_shard")
+    next(w["no_shard"].glob("*.bin")).unlink()
+    for name, damage in (("blank", lambda lines: lines[:3] + [""] + lines[3:]), ("empty", lambda lines: [])):
+        data = shutil.copytree(w["data"], root / f"data_{name}", ignore=shutil.ignore_patterns(".ref_tuning_cache"))
+        lines = (data / "train.jsonl").read_text().splitlines()
+        (data / "train.jsonl").write_text("".join(line + "\n" for line in damage(lines)))
+    (root / "a_file").write_text("not a directory\n")
+    (root / "empty_file").write_bytes(b"")
+    (root / "tokenizer_dir").mkdir()
+    raw = root / "raw"
+    raw.mkdir()
+    (raw / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in read_problems("train")))
+    no_solutions = root / "raw_no_solutions"
+    no_solutions.mkdir()
+    rows = read_problems("train")
+    del rows[1]["solutions"]
+    (no_solutions / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
+    (root / "raw_empty").mkdir()
+    (root / "prepared").mkdir()
+    (root / "prepared" / "train.jsonl").write_text("an earlier output\n")
+
+    base = _train_args(w, root / "finished")
+    code, text = call("train", base)
+    assert code == 0, text[-3000:]
+    w["finished"] = root / "finished"
+    w["unfinished"] = shutil.copytree(w["finished"], root / "unfinished")
+    for name in ("checkpoint_final", "checkpoint_best"):
+        shutil.rmtree(w["unfinished"] / name)
+    w["damaged_step"] = shutil.copytree(w["unfinished"], root / "damaged_step")
+    newest = sorted((w["damaged_step"] / "checkpoints").glob("step_*"))[-1]
+    shard = max(newest.rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    w["store"] = root / "store"
+    code, text = call("score", _score_args(w, w["store"]))
+    assert code == 0 and len(ScoreStore(w["store"])) == 6, text[-3000:]
+    return w
+
+
+def _copy(src: Path, dst: Path, edit: Callable[[dict], dict]) -> Path:
+    shutil.copytree(src, dst)
+    config = dst / "config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+    return dst
+
+
+def _train_args(w, output_dir: Path, *extra: str) -> List[str]:
+    return [f"tokenizer.path={w['tokenizer']}", f"checkpointer.checkpoint_dir={w['model']}",
+            f"dataset.data_dir={w['data']}", f"dataset_val.data_dir={w['data']}", f"output_dir={output_dir}",
+            *TRAIN, *extra]  # fmt: skip
+
+
+def _score_args(w, output_dir: Path, *extra: str) -> List[str]:
+    return [f"model_dir={w['model']}", f"output_dir={output_dir}", f"dataset.data_dir={w['data']}", *SCORE, *extra]
+
+
+class Case(NamedTuple):
+    entry: str
+    args: Callable[[dict], List[str]]  # of the world
+    names: str  # the key or file the error line must name (a substring of it)
+
+
+def train(*extra: str, out: str = "new_run") -> Callable[[dict], List[str]]:
+    """`out`: a path of the world (by name), an absolute path, or a new folder."""
+    return lambda w: _train_args(w, w.get(out) or w["root"] / out, *[e.format(**w) for e in extra])
+
+
+def score(*extra: str, out: Optional[str] = None) -> Callable[[dict], List[str]]:
+    return lambda w: _score_args(w, w[out] if out else w["root"] / "new_store", *[e.format(**w) for e in extra])
+
+
+def cli(*args: str) -> Callable[[dict], List[str]]:
+    return lambda w: [a.format(**w) for a in args]
+
+
+CASES = {
+    # Training: config keys
+    "unknown key": Case("train", train("bogus=1"), "'bogus'"),
+    "misspelled key": Case("train", train("batch_sise=2"), "'batch_sise': did you mean 'batch_size'"),
+    "not a number": Case("train", train("batch_size=two"), "'batch_size'"),
+    "zero accumulation": Case("train", train("gradient_accumulation_steps=0"), "'gradient_accumulation_steps'"),
+    "unknown precision": Case("train", train("precision=fp16"), "'precision'"),
+    "the old dtype key": Case("train", train("dtype=bf16"), "'dtype'"),
+    "negative learning rate": Case("train", train("optimizer.lr=-1e-5"), "'optimizer.lr'"),
+    "cuda without a GPU": Case("train", train("device=cuda"), "'device'"),
+    "unknown builder": Case("train", train("dataset._component_=ref_tuning.data.nope"), "dataset._component_"),
+    "unknown builder argument": Case("train", train("dataset.n_sample=3"), "'dataset.n_sample'"),
+    "batch larger than the data": Case("train", train("batch_size=8", "dataset.n_samples=4"), "batch_size"),
+    # Training: files
+    "model of another vocabulary": Case("train", train("model.vocab_size=512"), "vocab_size"),
+    "tokenizer is a directory": Case("train", train("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
+    "tokenizer is empty": Case("train", train("tokenizer.path={root}/empty_file"), "tokenizer.path"),
+    "tokenizer is not SentencePiece": Case("train", train("tokenizer.path={root}/a_file"), "tokenizer.path"),
+    "tokenizer is missing": Case("train", train("tokenizer.path={root}/nowhere.model"), "tokenizer.path"),
+    "blank line in the data": Case("train", train("dataset.data_dir={root}/data_blank"), "data_blank/train.jsonl:4"),
+    "empty data file": Case("train", train("dataset.data_dir={root}/data_empty"), "data_empty/train.jsonl"),
+    "missing data folder": Case("train", train("dataset.data_dir={root}/nowhere"), "nowhere"),
+    "missing split": Case("train", train("dataset.split=tset"), "tset"),
+    "missing checkpoint": Case("train", train("checkpointer.checkpoint_dir={root}/nowhere"), "nowhere"),
+    "checkpoint of another architecture": Case("train", train("checkpointer.checkpoint_dir={gpt2}"), "gpt2"),
+    "checkpoint without a shard": Case("train", train("checkpointer.checkpoint_dir={no_shard}"), "no_shard"),
+    # Training: the output directory
+    "output_dir is a file": Case("train", train(out="a_file"), "a_file"),
+    "output_dir under a file": Case("train", train("output_dir={root}/a_file/run"), "a_file"),
+    "output_dir not writable": Case("train", train(out="/sys/ref-tuning-run"), "/sys"),
+    "fresh run over a finished one": Case("train", train(out="finished"), "holds a finished run"),
+    "fresh run over an unfinished one": Case("train", train(out="unfinished"), "holds an unfinished run"),
+    "resume a finished run": Case("train", train("resume_from_checkpoint=true", out="finished"), "nothing to resume"),
+    "resume with another batch": Case("train", train("resume_from_checkpoint=true", "batch_size=4", out="unfinished"),
+                                      "in batch_size"),  # fmt: skip
+    "resume with another draw": Case("train", train("resume_from_checkpoint=true", "dataset.n_samples=12",
+                                                    out="unfinished"), "in dataset.n_samples"),  # fmt: skip
+    "resume and start over": Case("train", train("resume_from_checkpoint=true", "start_over=true", out="unfinished"),
+                                  "choose one"),  # fmt: skip
+    "damaged step checkpoint": Case("train", train("resume_from_checkpoint=true", out="damaged_step"), "step_000006"),
+    # Scoring
+    "score: unknown key": Case("score", score("bogus=1"), "'bogus'"),
+    "score: zero batch": Case("score", score("batch_size=0"), "'batch_size'"),
+    "score: cuda without a GPU": Case("score", score("device=cuda"), "'device'"),
+    "score: packed samples": Case("score", score("dataset.packed=true"), "dataset.packed"),
+    "score: missing model": Case("score", score("model_dir={root}/nowhere"), "nowhere/config.json"),
+    "score: model of another architecture": Case("score", score("model_dir={gpt2}"), "gpt2"),
+    "score: store inside the model": Case("score", score("output_dir={model}/scores"), "output_dir"),
+    "score: store of another draw": Case("score", score("dataset.seed=7", out="store"), "holds scores of another run"),
+    "score: tokenizer is a directory": Case("score", score("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
+    # Conversion
+    "convert: output contains the source": Case("convert", cli("hf-to-hf", "{model}", "{root}/demo", "--overwrite"),
+                                                "contains the input"),  # fmt: skip
+    "convert: output inside the source": Case("convert", cli("hf-to-hf", "{model}", "{model}/out"), "lies inside"),
+    "convert: config of another architecture": Case("convert", cli("hf-to-hf", "{gpt2}", "{root}/out"), "gpt2"),
+    "convert: missing source": Case("convert", cli("hf-to-hf", "{root}/nowhere", "{root}/out"), "nowhere"),
+    "convert: missing shard": Case("convert", cli("hf-to-hf", "{no_shard}", "{root}/out"), "no_shard"),
+    "convert: existing output": Case("convert", cli("hf-to-hf", "{model}", "{wide}"), "--overwrite"),
+    "convert: HF folder as tune source": Case("convert", cli("tune-to-hf", "{model}", "{root}/out", "--config",
+                                                             "{model}"), "tune-to-hf"),  # fmt: skip
+    "convert: not a step checkpoint": Case("convert", cli("step-to-hf", "{model}", "{root}/out"), "step"),
+    # Preparation
+    "prepare: output is the raw folder": Case("prepare", cli("{root}/raw", "{root}/raw", "--tokenizer", "{tokenizer}",
+                                                             "--splits", "train", "--overwrite"), "raw"),  # fmt: skip
+    "prepare: max-seq-len 0": Case("prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{tokenizer}",
+                                                  "--max-seq-len", "0"), "--max-seq-len"),  # fmt: skip
+    "prepare: missing tokenizer": Case("prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{root}/nowhere.model"),
+                                       "nowhere.model"),  # fmt: skip
+    "prepare: no raw files": Case("prepare", cli("{root}/raw_empty", "{root}/out", "--tokenizer", "{tokenizer}"),
+                                  "raw_empty"),  # fmt: skip
+    "prepare: existing output": Case("prepare", cli("{root}/raw", "{root}/prepared", "--tokenizer", "{tokenizer}",
+                                                    "--splits", "train"), "prepared/train.jsonl"),  # fmt: skip
+    "prepare: no solutions field": Case("prepare", cli("{root}/raw_no_solutions", "{root}/out", "--tokenizer",
+                                                       "{tokenizer}", "--splits", "train"), "train.jsonl:2"),  # fmt: skip
+    # Report and preview
+    "report: different vocabularies": Case("report", cli("{model}", "{wide}", "--data-dir", "{data}", "--out",
+                                                         "{root}/out", "--no-progress"), "vocab_size"),  # fmt: skip
+    "report: tokenizer beyond the vocabulary": Case("report", cli("{narrow}", "{narrow}", "--data-dir", "{data}",
+                                                                  "--out", "{root}/out", "--no-progress"), "tokenizer"),  # fmt: skip
+    "report: missing model": Case("report", cli("{model}", "{root}/nowhere", "--data-dir", "{data}", "--out",
+                                                "{root}/out"), "nowhere"),  # fmt: skip
+    "report: output inside a model": Case("report", cli("{model}", "{wide}", "--data-dir", "{data}", "--out",
+                                                        "{model}/report"), "--out"),  # fmt: skip
+    "preview: different vocabularies": Case("preview", cli("{store}", "{wide}", "--out", "{root}/out", "--no-progress"),
+                                            "vocab_size"),  # fmt: skip
+    "preview: not a score store": Case("preview", cli("{model}", "{model}", "--out", "{root}/out"), "not a score store"),
+    "preview: k out of range": Case("preview", cli("{store}", "{model}", "--out", "{root}/out", "--k", "2",
+                                                   "--no-progress"), "--k"),  # fmt: skip
+    "preview: output is the store": Case("preview", cli("{store}", "{model}", "--out", "{store}"), "--out"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_clear_error_and_changes_nothing(world, name):
+    case = CASES[name]
+    before = snapshot(world["root"])
+    code, text = call(case.entry, case.args(world))
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert code not in (0, None), text[-3000:]
+    assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert case.names in errors[0], errors[0]
+    after = snapshot(world["root"])
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"changed: {changed[:10]}\n{text[-2000:]}"
+
+
+def test_the_table_covers_every_entry_point():
+    assert len(CASES) >= 40
+    assert {c.entry for c in CASES.values()} == {"train", "score", "convert", "prepare", "report", "preview"}
