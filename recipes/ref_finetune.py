@@ -221,8 +221,6 @@ class RefFinetuneRecipe:
             model = config.instantiate(cfg.model)
         self._check_against_checkpoint(model)
 
-        if os.environ.get("REF_TUNING_FAULT", "").startswith("slow_setup:") and self._is_rank_zero:  # tests only
-            time.sleep(float(os.environ["REF_TUNING_FAULT"].split(":")[1]))
         # Read by rank 0 alone, one tensor at a time: FSDP scatters the shards from rank 0's copy.
         # A resumed run reads its weights from the step checkpoint's shards instead, in `_resume`.
         model_state = None if resume else self._checkpointer.load_checkpoint(rank_zero_only=True)[training.MODEL_KEY]
@@ -363,30 +361,14 @@ class RefFinetuneRecipe:
     # -----------------------------------------------------------------------------------------
     # Training
 
-    def train(self) -> None:
-        if self._device.type == "cuda":  # torch.cpu has no empty_cache
-            training.cleanup_before_training()
-        total_steps = self.total_epochs * self._steps_per_epoch
-        start, start_step, start_tokens = time.perf_counter(), self.global_step, self.tokens_seen
-        history = []  # per-step rates for the summary
-        pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="training")
-        _set_pg_timeout(self._timeout_step)
+    def _train_epochs(self, pbar: tqdm, history: list) -> bool:
+        """Every remaining step; False if stopped early by SIGTERM or SIGINT."""
         while self.epoch < self.total_epochs:
             self._sampler.set_epoch(self.epoch)
             batches = iter(self._dataloader)  # mid-epoch after a resume: its state was loaded
             while self.steps_in_epoch < self._steps_per_epoch:
                 t0 = time.perf_counter()
-                try:
-                    metrics = self._train_step(batches)
-                except RuntimeError as e:  # gloo raises RuntimeError; NCCL's watchdog aborts the process itself
-                    if "timed out" not in str(e).lower():
-                        raise
-                    raise CollectiveTimeout(
-                        f"training step {self.global_step + 1}: a collective waited longer than timeout_step_s="
-                        f"{self._timeout_step.total_seconds():g} s for another process, which hung or died. Check the "
-                        "other ranks' logs; raise timeout_step_s if steps are legitimately that slow; continue with "
-                        f"resume_from_checkpoint=true ({e})"
-                    ) from None
+                metrics = self._train_step(batches)
                 self.global_step += 1
                 self.steps_in_epoch += 1
                 metrics.update(self._rates(metrics, time.perf_counter() - t0))
@@ -407,14 +389,36 @@ class RefFinetuneRecipe:
                     utils.log_rank_zero(log, f"{signal.Signals(stop_signal).name}: stopped after step {self.global_step}, "
                                              f"checkpoint {path}; "
                                              "run again with resume_from_checkpoint=true to continue")  # fmt: skip
-                    pbar.close()
-                    return
+                    return False
                 if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
                     with self._patience(self._timeout_setup):  # rank 0 commits and rotates alone
                         self.save_checkpoint()
             self.epoch += 1
             self.steps_in_epoch = 0
+        return True
+
+    def train(self) -> None:
+        if self._device.type == "cuda":  # torch.cpu has no empty_cache
+            training.cleanup_before_training()
+        total_steps = self.total_epochs * self._steps_per_epoch
+        start, start_step, start_tokens = time.perf_counter(), self.global_step, self.tokens_seen
+        history = []  # per-step rates for the summary
+        pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="training")
+        _set_pg_timeout(self._timeout_step)
+        try:
+            finished = self._train_epochs(pbar, history)
+        except RuntimeError as e:  # gloo raises RuntimeError; NCCL's watchdog aborts the process itself
+            if "timed out" not in str(e).lower():
+                raise
+            raise CollectiveTimeout(
+                f"after training step {self.global_step}: a collective waited longer than timeout_step_s="
+                f"{self._timeout_step.total_seconds():g} s for another process, which hung or died. Check the "
+                "other ranks' logs; raise timeout_step_s if steps are legitimately that slow; continue with "
+                f"resume_from_checkpoint=true ({e})"
+            ) from None
         pbar.close()
+        if not finished:
+            return
         if self._val_dataloader is not None and self._val_metrics.get("step") != self.global_step:
             metrics = self.validate()  # at the end too, unless the last step was just validated
             if self._is_rank_zero:
@@ -479,9 +483,6 @@ class RefFinetuneRecipe:
             running_loss += current_loss
             current_loss.backward()
 
-        fault = os.environ.get("REF_TUNING_FAULT", "").split(":")
-        if fault[:2] == ["hang_step", str(self.global_step + 1)] and self.rank == 1:  # tests only: a rank stalls
-            time.sleep(float(fault[2]))
         dist.all_reduce(counts)
         dist.all_reduce(running_loss)
         num_tokens = counts[0]
@@ -599,11 +600,6 @@ class RefFinetuneRecipe:
         save_sharded(tmp, self._model, self._optimizer)
         if self._is_rank_zero:
             self._checkpointer.save_config(tmp / HF_DIR)
-        if os.environ.get("REF_TUNING_FAULT") == f"kill_in_checkpoint:{self.global_step}":  # for tests only
-            dist.barrier()  # the whole run dies mid-write, as on a power cut: workers and torchrun
-            if self._is_rank_zero and "RANK" in os.environ:
-                os.kill(os.getppid(), signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
         train_state = {
             "global_step": self.global_step, "epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch,
             "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss, "best_step": self.best_step,

@@ -7,55 +7,23 @@ collective, so one process says what two would, in a fraction of the time. A fai
 own log (`logs/`, `torchtune_config.yaml`); nothing else may change.
 """
 
-import contextlib
 import hashlib
-import io
+import importlib.util
 import json
 import shutil
-import signal
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import pytest
 
-from ref_tuning import convert, prepare, preview, report
-from ref_tuning.demo import TINY_CONFIG, make_demo_assets, read_problems, write_tiny_checkpoint
+from conftest import run_in_process
+from ref_tuning.demo import make_demo_assets, read_problems, write_tiny_checkpoint
 from ref_tuning.scoring import ScoreStore
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT))  # our `recipes` before torchtune's
-from recipes import ref_finetune, ref_score  # noqa: E402
 
 TRAIN = ["batch_size=2", "dataset.n_samples=16", "epochs=1", "seed=0", "save_every_n_steps=2",
          "keep_last_n_checkpoints=2", "val_batch_size=2", "dataset_val.n_samples=6", "lr_scheduler.num_warmup_steps=2"]  # fmt: skip
 SCORE = ["device=cpu", "dtype=fp32", "store_dtype=float32", "dataset.split=valid", "dataset.n_samples=6", "batch_size=3"]
 LOG_FILES = ("logs", "torchtune_config.yaml")  # a failed run's own log
-
-
-def call(entry: str, args: List[str]) -> "tuple[int, str]":
-    """Run an entry point in this process: (exit status, stdout and stderr)."""
-    out = io.StringIO()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the recipe sets its own
-    argv = sys.argv
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            if entry in ("train", "score"):
-                recipe, config = (ref_finetune, TINY_CONFIG) if entry == "train" else (ref_score, "configs/ref_score.yaml")
-                sys.argv = [entry, "--config", str(PROJECT_ROOT / config), *args]
-                recipe.recipe_main()
-                code = 0
-            else:
-                code = {"convert": convert, "prepare": prepare, "report": report, "preview": preview}[entry].main(args)
-    except SystemExit as e:  # torchtune's `config.parse` exits with the recipe's result; argparse with 2
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            out.write(f"{e.code}\n")
-    finally:
-        sys.argv = argv
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    return code, out.getvalue()
 
 
 def snapshot(root: Path) -> Dict[str, str]:
@@ -99,7 +67,7 @@ def world(tmp_path_factory):
     (root / "prepared" / "train.jsonl").write_text("an earlier output\n")
 
     base = _train_args(w, root / "finished")
-    code, text = call("train", base)
+    code, text = run_in_process("train", base)
     assert code == 0, text[-3000:]
     w["finished"] = root / "finished"
     w["unfinished"] = shutil.copytree(w["finished"], root / "unfinished")
@@ -110,7 +78,7 @@ def world(tmp_path_factory):
     shard = max(newest.rglob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     w["store"] = root / "store"
-    code, text = call("score", _score_args(w, w["store"]))
+    code, text = run_in_process("score", _score_args(w, w["store"]))
     assert code == 0 and len(ScoreStore(w["store"])) == 6, text[-3000:]
     return w
 
@@ -164,6 +132,9 @@ CASES = {
     "unknown builder": Case("train", train("dataset._component_=ref_tuning.data.nope"), "dataset._component_"),
     "unknown builder argument": Case("train", train("dataset.n_sample=3"), "'dataset.n_sample'"),
     "batch larger than the data": Case("train", train("batch_size=8", "dataset.n_samples=4"), "batch_size"),
+    **({} if importlib.util.find_spec("tensorboard") else {  # TensorBoardLogger without its package
+        "metric logger without its package": Case("train", train(
+            "metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger"), "pip install tensorboard")}),
     # Training: files
     "model of another vocabulary": Case("train", train("model.vocab_size=512"), "vocab_size"),
     "tokenizer is a directory": Case("train", train("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
@@ -247,7 +218,7 @@ CASES = {
 def test_bad_input_is_one_clear_error_and_changes_nothing(world, name):
     case = CASES[name]
     before = snapshot(world["root"])
-    code, text = call(case.entry, case.args(world))
+    code, text = run_in_process(case.entry, case.args(world))
     errors = [line for line in text.splitlines() if "error:" in line]
     assert code not in (0, None), text[-3000:]
     assert len(errors) == 1 and "Traceback" not in text, text[-3000:]

@@ -1,10 +1,12 @@
-"""python -m ref_tuning.bench convert on a tiny random source; bench train's step timing."""
+"""python -m benchmarks convert on a tiny random source; bench train's step timing."""
 
 import re
 
 import pytest
 
 from ref_tuning import bench
+
+pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`
 
 
 def test_convert_bench_prints_a_table_of_the_five_methods(tmp_path, capsys):
@@ -23,7 +25,7 @@ def test_convert_bench_prints_a_table_of_the_five_methods(tmp_path, capsys):
 
 
 def test_train_bench_times_steps_from_the_logged_wall_clock(tmp_path):
-    from ref_tuning.bench import train
+    from benchmarks import train
 
     logs = tmp_path / "logs"
     logs.mkdir()

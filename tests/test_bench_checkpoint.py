@@ -1,4 +1,4 @@
-"""python -m ref_tuning.bench checkpoint at a tiny size: a row per method, and the new checkpoint
+"""python -m benchmarks checkpoint at a tiny size: a row per method, and the new checkpoint
 loaded back into a freshly sharded model bit for bit (checked inside the worker, `--verify`)."""
 
 import argparse
@@ -7,7 +7,9 @@ import json
 import pytest
 
 from ref_tuning import bench
-from ref_tuning.bench import checkpoint
+from benchmarks import checkpoint
+
+pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`
 
 
 def test_checkpoint_bench_prints_both_methods_and_the_new_checkpoint_loads_back(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""python -m ref_tuning.bench data: the synthetic split, the earlier approach's child, the whole subcommand."""
+"""python -m benchmarks data: the synthetic split, the earlier approach's child, the whole subcommand."""
 
 import json
 import random
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from ref_tuning import bench
-from ref_tuning.bench import data as bench_data
-from ref_tuning.bench.data import JSONL, METADATA, PARAMS
+from benchmarks import data as bench_data
+from benchmarks.data import JSONL, METADATA, PARAMS
+
+pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`
 
 LINES, N_SAMPLES = 3000, 500
 LABELS = ["earlier approach (full scan)", "ours, first run", "ours, cached", "ours, packed, cached"]

@@ -1,4 +1,4 @@
-"""python -m ref_tuning.bench gpu: the whole pipeline in --tiny CPU mode, and its parts."""
+"""python -m benchmarks gpu: the whole pipeline in --tiny CPU mode, and its parts."""
 
 import argparse
 import json
@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from ref_tuning import bench
-from ref_tuning.bench import gpu
+from benchmarks import gpu
+
+pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +150,7 @@ def test_a_short_budget_skips_phases(tmp_path):
 
 
 def test_the_gpu_launcher_never_imports_torch():
-    code = ("import sys; from ref_tuning.bench import gpu; "
+    code = ("import sys; from benchmarks import gpu; "
             "gpu.add_parser(__import__('argparse').ArgumentParser().add_subparsers()); "
             "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True)

@@ -1,4 +1,4 @@
-"""MLflow through torchtune's own `MLFlowLogger`: the real recipe, 2 processes on CPU, logging to a local
+"""MLflow through torchtune's own `MLFlowLogger`: the real recipe, one process on CPU, logging to a local
 tracking directory; the run is read back with mlflow's client and compared with the `DiskLogger` log of
 the same run."""
 
@@ -10,27 +10,26 @@ from omegaconf import OmegaConf
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow-skinny, in the dev extra)")
 
-from test_training import logged, make_demo_assets, ok, overrides, tune  # noqa: E402
+from conftest import logged, overrides, run_in_process  # noqa: E402
 
 LOGGER = "torchtune.training.metric_logging.MLFlowLogger"
-STEPS = 4  # 16 samples, 2 per process and micro-batch, 2 processes, 1 epoch
-RUN = ["epochs=1", "save_every_n_steps=null"]
+STEPS = 4  # 8 samples, 2 per micro-batch, 1 process, 1 epoch
+RUN = ["epochs=1", "save_every_n_steps=null", "dataset.n_samples=8"]
 # MLflow 3 refuses its `file:` store unless this is set; and no usage telemetry from a test.
 ENV = {"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-def test_mlflow_logger_records_metrics_and_config_of_the_run(tmp_path, monkeypatch):
-    assets = make_demo_assets(tmp_path / "demo")
+def test_mlflow_logger_records_metrics_and_config_of_the_run(assets, tmp_path, monkeypatch):
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
     uri = f"file:{tmp_path / 'mlruns'}"
     run_dir, disk_dir = tmp_path / "run", tmp_path / "disk"
     # The tiny config's DiskLogger has `log_dir`, which MLFlowLogger does not take: `~` drops it.
     logger = [f"metric_logger._component_={LOGGER}", "~metric_logger.log_dir", f"metric_logger.tracking_uri={uri}",
               "metric_logger.experiment_name=ref-tuning-test", "metric_logger.run_name=${experiment}"]  # fmt: skip
-    ok(tune(overrides(assets, run_dir, *RUN, *logger), env=ENV))
-    ok(tune(overrides(assets, disk_dir, *RUN)))  # the same run with the default DiskLogger
-
-    for key, value in ENV.items():
-        monkeypatch.setenv(key, value)
+    for out, extra in ((run_dir, logger), (disk_dir, [])):  # the same run with the default DiskLogger
+        code, text = run_in_process("train", overrides(assets, out, *RUN, *extra))
+        assert code == 0, text[-3000:]
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("ref-tuning-test")
     assert experiment is not None
@@ -51,8 +50,8 @@ def test_mlflow_logger_records_metrics_and_config_of_the_run(tmp_path, monkeypat
     # log_config: the resolved config as flat params, and as a YAML artifact under output_dir's path.
     params = run.data.params
     assert params["metric_logger._component_"] == LOGGER and params["metric_logger.tracking_uri"] == uri
-    assert params["batch_size"] == "2" and params["dataset.n_samples"] == "16" and params["output_dir"] == str(run_dir)
+    assert params["batch_size"] == "2" and params["dataset.n_samples"] == "8" and params["output_dir"] == str(run_dir)
     artifact = f"{str(run_dir).lstrip('/')}/torchtune_config.yaml"
     config = OmegaConf.load(client.download_artifacts(run.info.run_id, artifact, str(tmp_path)))
-    assert config.metric_logger._component_ == LOGGER and config.epochs == 1 and config.dataset.n_samples == 16
+    assert config.metric_logger._component_ == LOGGER and config.epochs == 1 and config.dataset.n_samples == 8
     assert Path(tmp_path / "mlruns" / experiment.experiment_id / run.info.run_id).is_dir()  # all of it under the URI

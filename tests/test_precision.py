@@ -1,6 +1,6 @@
-"""Training precision, with 2 processes on CPU: at the production learning rate (2e-5), bf16_mixed
+"""Training precision, one process on CPU: at the production learning rate (2e-5), bf16_mixed
 (fp32 master weights and AdamW state, bf16 matmuls) moves the weights as fp32 does, and pure bf16
-(bf16 weights and AdamW state) does not: most of its updates round away. `python -m ref_tuning.bench
+(bf16 weights and AdamW state) does not: most of its updates round away. `python -m benchmarks
 precision` measures the same at a larger scale, with the validation loss."""
 
 import json
@@ -9,11 +9,10 @@ from typing import Dict, Tuple
 import pytest
 import torch
 
+from conftest import run_in_process
 from ref_tuning.checkpointing import METADATA_FILE, load_hf_state_dict
-from ref_tuning.demo import make_demo_assets
-from test_training import ok, tune
 
-STEPS = 15
+STEPS = 8
 # The production schedule's shape at a tiny scale: AdamW lr 2e-5 (betas 0.9/0.95, weight decay 0.01 and
 # clipping at 1.0 come from configs/tiny_cpu.yaml), cosine after one warmup step; 1 row per process.
 RUN = ["optimizer.lr=2e-5", "lr_scheduler.num_warmup_steps=1", "epochs=1", f"max_steps_per_epoch={STEPS}",
@@ -25,17 +24,18 @@ TRAINING_DTYPE = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16": to
 
 
 @pytest.fixture(scope="module")
-def updates(tmp_path_factory) -> Dict[str, torch.Tensor]:
+def updates(assets, tmp_path_factory) -> Dict[str, torch.Tensor]:
     """Each mode's total update: checkpoint_final minus the base weights as the run held them (cast to
     bf16 under pure bf16), every weight tensor flattened into one vector."""
     root = tmp_path_factory.mktemp("precision")
-    assets = make_demo_assets(root / "demo")
     base = load_hf_state_dict(assets["model"])
     found = {}
     for mode, dtype in TRAINING_DTYPE.items():
         out = root / mode
-        ok(tune([f"tokenizer.path={assets['tokenizer']}", f"checkpointer.checkpoint_dir={assets['model']}",
-                 f"dataset.data_dir={assets['data']}", f"output_dir={out}", f"precision={mode}", *RUN]))  # fmt: skip
+        code, text = run_in_process("train", [f"tokenizer.path={assets['tokenizer']}", f"output_dir={out}",
+                                              f"checkpointer.checkpoint_dir={assets['model']}", f"precision={mode}",
+                                              f"dataset.data_dir={assets['data']}", *RUN])  # fmt: skip
+        assert code == 0, text[-3000:]
         assert json.loads((out / "checkpoint_final" / METADATA_FILE).read_text())["step"] == STEPS
         final = load_hf_state_dict(out / "checkpoint_final")
         assert final.keys() == base.keys() and all(t.dtype == torch.float32 for t in final.values())

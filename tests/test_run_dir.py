@@ -1,5 +1,7 @@
 """A run directory knows its run: a re-typed command never retrains over a finished run, never mixes
-with another run's checkpoints, and never resumes with a config that would make a mixed run."""
+with another run's checkpoints, and never resumes with a config that would make a mixed run.
+(`test_bad_inputs.py` holds every refusal as a one-process case; here, what is allowed, and a
+refusal as users meet it, from two processes.)"""
 
 import hashlib
 import shutil
@@ -8,7 +10,7 @@ from typing import Dict
 
 import pytest
 
-from tests.test_training import assets, ok, overrides, tune  # noqa: F401  (assets is a fixture)
+from conftest import ok, overrides, run_in_process, tune
 
 QUICK = ["dataset_val=null", "epochs=1", "max_steps_per_epoch=4", "save_every_n_steps=2"]
 
@@ -19,20 +21,16 @@ def snapshot(root: Path) -> Dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
 
 
-def refused(result, *messages: str) -> str:
-    text = result.stdout + result.stderr
-    assert result.returncode != 0 and "model built" not in text, text[-3000:]
-    # Its line from each process, no tracebacks (torchrun's own failure report follows).
-    assert text.count("error: RunDirError: ") == 2 and "]: Traceback" not in text, text[-3000:]  # "[rank0]: Traceback"
-    for message in messages:
-        assert message in text, text[-3000:]
+def train(assets, output_dir: Path, *extra: str) -> str:
+    code, text = run_in_process("train", overrides(assets, output_dir, *QUICK, *extra))
+    assert code == 0, text[-3000:]
     return text
 
 
 @pytest.fixture(scope="module")
 def finished(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    ok(tune(overrides(assets, out, *QUICK)))
+    train(assets, out)
     return out
 
 
@@ -45,53 +43,43 @@ def unfinished(finished, tmp_path):
     return out
 
 
-def test_rerunning_a_finished_run_without_resume_is_refused_and_keeps_it(assets, finished):
+def test_a_refusal_from_two_processes_is_one_line_from_each_and_keeps_the_run(assets, finished):
     before = snapshot(finished)
-    refused(tune(overrides(assets, finished, *QUICK)), f"output_dir {finished} holds a finished run",
-            "resume_from_checkpoint=true", "start_over=true")  # fmt: skip
-    refused(tune(overrides(assets, finished, *QUICK, "resume_from_checkpoint=true")), "nothing to resume")
+    result = tune(overrides(assets, finished, *QUICK))
+    text = result.stdout + result.stderr
+    assert result.returncode != 0 and "model built" not in text, text[-3000:]
+    # Its line from each process, no tracebacks (torchrun's own failure report follows).
+    assert text.count(f"error: RunDirError: output_dir {finished} holds a finished run") == 2, text[-3000:]
+    assert "]: Traceback" not in text and "resume_from_checkpoint=true" in text and "start_over=true" in text
     assert {k: v for k, v in snapshot(finished).items() if not k.startswith("logs/")} == {
         k: v for k, v in before.items() if not k.startswith("logs/")}
 
 
-def test_a_fresh_run_into_another_runs_checkpoints_is_refused(assets, unfinished):
+def test_a_refused_resume_names_every_difference_and_cadence_may_change(assets, unfinished):
     before = snapshot(unfinished)
-    refused(tune(overrides(assets, unfinished, *QUICK, "seed=1")), "holds an unfinished run (newest step checkpoint step_000004)")
-    assert snapshot(unfinished) == before
-
-
-def test_resuming_with_another_batch_or_draw_names_every_difference_and_changes_nothing(assets, unfinished):
-    before = snapshot(unfinished)
-    result = tune(overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true", "batch_size=1",
-                            "dataset.n_samples=12"))  # fmt: skip
-    refused(result, "so resuming would mix two runs", "batch_size: 2 in the run, 1 now",
-            "dataset.n_samples: 16 in the run, 12 now")  # fmt: skip
+    code, text = run_in_process("train", overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true",
+                                                   "batch_size=1", "dataset.n_samples=12"))  # fmt: skip
+    assert code == 2 and "differs from that of the run" in text and "in batch_size, dataset.n_samples" in text
+    assert "batch_size: 2 in the run, 1 now" in text and "dataset.n_samples: 16 in the run, 12 now" in text
     assert snapshot(unfinished) == before
     # Logging and checkpoint cadence may change on resume.
-    ok(tune(overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true", "save_every_n_steps=null",
-                      "log_every_n_steps=2")))  # fmt: skip
+    train(assets, unfinished, "resume_from_checkpoint=true", "save_every_n_steps=null", "log_every_n_steps=2")
     assert (unfinished / "checkpoint_final" / "config.json").is_file()
 
 
 def test_start_over_replaces_the_earlier_run(assets, unfinished):
     stale = unfinished / "checkpoints" / "step_000002"
-    ok(tune(overrides(assets, unfinished, *QUICK, "save_every_n_steps=null", "start_over=true")))
+    train(assets, unfinished, "save_every_n_steps=null", "start_over=true")
     assert not (unfinished / "checkpoints").exists() and not stale.exists()
     assert (unfinished / "checkpoint_final" / "config.json").is_file()
 
 
-def test_an_output_dir_that_is_a_file_is_refused(assets, tmp_path):
-    (tmp_path / "taken").write_text("not a directory")
-    refused(tune(overrides(assets, tmp_path / "taken" / "run", *QUICK)),
-            f"{tmp_path / 'taken'} is a file, not a directory")  # fmt: skip
-    assert (tmp_path / "taken").read_text() == "not a directory"
-
-
-def test_a_damaged_step_checkpoint_names_itself_and_the_previous_one(assets, unfinished):
-    shard = unfinished / "checkpoints" / "step_000004" / "state" / "__1_0.distcp"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated, as by a full disk
-    result = tune(overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true"))
-    text = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert f"{unfinished / 'checkpoints' / 'step_000004'}: cannot be read, it is damaged" in text, text[-3000:]
-    assert f"continue from the previous complete checkpoint, {unfinished / 'checkpoints' / 'step_000002'}" in text
+def test_a_run_that_failed_before_its_first_checkpoint_is_taken_over(assets, tmp_path):
+    out = tmp_path / "run"
+    code, text = run_in_process("train", overrides(assets, out, *QUICK, "checkpointer.checkpoint_dir=/nowhere"))
+    assert code == 2 and not (out / "run.json").exists()  # nothing but its log
+    train(assets, out, "max_steps_per_epoch=1", "save_every_n_steps=null", "epochs=1")
+    (out / "checkpoint_final").rename(out / "elsewhere")  # leaves run.json alone, as a crash before a save does
+    shutil.rmtree(out / "checkpoint_best", ignore_errors=True)
+    train(assets, out, "seed=3")
+    assert '"seed": 3' in (out / "run.json").read_text()

@@ -1,11 +1,11 @@
-"""Speed knobs and throughput metrics, with 2 processes on CPU: `compile=true` gives the eager per-step
+"""Speed knobs and throughput metrics, one process on CPU: `compile=true` gives the eager per-step
 losses; tokens/s over trained and over all non-padding tokens, MFU from the model's FLOPs."""
 
 import torch
 
 from recipes.ref_finetune import RefFinetuneRecipe
 from ref_tuning.models import sheared_llama_2_7b, tiny_sheared_llama
-from tests.test_training import assets, logged, ok, overrides, tune  # noqa: F401  (assets is a fixture)
+from conftest import logged, overrides, run_in_process
 
 QUICK = ["dataset_val=null", "save_every_n_steps=null", "epochs=1", "max_steps_per_epoch=3"]
 
@@ -20,8 +20,10 @@ def test_flops_per_token_of_the_2_7b_model():
 
 def test_compiled_and_eager_losses_agree_and_the_rates_are_logged(assets, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    result = ok(tune(overrides(assets, eager, *QUICK, "peak_tflops=0.001")))
-    ok(tune(overrides(assets, compiled, *QUICK, "compile=true")))
+    code, text = run_in_process("train", overrides(assets, eager, *QUICK, "peak_tflops=0.001"))
+    assert code == 0, text[-3000:]
+    code, compiled_text = run_in_process("train", overrides(assets, compiled, *QUICK, "compile=true"))
+    assert code == 0, compiled_text[-3000:]
     a, b = logged(eager / "logs", "loss"), logged(compiled / "logs", "loss")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
     assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
@@ -38,4 +40,4 @@ def test_compiled_and_eager_losses_agree_and_the_rates_are_logged(assets, tmp_pa
         # FLOPs per non-padding token: the weights' share plus attention to 1 .. 2048 earlier positions.
         per_token = mfu[step] * 0.001e12 / everything[step]
         assert flops["per_token"] + flops["per_attended"] < per_token < flops["per_token"] + 2048 * flops["per_attended"]
-    assert "non-padding tokens/s, MFU" in result.stdout + result.stderr
+    assert "non-padding tokens/s, MFU" in text

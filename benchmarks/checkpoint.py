@@ -1,7 +1,7 @@
 """A training step checkpoint of Sheared-LLaMA-2.7B: today's gather-then-write against every rank
 writing its own shards with torch.distributed.checkpoint (DCP).
 
-    python -m ref_tuning.bench checkpoint [--workdir DIR] [--repeats N] [--num-layers N] [--nproc N]
+    python -m benchmarks checkpoint [--workdir DIR] [--repeats N] [--num-layers N] [--nproc N]
                                           [--writer KEY=VALUE,...]... [--verify]
 
 The state is the one a step checkpoint of the production run holds: the model at Sheared-LLaMA-2.7B's
@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ref_tuning.bench import GB, PROJECT_ROOT, check_disk, dir_bytes, machine_lines, positive, remove
+from benchmarks import GB, PROJECT_ROOT, check_disk, dir_bytes, machine_lines, positive, remove
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "checkpoint"
 # new_save's defaults, as options over torch's (for the report).
@@ -374,7 +374,7 @@ def wait_for_memory(needed: int, log, timeout: float = 1200.0, checks: int = 3) 
 def worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from ref_tuning.bench.convert import source_config
+    from benchmarks.convert import source_config
     from ref_tuning.checkpointing import HFBinCheckpointer
 
     dist.init_process_group("gloo")
@@ -507,7 +507,7 @@ def bench_checkpoint(args: argparse.Namespace) -> int:
     log, result = logs / "worker.log", workdir / "result.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "ref_tuning.bench.checkpoint", "--worker", "--workdir", str(workdir), "--result", str(result),
+           "-m", "benchmarks.checkpoint", "--worker", "--workdir", str(workdir), "--result", str(result),
            "--num-layers", str(args.num_layers), "--repeats", str(args.repeats),
            "--dd-count", str(dd_count)]  # fmt: skip
     cmd += ["--tiny"] * args.tiny + ["--verify"] * args.verify
@@ -576,7 +576,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def worker_main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ref_tuning.bench.checkpoint --worker")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint --worker")
     add_common(p)
     p.add_argument("--worker", action="store_true", required=True)
     p.add_argument("--result", type=Path, required=True)
@@ -586,11 +586,11 @@ def worker_main(argv: Optional[List[str]] = None) -> int:
 
 
 def launcher_main(argv: Optional[List[str]] = None) -> int:
-    """`python -m ref_tuning.bench.checkpoint ...` without `--worker`: the same as `python -m
-    ref_tuning.bench checkpoint ...`, from a launcher that never imports torch (`bench train` does,
-    so `python -m ref_tuning.bench` holds 0.3 GB more while the workers run: at full size this
+    """`python -m benchmarks.checkpoint ...` without `--worker`: the same as `python -m
+    benchmarks checkpoint ...`, from a launcher that never imports torch (`bench train` does,
+    so `python -m benchmarks` holds 0.3 GB more while the workers run: at full size this
     machine has little more to spare)."""
-    parser = argparse.ArgumentParser(prog="python -m ref_tuning.bench.checkpoint")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.checkpoint")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["checkpoint", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

@@ -1,7 +1,7 @@
 """The production training config on GPUs: throughput, MFU and memory of our recipe's variants against
 torchtune's own recipe, an exact-resume check and a bf16 scoring check, in one budgeted run.
 
-    python -m ref_tuning.bench gpu --tokenizer PATH [--out DIR] [--workdir DIR] [--nproc N] [--steps N]
+    python -m benchmarks gpu --tokenizer PATH [--out DIR] [--workdir DIR] [--nproc N] [--steps N]
                                    [--skip N] [--batch-size N] [--methods KEYS] [--checks resume,scoring]
                                    [--resume-every S] [--budget-s S] [--peak-tflops T] [--no-final] [--tiny]
 
@@ -20,7 +20,7 @@ variants (`--methods`, comma-separated keys or labels; default all but `stock-un
   ours-compile     ours, bf16_mixed, AC on, packed, compile
   ours-bf16        ours, bf16, AC on, packed
   stock            stock, bf16, AC on, packed                 (torchtune's full_finetune_distributed,
-                                                               ref_tuning/bench/stock_recipe.py; packed by
+                                                               tests/stock_recipe.py; packed by
                                                                torchtune's own in-order PackedDataset)
   stock-unpacked   stock, bf16, AC on, unpacked               (not run unless named)
 
@@ -83,8 +83,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from ref_tuning.bench import GB, PROJECT_ROOT, descendants, machine_lines, positive
-from ref_tuning.bench.data import default_tokenizer, make_split
+from benchmarks import GB, PROJECT_ROOT, descendants, machine_lines, positive
+from benchmarks.data import default_tokenizer, make_split
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "gpu"
 CONFIG = "configs/ref_tuning.yaml"
@@ -186,8 +186,8 @@ def _worker_preflight(_: Dict[str, Any]) -> Dict[str, Any]:
         info["tune_cli"] = f"{type(e).__name__}: {e}"
     import recipes.ref_finetune  # noqa: F401
     import recipes.ref_score  # noqa: F401
-    import ref_tuning.bench.stock_recipe  # noqa: F401
-    import ref_tuning.bench.train  # noqa: F401
+    import tests.stock_recipe  # noqa: F401
+    import benchmarks.train  # noqa: F401
     import ref_tuning.scoring  # noqa: F401
     import transformers  # noqa: F401
 
@@ -241,13 +241,13 @@ def _worker_stock_config(args: Dict[str, Any]) -> Dict[str, Any]:
     """The stock recipe's config for the run our config with these overrides describes."""
     from omegaconf import OmegaConf
 
-    from ref_tuning.bench.stock_recipe import stock_config
+    from tests.stock_recipe import stock_config
 
     cfg = OmegaConf.merge(OmegaConf.load(PROJECT_ROOT / CONFIG), OmegaConf.from_dotlist(args["overrides"]))
     stock = stock_config(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), args["out"])
     stock.log_peak_memory_stats = True
     if args["packed"]:  # torchtune's own in-order packing, as bench train's `stock, packed`
-        stock.dataset._component_ = "ref_tuning.bench.train.torchtune_packed"
+        stock.dataset._component_ = "benchmarks.train.torchtune_packed"
         stock.dataset.packed = True  # the stock recipe reads it to pick its collate function
     else:
         stock.dataset.packed = False
@@ -324,7 +324,7 @@ WORKERS = {"preflight": _worker_preflight, "checkpoint": _worker_checkpoint, "st
 
 
 def worker_main(argv: List[str]) -> None:
-    """`python -m ref_tuning.bench.gpu WORKER JSON_ARGS RESULT_FILE`"""
+    """`python -m benchmarks.gpu WORKER JSON_ARGS RESULT_FILE`"""
     name, args, result = argv
     out = WORKERS[name](json.loads(args))
     Path(result).write_text(json.dumps(out))
@@ -353,7 +353,7 @@ def run_worker(name: str, args: Dict[str, Any], log: Path, timeout: Optional[flo
     result = log.with_suffix(".result.json")
     result.unlink(missing_ok=True)
     args = dict(args, result=str(result))  # a worker may write partial results there itself
-    cmd = [sys.executable, "-m", "ref_tuning.bench.gpu", name, json.dumps(args), str(result)]
+    cmd = [sys.executable, "-m", "benchmarks.gpu", name, json.dumps(args), str(result)]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                 env=child_env(), **OWN_GROUP)  # fmt: skip
@@ -642,7 +642,7 @@ class Bench:
                 run = Run(spec.key, rc=1, wall=0.0, total=0.0, log=output)
                 _say(f"{spec.key}: FAILED to write its config:", _tail(output, 20))
                 return run
-            cmd = self.launch_command(nproc, "ref_tuning/bench/stock_recipe.py", str(path), [])
+            cmd = self.launch_command(nproc, "tests/stock_recipe.py", str(path), [])
         run = self.run_recipe(spec.key, cmd, out, self.args.steps, finish)
         if finish and run.ok:
             final = re.search(r"HF checkpoint written to (\S+)", run.log)

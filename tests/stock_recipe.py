@@ -1,7 +1,7 @@
 """torchtune's own `full_finetune_distributed` recipe, the peer our recipe is measured against, run as
 it ships but for its two CPU guards (shared/docs/TORCHTUNE_NOTES.md):
 
-    tune run --nproc_per_node 2 ref_tuning/bench/stock_recipe.py --config CONFIG [key=value ...]
+    tune run --nproc_per_node 2 tests/stock_recipe.py --config CONFIG [key=value ...]
 
 On CPU, `training.get_memory_stats` raises and `training.cleanup_before_training` calls
 `torch.cpu.empty_cache`, which does not exist; both are skipped there, nothing else changes.

@@ -1,6 +1,6 @@
 """Checkpoint conversion against `cp -r`, a direct-I/O copy and torchtune's checkpointer.
 
-    python -m ref_tuning.bench convert [--src DIR] [--workdir DIR] [--repeats N] [--layers N] [--keep]
+    python -m benchmarks convert [--src DIR] [--workdir DIR] [--repeats N] [--layers N] [--keep]
 
 It measures the wall time and the peak resident memory (RSS) of five ways to rewrite one HF
 checkpoint directory:
@@ -17,7 +17,7 @@ Without `--src`, a random fp32 checkpoint shaped like Sheared-LLaMA-2.7B is writ
 layout (`pytorch_model-00001-of-00002.bin` of ~9.95 GB, `...-00002-of-00002.bin` of ~0.86 GB, index,
 config.json), tensor by tensor; it is kept in the work directory and reused while its config matches.
 
-Each run is its own child process (see `ref_tuning.bench`). Outputs are deleted and `os.sync()` is
+Each run is its own child process (see `benchmarks`). Outputs are deleted and `os.sync()` is
 called between runs (untimed), so that one run's write-back does not slow the next. The source stays in the page cache whenever RAM allows (nothing
 here drops caches): the numbers are for a warm read and a write to disk.
 
@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from ref_tuning.bench import (
+from benchmarks import (
     GB,
     PROJECT_ROOT,
     Method,
@@ -133,7 +133,7 @@ def ensure_source(src: Path, layers: int, tiny: bool = False) -> None:
 
 
 def make_source(src: Path, layers: int, tiny: bool) -> Path:
-    code = "import sys; from pathlib import Path; from ref_tuning.bench.convert import ensure_source; "
+    code = "import sys; from pathlib import Path; from benchmarks.convert import ensure_source; "
     code += "ensure_source(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == 'tiny')"
     cmd = [sys.executable, "-c", code, str(src), str(layers), "tiny" if tiny else "full"]
     subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)

@@ -1,14 +1,14 @@
 """Benchmarks of ref-tuning's tools next to their obvious baselines, one subcommand each:
 
-    python -m ref_tuning.bench convert ...   checkpoint conversion (ref_tuning/bench/convert.py)
-    python -m ref_tuning.bench data ...      dataset building and packing (ref_tuning/bench/data.py)
-    python -m ref_tuning.bench train ...     training throughput against torchtune's recipe (ref_tuning/bench/train.py)
-    python -m ref_tuning.bench checkpoint ... a step checkpoint: gather + HF write against sharded DCP
-                                             (ref_tuning/bench/checkpoint.py)
-    python -m ref_tuning.bench gpu ...       the production config on GPUs: variants vs torchtune's recipe, MFU,
-                                             memory, resume and bf16 scoring checks (ref_tuning/bench/gpu.py)
-    python -m ref_tuning.bench precision ... fp32 vs bf16_mixed vs pure bf16 training: unchanged weights, validation
-                                             loss, total update (ref_tuning/bench/precision.py)
+    python -m benchmarks convert ...   checkpoint conversion (benchmarks/convert.py)
+    python -m benchmarks data ...      dataset building and packing (benchmarks/data.py)
+    python -m benchmarks train ...     training throughput against torchtune's recipe (benchmarks/train.py)
+    python -m benchmarks checkpoint ... a step checkpoint: gather + HF write against sharded DCP
+                                             (benchmarks/checkpoint.py)
+    python -m benchmarks gpu ...       the production config on GPUs: variants vs torchtune's recipe, MFU,
+                                             memory, resume and bf16 scoring checks (benchmarks/gpu.py)
+    python -m benchmarks precision ... fp32 vs bf16_mixed vs pure bf16 training: unchanged weights, validation
+                                             loss, total update (benchmarks/precision.py)
 
 Every measured run is its own child process, reaped with `os.wait4`, so that its peak RSS is the
 child's own `ru_maxrss`; methods are interleaved within each repeat so that a slow spell of the
@@ -203,15 +203,15 @@ def positive(text: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ref_tuning.bench import gpu  # here: they import this module
+    from benchmarks import gpu  # here: they import this module
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m ref_tuning.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     if argv[:1] != ["gpu"]:  # `train` imports torchtune (and torch): the gpu launcher never does
-        from ref_tuning.bench import checkpoint, convert, data, precision, train
+        from benchmarks import checkpoint, convert, data, precision, train
 
         convert.add_parser(sub)
         data.add_parser(sub)

@@ -1,12 +1,12 @@
 """Training throughput: our recipe against torchtune's own `full_finetune_distributed`, without and
 with packing, on the same tiny model, data and settings.
 
-    python -m ref_tuning.bench train [--workdir DIR] [--n-samples N] [--repeats N] [--nproc N]
+    python -m benchmarks train [--workdir DIR] [--n-samples N] [--repeats N] [--nproc N]
                                      [--batch-size N] [--tokenizer PATH]
 
 Four methods, each a `tune run --nproc_per_node NPROC` of one epoch over the same drawn samples:
 
-  1. `stock, unpacked`: torchtune's recipe (ref_tuning/bench/stock_recipe.py: as shipped, but for its
+  1. `stock, unpacked`: torchtune's recipe (tests/stock_recipe.py: as shipped, but for its
      two CPU guards) on our dataset, padded to the batch maximum by `padded_collate_sft`.
   2. `ours, unpacked`: our recipe, the same.
   3. `stock, packed`: torchtune's recipe on the same samples packed by torchtune's own
@@ -38,8 +38,8 @@ from typing import Any, Dict, List, Tuple
 
 from torchtune.training.metric_logging import DiskLogger
 
-from ref_tuning.bench import PROJECT_ROOT, machine_lines, positive, run_child
-from ref_tuning.bench.data import default_tokenizer, make_split
+from benchmarks import PROJECT_ROOT, machine_lines, positive, run_child
+from benchmarks.data import default_tokenizer, make_split
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "train"
 SPLIT_LINES = 20_000
@@ -82,7 +82,7 @@ def our_overrides(assets: Dict[str, Any], out: Path, n_samples: int, batch_size:
         f"dataset.data_dir={assets['data']}", f"dataset.n_samples={n_samples}", f"dataset.packed={str(packed).lower()}",
         "dataset_val=null", f"batch_size={batch_size}", "epochs=1", "seed=0", "save_every_n_steps=null",
         "lr_scheduler.num_warmup_steps=2", f"output_dir={out}",
-        "metric_logger._component_=ref_tuning.bench.train.TimedDiskLogger",
+        "metric_logger._component_=benchmarks.train.TimedDiskLogger",
     ]  # fmt: skip
 
 
@@ -90,15 +90,15 @@ def stock_config_file(assets: Dict[str, Any], out: Path, n_samples: int, batch_s
     """The stock recipe's config for the run our config with these overrides describes."""
     from omegaconf import OmegaConf
 
-    from ref_tuning.bench.stock_recipe import stock_config
+    from tests.stock_recipe import stock_config
     from ref_tuning.demo import TINY_CONFIG
 
     cfg = OmegaConf.merge(OmegaConf.load(PROJECT_ROOT / TINY_CONFIG),
                           OmegaConf.from_dotlist(our_overrides(assets, out, n_samples, batch_size, False)))  # fmt: skip
     stock = stock_config(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), str(out))
-    stock.metric_logger._component_ = "ref_tuning.bench.train.TimedDiskLogger"
+    stock.metric_logger._component_ = "benchmarks.train.TimedDiskLogger"
     if packed:
-        stock.dataset._component_ = "ref_tuning.bench.train.torchtune_packed"
+        stock.dataset._component_ = "benchmarks.train.torchtune_packed"
         stock.dataset.packed = True  # the stock recipe reads it to pick its collate function
     path = out.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def commands(assets: Dict[str, Any], workdir: Path, n_samples: int, batch_size: 
             runs[label] = tune_run_command(nproc, our_overrides(assets, out, n_samples, batch_size, packed))
         else:
             config = stock_config_file(assets, out, n_samples, batch_size, packed)
-            runs[label] = tune_run_command(nproc, [])[:4] + ["ref_tuning/bench/stock_recipe.py", "--config", str(config)]
+            runs[label] = tune_run_command(nproc, [])[:4] + ["tests/stock_recipe.py", "--config", str(config)]
     return runs
 
 

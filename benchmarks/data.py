@@ -1,6 +1,6 @@
 """Building the training set from a processed CodeContests split: the earlier full scan against ours.
 
-    python -m ref_tuning.bench data [--workdir DIR] [--lines N] [--n-samples N] [--repeats N]
+    python -m benchmarks data [--workdir DIR] [--lines N] [--n-samples N] [--repeats N]
                                     [--tokenizer PATH] [--max-seq-len N] [--batch-size N] [--seed N]
 
 It measures the wall time and the peak resident memory (RSS) of four ways to get `--n-samples`
@@ -20,7 +20,7 @@ correct solutions of `train.jsonl`, tokenized with the Alpaca template and filte
 
 Before every run the data files and the cache are written back (`os.sync()`) and evicted from the
 page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`), so that every method reads from the disk cold.
-Each run is its own child process (see `ref_tuning.bench`); each prints the number of samples (or
+Each run is its own child process (see `benchmarks`); each prints the number of samples (or
 packs) it built, listed above the table. The earlier approach and ours draw with different random
 generators, so their counts of kept samples differ a little.
 
@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
-from ref_tuning.bench import (
+from benchmarks import (
     GB,
     PROJECT_ROOT,
     Method,
@@ -368,7 +368,7 @@ def ensure_split(data_dir: Path, lines: int, tokenizer: Path, spare_bytes: int =
 
 
 def make_split(data_dir: Path, lines: int, tokenizer: Path, spare_bytes: int) -> Dict[str, Any]:
-    code = "import sys; from pathlib import Path; from ref_tuning.bench.data import ensure_split; "
+    code = "import sys; from pathlib import Path; from benchmarks.data import ensure_split; "
     code += "ensure_split(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))"
     cmd = [sys.executable, "-c", code, str(data_dir), str(lines), str(tokenizer), str(spare_bytes)]
     subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
@@ -425,7 +425,7 @@ def run_ours(
 
 
 def _child(func: str, *args: Any) -> List[str]:
-    code = f"import sys; from ref_tuning.bench.data import {func}; {func}(*sys.argv[1:])"
+    code = f"import sys; from benchmarks.data import {func}; {func}(*sys.argv[1:])"
     return [sys.executable, "-c", code, *map(str, args)]
 
 

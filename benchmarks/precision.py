@@ -1,6 +1,6 @@
 """Training precision: the same fine-tuning in fp32, bf16_mixed (the production default) and pure bf16.
 
-    python -m ref_tuning.bench precision [--steps N] [--workdir DIR] [--tokenizer PATH]
+    python -m benchmarks precision [--steps N] [--workdir DIR] [--tokenizer PATH]
 
 Each mode is one `tune run --nproc_per_node 2 recipes/ref_finetune.py --config configs/tiny_cpu.yaml`
 child with `precision=MODE` and everything else equal: the same base model, the same drawn samples in
@@ -63,8 +63,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from ref_tuning.bench import PROJECT_ROOT, machine_lines, positive, remove
-from ref_tuning.bench.data import default_tokenizer, make_split
+from benchmarks import PROJECT_ROOT, machine_lines, positive, remove
+from benchmarks.data import default_tokenizer, make_split
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "precision"
 MODES = ("fp32", "bf16_mixed", "bf16")
@@ -224,7 +224,7 @@ def analyse(spec_path: str) -> None:
 
 def _child(function: str, *args: Any) -> List[str]:
     """A Python child that calls `function` of this module with `args` (strings)."""
-    code = f"import sys; from ref_tuning.bench.precision import {function}; {function}(*sys.argv[1:])"
+    code = f"import sys; from benchmarks.precision import {function}; {function}(*sys.argv[1:])"
     return [sys.executable, "-c", code, *map(str, args)]
 
 

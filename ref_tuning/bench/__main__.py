@@ -1,5 +1,0 @@
-import sys
-
-from ref_tuning.bench import main
-
-sys.exit(main())
