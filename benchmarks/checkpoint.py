@@ -12,21 +12,20 @@ of optimizer state at full size. Two ways to write it:
 
   1. `today`: what the recipe does now. `torchtune.training.gather_cpu_state_dict` gathers the whole
      model to rank 0, which writes it as an HF directory (`HFBinCheckpointer.save_checkpoint`: `.bin`
-     shards, direct I/O); then every rank writes its part of the optimizer state with `dcp.save`
+     shards); then every rank writes its part of the optimizer state with `dcp.save`
      (torch's defaults). Its phases on rank 0 are printed below the table.
   2. `new` (`new_save`): no gather; every rank writes its own shards of the model and of the optimizer
      state at once, `dcp.save({"model": ..., "optimizer": ...}, storage_writer=FileSystemWriter(...))`.
      Each `--writer` makes one such row, its options given over torch's defaults: FileSystemWriter's
-     `thread_count`, `sync_files`, `single_file_per_rank`, `per_thread_copy_ahead`; `crc32`, torch.save's
-     checksum (`torch.serialization.set_crc32_options`); and `direct_io`, an experiment that is not
-     torch's (`_direct_file_system`). The default rows: torch's defaults, `crc32=false`, and
-     `crc32=false,direct_io=true`.
+     `thread_count`, `sync_files`, `single_file_per_rank`, `per_thread_copy_ahead`; and `crc32`, torch.save's
+     checksum (`torch.serialization.set_crc32_options`). The default rows: torch's defaults and
+     `crc32=false`.
 
 Measured on the 2-core VM (ext4 on virtio; dd direct 1.3-1.4 GB/s), 12 layers (6.7 GB), 2 repeats,
 the machine otherwise nearly idle, GB/s: torch's defaults 0.78; `thread_count=2` 1.08, `4` 1.20;
 `crc32=false` 1.49 (0.88x the dd time), with `thread_count=2` or `4` 1.29-1.33;
 `crc32=false,single_file_per_rank=false` (a file per tensor) 0.87; `crc32=false,sync_files=false`
-1.65, but the data is not on disk when it returns; `direct_io=true` 1.45-1.58, no better.
+1.65, but the data is not on disk when it returns; `direct_io=true` (an O_DIRECT experiment, since removed) 1.45-1.58, no better.
 `per_thread_copy_ahead` only acts when CUDA is present. So: DCP's default format is one torch.save
 per tensor, and torch.save's CRC-32 over every byte is what bounds torch's defaults (threads hide
 some of it); without it one buffered stream per rank, fsynced, keeps up with the disk. Full size
@@ -70,7 +69,7 @@ DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "checkpoint"
 # new_save's defaults, as options over torch's (for the report).
 NEW_SAVE_OPTIONS: Dict[str, Any] = {}  # the recipe keeps torch's defaults: the targets are met with them
 # The `new` rows unless --writer is given: torch's defaults, then what measured best (see the docstring).
-DEFAULT_WRITERS = ("defaults", "crc32=false", "crc32=false,direct_io=true")
+DEFAULT_WRITERS = ("defaults", "crc32=false")
 DD_BLOCK = 64 * 2**20
 # glibc serves allocations of up to 32 MB (its dynamic mmap threshold) from its heaps, where the
 # temporaries of filling, stepping and gathering leave holes between the long-lived shards: 2 GB per
@@ -82,10 +81,9 @@ TINY_DIMS = dict(num_heads=4, num_kv_heads=4, embed_dim=64, intermediate_dim=176
 # Sheared-LLaMA-2.7B (ref_tuning.models.SHEARED_LLAMA_2_7B), repeated so that the launcher never imports torch.
 FULL_DIMS = dict(vocab_size=32_000, num_layers=32, num_heads=20, num_kv_heads=20, embed_dim=2560, intermediate_dim=6912)
 # What a --writer may set, and torch's defaults: FileSystemWriter's options; torch.save's crc32
-# (`torch.serialization.set_crc32_options`; DCP's default format is one torch.save per tensor);
-# `direct_io`, an experiment and not torch's: DCP's files written with O_DIRECT (`_direct_file_system`).
+# (`torch.serialization.set_crc32_options`; DCP's default format is one torch.save per tensor).
 TORCH_DEFAULTS = {"thread_count": 1, "sync_files": True, "single_file_per_rank": True,
-                  "per_thread_copy_ahead": 10_000_000, "crc32": True, "direct_io": False}  # fmt: skip
+                  "per_thread_copy_ahead": 10_000_000, "crc32": True}  # fmt: skip
 
 
 def n_params(num_layers: int, tiny: bool = False) -> int:
@@ -128,81 +126,22 @@ def writer_label(options: Dict[str, Any]) -> str:
 # The worker: one torchrun process (imports torch)
 
 
-def _direct_file_system(sync: bool):
-    """An experiment: DCP's `FileSystem` whose files are written with O_DIRECT (`tensorfiles.OutputFile`)
-    and fsynced when closed if `sync`."""
-    import io
-    from contextlib import contextmanager
-
-    from torch.distributed.checkpoint.filesystem import FileSystem
-
-    from ref_tuning.tensorfiles import OutputFile
-
-    class DirectStream(io.RawIOBase):
-        def __init__(self, path: Path):
-            super().__init__()
-            self.path = Path(path)
-            self._out = OutputFile(self.path)
-
-        def writable(self) -> bool:
-            return True
-
-        def write(self, data) -> int:
-            view = memoryview(data).cast("B")
-            self._out.write(view)
-            return len(view)
-
-        def tell(self) -> int:
-            return self._out.tell()
-
-        def close(self) -> None:
-            if not self.closed:
-                self._out.close()
-                if sync:
-                    fd = os.open(self.path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            super().close()
-
-    class DirectFileSystem(FileSystem):
-        @contextmanager
-        def create_stream(self, path, mode: str):
-            if mode != "wb":
-                with super().create_stream(path, mode) as stream:
-                    yield stream
-                return
-            stream = DirectStream(path)
-            try:
-                yield stream
-            finally:
-                stream.close()
-
-    return DirectFileSystem()
-
-
-def new_save(path: Path, model, optimizer, thread_count: int = 1, crc32: bool = True, direct_io: bool = False,
-             **writer_options) -> None:  # fmt: skip
+def new_save(path: Path, model, optimizer, thread_count: int = 1, crc32: bool = True, **writer_options) -> None:
     """The new step checkpoint: every rank writes its own shards of the model and the optimizer state,
     no gather, into `path/state` (all ranks call this). `crc32=False` turns off torch.save's checksum
-    for this save (`torch.serialization.set_crc32_options`); `direct_io` is an experiment (see
-    `_direct_file_system`)."""
+    for this save (`torch.serialization.set_crc32_options`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from torch.serialization import get_crc32_options, set_crc32_options
 
-    given = dict(writer_options, thread_count=thread_count, crc32=crc32, direct_io=direct_io)
+    given = dict(writer_options, thread_count=thread_count, crc32=crc32)
     if all(TORCH_DEFAULTS[k] == v for k, v in given.items()):  # torch's defaults: the recipe's own save
         from ref_tuning.step_checkpoints import save_sharded
 
         return save_sharded(Path(path), model, optimizer)
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     writer = FileSystemWriter(Path(path) / "state", thread_count=thread_count, **writer_options)
-    if direct_io:  # the streams fsync themselves once complete (DCP fsyncs before closing them)
-        writer.fs = _direct_file_system(sync=writer.sync_files)
-        writer.sync_files = False
     before = get_crc32_options()
     set_crc32_options(crc32)
     try:

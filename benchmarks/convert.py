@@ -6,8 +6,8 @@ It measures the wall time and the peak resident memory (RSS) of five ways to rew
 checkpoint directory:
 
   1. `cp -r SRC OUT`: the baseline; reading and writing the bytes, nothing else.
-  2. `dd bs=32M oflag=direct`, file by file: the same copy with direct-I/O writes, as our writer
-     does where the file system allows it; the floor for anything that writes these bytes.
+  2. `dd bs=32M oflag=direct`, file by file: the same copy with direct-I/O writes, past the page cache:
+     what the disk itself sustains.
   3. `python -m ref_tuning.convert hf-to-hf SRC OUT --no-progress`: re-shard at 5GB, fp32 kept.
   4. `python -m ref_tuning.convert hf-to-tune SRC OUT.pt --no-progress`: one torchtune state-dict file.
   5. torchtune's `FullModelHFCheckpointer`: `load_checkpoint()` then `save_checkpoint(..., epoch=0)`

@@ -1,11 +1,13 @@
-"""HF checkpoint directories <-> torchtune state dicts, one tensor at a time.
+"""HF checkpoint directories <-> torchtune state dicts, in torch's and safetensors' own file formats.
 
 `HFBinCheckpointer` implements torchtune's checkpointer interface (`load_checkpoint`,
 `save_checkpoint`). It differs from torchtune's `FullModelHFCheckpointer` where Rho-1 needs it to:
 it writes the hub's file names (`pytorch_model-0000K-of-0000N.bin`), a `config.json` whose dtype is
 the dtype actually written, and copies the tokenizer and generation files, so that the output
-directory is a complete HF model. Reading and writing stream tensor by tensor (`tensorfiles`), and
-every output appears under its final name only once complete (`atomic_output`).
+directory is a complete HF model. Files are read memory-mapped (`torch.load(mmap=True,
+weights_only=True)`, `safetensors`), so a tensor's bytes are read only when it is used, and written
+shard by shard (`torch.save`, `safetensors.torch.save_file`), so memory stays at about one shard.
+Every output appears under its final name only once complete (`atomic_output`).
 """
 
 import ctypes
@@ -15,16 +17,14 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-
-from ref_tuning.tensorfiles import TensorFileError, TensorRef, open_writer, read_refs
 
 # torchtune is imported where it is used: importing it takes 3 s (torchao, torch._dynamo), as long as
 # copying a gigabyte, and `convert hf-to-hf` does not need it.
@@ -34,13 +34,10 @@ METADATA_FILE = "ref_tuning.json"  # what made an output directory: step, valida
 INDEX_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
 SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
 # Everything besides the weights that makes an HF directory usable on its own.
-SIDE_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
+SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json")  # fmt: skip
+PathLike = Union[str, Path]
+StateDict = Dict[str, torch.Tensor]
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer old transformers versions saved
 
@@ -50,15 +47,12 @@ class CheckpointError(ValueError):
 
 
 class OutputTensor(NamedTuple):
-    """A tensor to write: its name, dtype and shape up front, its data only when `load()` is called.
-    `load(scratch)` may read into `scratch`, a flat uint8 tensor of at least `source_nbytes`."""
+    """A tensor to write: its name, dtype and shape up front, its data only when `load()` is called."""
 
     name: str
     dtype: torch.dtype
     shape: Tuple[int, ...]
-    load: Callable[[Optional[torch.Tensor]], torch.Tensor]
-    source_nbytes: int = 0
-    copy_of: Optional[TensorRef] = None  # a file region holding exactly these bytes, if any
+    load: Callable[[], torch.Tensor]
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +73,7 @@ def parse_size(size: Union[int, str]) -> int:
 # Reading
 
 
-def read_hf_config(checkpoint_dir: Union[str, Path]) -> Dict[str, Any]:
+def read_hf_config(checkpoint_dir: PathLike) -> Dict[str, Any]:
     """Read and sanity-check `config.json` of a LLaMA-family HF directory."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
@@ -132,57 +126,63 @@ def expected_hf_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def hf_tensor_refs(checkpoint_dir: Union[str, Path]) -> Dict[str, TensorRef]:
-    """Where each tensor of an HF directory lies (`.bin` or safetensors, sharded or not), checking
-    that the index and the shards agree; no tensor data is read."""
-    checkpoint_dir = Path(checkpoint_dir)
-    for fmt, index_name in INDEX_FILES.items():
-        index_path = checkpoint_dir / index_name
-        if index_path.is_file():
-            return _indexed_refs(index_path)
-    for single in SINGLE_FILES.values():
-        if (checkpoint_dir / single).is_file():
-            return _file_refs(checkpoint_dir / single)
-    raise CheckpointError(
-        f"{checkpoint_dir}: found no weights; expected {INDEX_FILES['bin']} with its .bin shards, "
-        f"{SINGLE_FILES['bin']}, or their safetensors counterparts"
-    )
-
-
-def _file_refs(path: Path) -> Dict[str, TensorRef]:
+def read_tensor_file(path: Path) -> StateDict:
+    """The tensors of a `.bin` (torch.save) or `.safetensors` file, memory-mapped: each is read from
+    disk only when used. torch's weights-only unpickler refuses, before anything runs, a pickle that
+    asks for more than tensors; its errors and safetensors' become one error naming the file."""
     try:
-        return read_refs(path)
-    except TensorFileError as e:
-        raise CheckpointError(str(e)) from e
+        if path.suffix == ".safetensors":
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, OSError, UnicodeDecodeError...
+        blocked = re.search(r"GLOBAL (\S+)", str(e))  # how torch names a global it refused
+        if blocked:
+            raise CheckpointError(f"{path}: refused: its pickle asks for {blocked.group(1)}, which a weights "
+                                  "file never needs (loading it could run code); nothing in it was run") from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
+        raise CheckpointError(f"{path}: cannot be read, the file is truncated or corrupt ({reason}); "
+                              "copy it again from its source") from e  # fmt: skip
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"{path}: expected a dict of parameter name -> tensor")
+    return tensors
 
 
-def _indexed_refs(index_path: Path) -> Dict[str, TensorRef]:
+def hf_tensor_refs(checkpoint_dir: PathLike) -> StateDict:
+    """Every tensor of an HF directory (`.bin` or safetensors, sharded or not), memory-mapped, in the
+    index's order, checking that the index and the shards agree."""
+    names = (*INDEX_FILES.values(), *SINGLE_FILES.values())  # an index before a single file
+    found = [Path(checkpoint_dir) / name for name in names if (Path(checkpoint_dir) / name).is_file()]
+    if not found:
+        raise CheckpointError(f"{checkpoint_dir}: found no weights; expected {INDEX_FILES['bin']} with its .bin "
+                              f"shards, {SINGLE_FILES['bin']}, or their safetensors counterparts")  # fmt: skip
+    if found[0].suffix != ".json":
+        return read_tensor_file(found[0])
+    index_path = found[0]
     try:
         weight_map = json.loads(index_path.read_text()).get("weight_map")
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{index_path}: not a JSON object with a 'weight_map' ({e})") from e
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' of parameter -> file")
-    refs: Dict[str, TensorRef] = {}
+    tensors: StateDict = {}
     for file_name in dict.fromkeys(weight_map.values()):
         path = index_path.parent / file_name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {index_path.name} but missing")
-        file_refs = _file_refs(path)
+        in_file = read_tensor_file(path)
         listed = [k for k, f in weight_map.items() if f == file_name]  # a list: the order is the index's
-        if set(listed) - file_refs.keys():
-            raise CheckpointError(
-                f"{index_path}: lists {_some(set(listed) - file_refs.keys())} in {file_name}, which does not "
-                "hold them; the index and the shards disagree"
-            )
-        stray = {k for k in file_refs.keys() - set(listed) if not _IGNORED_HF_KEYS.match(k)}
+        if set(listed) - in_file.keys():
+            raise CheckpointError(f"{index_path}: lists {_some(set(listed) - in_file.keys())} in {file_name}, which "
+                                  "does not hold them; the index and the shards disagree")  # fmt: skip
+        stray = {k for k in in_file.keys() - set(listed) if not _IGNORED_HF_KEYS.match(k)}
         if stray:
-            raise CheckpointError(
-                f"{path}: holds {_some(stray)}, which {index_path.name} does not list there; "
-                "the index and the shards disagree"
-            )
-        refs.update({k: file_refs[k] for k in listed})
-    return refs
+            raise CheckpointError(f"{path}: holds {_some(stray)}, which {index_path.name} does not list there; the "
+                                  "index and the shards disagree")  # fmt: skip
+        tensors.update({k: in_file[k] for k in listed})
+    return tensors
 
 
 def _some(names, n: int = 3) -> str:
@@ -191,23 +191,29 @@ def _some(names, n: int = 3) -> str:
     return ", ".join(f"'{k}'" for k in names[:n]) + more
 
 
-def check_hf_tensors(refs: Dict[str, Any], config: Dict[str, Any], where: Union[str, Path]) -> None:
+def check_hf_tensors(tensors: Dict[str, Any], config: Dict[str, Any], where: PathLike) -> None:
     """Every parameter the config implies is there with the implied shape, and nothing else.
-    `refs` maps HF names to anything with a `shape` (`TensorRef`, `OutputTensor`, a tensor)."""
+    `tensors` maps HF names to anything with a `shape` (a tensor, an `OutputTensor`)."""
     expected = expected_hf_shapes(config)
-    found = {k for k in refs if not _IGNORED_HF_KEYS.match(k)}
-    problems = []
-    if expected.keys() - found:
-        problems.append(f"missing parameters {_some(expected.keys() - found)}")
-    if found - expected.keys():
-        problems.append(f"unexpected parameters {_some(found - expected.keys())}")
-    for name in sorted(found & expected.keys()):
-        if tuple(refs[name].shape) != expected[name]:
-            problems.append(
-                f"'{name}' has shape {tuple(refs[name].shape)} but config.json implies {expected[name]}"
-            )
+    found = {k for k in tensors if not _IGNORED_HF_KEYS.match(k)}
+    problems = [f"{what} parameters {_some(names)}" for what, names in
+                (("missing", expected.keys() - found), ("unexpected", found - expected.keys())) if names]  # fmt: skip
+    shapes = {name: tuple(tensors[name].shape) for name in sorted(found & expected.keys())}
+    problems += [f"'{name}' has shape {shape} but config.json implies {expected[name]}"
+                 for name, shape in shapes.items() if shape != expected[name]]  # fmt: skip
     if problems:
         raise CheckpointError(f"{where}: weights do not match config.json: " + "; ".join(problems[:5]))
+
+
+load_hf_state_dict = hf_tensor_refs  # all tensors of an HF directory, memory-mapped, read weights-only
+
+
+def read_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Dict[str, Any], StateDict]:
+    """The config and the weights of an HF directory, checked against each other, in the model's order."""
+    config = read_hf_config(checkpoint_dir)
+    tensors = hf_tensor_refs(checkpoint_dir)
+    check_hf_tensors(tensors, config, checkpoint_dir)
+    return config, {name: tensors[name] for name in expected_hf_shapes(config)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,75 +221,67 @@ def check_hf_tensors(refs: Dict[str, Any], config: Dict[str, Any], where: Union[
 
 
 def _conversion_args(config: Dict[str, Any]) -> Dict[str, int]:
-    num_heads = config["num_attention_heads"]
-    return dict(
-        num_heads=num_heads,
-        num_kv_heads=config.get("num_key_value_heads") or num_heads,
-        dim=config["hidden_size"],
-        head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
-    )
+    heads, dim = config["num_attention_heads"], config["hidden_size"]
+    return dict(num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads, dim=dim,
+                head_dim=config.get("head_dim") or dim // heads)  # fmt: skip
 
 
-def hf_to_tune(hf_sd: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def hf_to_tune(hf_sd: StateDict, config: Dict[str, Any]) -> StateDict:
     """HF names and rotary layout to torchtune's (q and k are permuted per head)."""
     from torchtune.models import convert_weights
 
     return convert_weights.hf_to_tune(hf_sd, **_conversion_args(config))
 
 
-def tune_to_hf(tune_sd: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def tune_to_hf(tune_sd: StateDict, config: Dict[str, Any]) -> StateDict:
     """The inverse of `hf_to_tune`: exact, since the permutation only moves values."""
     from torchtune.models import convert_weights
 
     return convert_weights.tune_to_hf(tune_sd, **_conversion_args(config))
 
 
-# dtype, shape, load(scratch), and the file region it is read from (None for tensors in memory)
-Source = Tuple[torch.dtype, Tuple[int, ...], Callable[[Optional[torch.Tensor]], torch.Tensor], Optional[TensorRef]]
-# torchtune's convert_weights permutes exactly these (the per-head rotary layout); it only renames the rest.
-_PERMUTED = re.compile(r".*\b(q_proj|k_proj)\.weight$")
+def tensor_sources(state_dict: StateDict) -> List[OutputTensor]:
+    """`converted`'s sources from tensors in memory or memory-mapped."""
+    return [OutputTensor(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in state_dict.items()]
 
 
-def converted(
-    sources: Dict[str, Source],
-    convert: Optional[Callable[[Dict[str, torch.Tensor], Dict[str, Any]], Dict[str, torch.Tensor]]],
-    config: Dict[str, Any],
-    dtype: Optional[torch.dtype] = None,
-) -> List[OutputTensor]:
-    """The tensors to write, renamed and re-laid-out by `convert` (`hf_to_tune`, `tune_to_hf` or
-    None) and cast to `dtype`, each converted only when it is written."""
+def converted(sources: List[OutputTensor], convert: Optional[Callable[[StateDict, Dict[str, Any]], StateDict]],
+              config: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> List[OutputTensor]:  # fmt: skip
+    """`sources` renamed and re-laid-out by `convert` (`hf_to_tune`, `tune_to_hf` or None) and cast
+    to `dtype`, each converted only when loaded: a writer holds one file's tensors at a time."""
     outputs = []
-    for name, (src_dtype, shape, load, ref) in sources.items():
+    for src in sources:
         # Names and shapes come from converting an empty meta tensor: no data is touched.
-        meta = {name: torch.empty(shape, dtype=src_dtype, device="meta")}
+        meta = {src.name: torch.empty(src.shape, dtype=src.dtype, device="meta")}
         try:
-            ((new_name, new_meta),) = (convert(meta, config) if convert else meta).items()
+            ((name, new_meta),) = (convert(meta, config) if convert else meta).items()
         except Exception as e:  # torchtune raises a bare Exception for an unknown name
-            raise CheckpointError(f"parameter '{name}' cannot be converted: {e}") from e
-        out_dtype = dtype if dtype is not None and src_dtype.is_floating_point else src_dtype
+            raise CheckpointError(f"parameter '{src.name}' cannot be converted: {e}") from e
+        out_dtype = dtype if dtype is not None and src.dtype.is_floating_point else src.dtype
 
-        def load_converted(scratch=None, name=name, load=load, out_dtype=out_dtype):
-            tensor = load(scratch)
+        def load(src=src, out_dtype=out_dtype):
+            tensor = src.load()
             if convert:
-                ((_, tensor),) = convert({name: tensor}, config).items()
+                ((_, tensor),) = convert({src.name: tensor}, config).items()
             return tensor.to(out_dtype)
 
-        source_nbytes = src_dtype.itemsize * int(torch.Size(shape).numel())
-        # Bytes that neither the conversion nor the cast changes are copied from file to file.
-        unchanged = out_dtype == src_dtype and not (convert and _PERMUTED.match(name))
-        copy_of = ref if unchanged and ref is not None and ref.is_whole_storage else None
-        outputs.append(OutputTensor(new_name, out_dtype, tuple(new_meta.shape), load_converted, source_nbytes, copy_of))
+        outputs.append(OutputTensor(name, out_dtype, tuple(new_meta.shape), load))
     return outputs
 
 
-def ref_sources(refs: Dict[str, TensorRef]) -> Dict[str, Source]:
-    """`converted` sources that read each tensor from its file."""
-    return {name: (ref.dtype, tuple(ref.shape), ref.load, ref) for name, ref in refs.items()}
-
-
-def memory_sources(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Source]:
-    """`converted` sources from tensors already in memory."""
-    return {name: (t.dtype, tuple(t.shape), (lambda scratch=None, t=t: t), None) for name, t in state_dict.items()}
+def load_tune_state_dict(checkpoint_dir: PathLike, expected_config: Optional[Dict[str, Any]] = None,
+                         placeholders: bool = False) -> StateDict:  # fmt: skip
+    """An HF directory's weights under torchtune's names and layout, checked against its config.json
+    (and against `expected_config`'s shapes, if given): memory-mapped, but for q and k, which are
+    permuted in memory. `placeholders`: tensors of the right shape and dtype but no data, read from
+    nothing, for ranks other than 0 when torchtune's `load_from_full_model_state_dict` shards a model:
+    its `distribute_tensor` scatters rank 0's data and ignores the other ranks' (`src_data_rank=0`)."""
+    config, tensors = read_hf_checkpoint(checkpoint_dir)
+    if expected_config is not None and expected_hf_shapes(config) != expected_hf_shapes(expected_config):
+        raise CheckpointError(f"{checkpoint_dir}: its config.json describes a model of another shape than expected")
+    if placeholders:  # one element each, broadcast to the shape: no memory, and q and k permuted as views
+        tensors = {name: torch.empty((), dtype=t.dtype).expand(t.shape) for name, t in tensors.items()}
+    return hf_to_tune(tensors, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +289,7 @@ def memory_sources(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Source]:
 
 
 @contextmanager
-def atomic_output(target: Union[str, Path], overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it to `target` once the block completes.
 
     A crash (even SIGKILL) leaves `target` as it was: absent, or the complete old version. Temporary
@@ -336,10 +334,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _remove_stale_temporaries(target: Path) -> None:
@@ -360,104 +355,83 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         return True
     return True
 
 
-def write_tensor_file(path: Path, tensors: List[OutputTensor], progress: Optional[tqdm] = None,
-                      direct_io: bool = True) -> None:  # fmt: skip
-    """Write `tensors` into one file (format by suffix), loading and converting one at a time.
-
-    Tensors whose bytes do not change are read from their source file straight into the writer's
-    buffers, their recorded checksum checked on the way (a mismatch fails the write before the file
-    is used). The other tensors are read, converted and written, a second thread preparing tensor
-    i+1 while tensor i is written; it reads into two scratch buffers used in turn, so memory stays
-    at a few tensors and no page is faulted twice. `direct_io`: see `tensorfiles.OutputFile`.
-    """
-    with open_writer(path, {t.name: (t.dtype, t.shape) for t in tensors}, direct_io) as writer, \
-            ThreadPoolExecutor(1) as loader:  # fmt: skip
-        copied = [t.copy_of is not None and writer.can_copy(t.copy_of) for t in tensors]
-        size = max((t.source_nbytes for t, c in zip(tensors, copied) if not c), default=0)
-        scratch = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
-        to_load = iter([i for i, c in enumerate(copied) if not c])
-
-        def prefetch(slot: int):
-            i = next(to_load, None)
-            return None if i is None else loader.submit(tensors[i].load, scratch[slot])
-
-        pending, slot = prefetch(0), 0
-        for t, copy in zip(tensors, copied):
-            if copy:
-                writer.copy(t.name, t.copy_of)
-            else:
-                tensor = pending.result()
-                slot = 1 - slot  # the other buffer's tensor was written already
-                pending = prefetch(slot)
-                writer.write(t.name, tensor)
-                del tensor
-            if progress is not None:
-                progress.update(t.nbytes)
+def save_tensor_file(path: Path, tensors: List[OutputTensor], safetensors: bool = False) -> None:
+    """Write `tensors` as one `torch.save` (or safetensors) file. They are all loaded first: unchanged
+    tensors of a memory-mapped source cost no memory, converted ones their size."""
+    state = {t.name: t.load().contiguous() for t in tensors}
+    # torch.save writes a tensor's whole storage: a view into a larger one gets its own, so that the
+    # file holds exactly its tensors' bytes, as the hub's files do.
+    state = {name: t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for name, t in state.items()}
+    try:
+        if safetensors:
+            save_file(state, path, metadata={"format": "pt"})  # the format transformers expects
+        else:
+            # Without CRC-32s: torch.load never checks them, and computing them (miniz, one core) made a
+            # conversion 2-6 times as slow as copying the files. Zip tools testing the archive flag them.
+            crc32 = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+            try:
+                torch.save(state, path)
+            finally:
+                torch.serialization.set_crc32_options(crc32)
+    except (RuntimeError, OSError, SafetensorError) as e:  # torch's writer reports a full disk as a RuntimeError
+        free = shutil.disk_usage(path.parent).free / 1e9
+        raise OSError(f"{path}: writing failed ({e}); {free:.2f} GB free on its file system") from e
 
 
 def _plan_shards(tensors: List[OutputTensor], max_shard_size: int) -> List[List[OutputTensor]]:
     """Greedy, in order: a new shard starts when the next tensor would overflow the current one."""
     shards: List[List[OutputTensor]] = [[]]
-    used = 0
+    used = 0  # bytes in the last shard
     for t in tensors:
         if shards[-1] and used + t.nbytes > max_shard_size:
-            shards.append([])
-            used = 0
+            shards, used = shards + [[]], 0
         shards[-1].append(t)
         used += t.nbytes
     return shards
 
 
-def _dtype_name(tensors: List[OutputTensor]) -> str:
-    dtypes = {t.dtype for t in tensors if t.dtype.is_floating_point}
-    if len(dtypes) != 1:
-        raise CheckpointError(f"expected one floating dtype among the weights, found {sorted(map(str, dtypes))}")
-    return str(dtypes.pop()).removeprefix("torch.")
+def _copy_side_files(src: PathLike, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
 
 
-def save_hf_dir(
-    tensors: List[OutputTensor],
-    out_dir: Union[str, Path],
-    config: Dict[str, Any],
-    side_files_from: Optional[Union[str, Path]] = None,
-    max_shard_size: Union[int, str] = "5GB",
-    safetensors: bool = False,
-    overwrite: bool = False,
-    progress: bool = False,
-    direct_io: bool = True,
-    extra_files: Optional[Dict[str, str]] = None,
-) -> Path:
+def save_hf_dir(tensors: List[OutputTensor], out_dir: PathLike, config: Dict[str, Any],
+                side_files_from: Optional[PathLike] = None, max_shard_size: Union[int, str] = "5GB",
+                safetensors: bool = False, overwrite: bool = False, progress: bool = False,
+                extra_files: Optional[Dict[str, str]] = None) -> Path:  # fmt: skip
     """Write a complete HF directory: shards in the hub layout and their index, `config.json` with
     the dtype written, the side files (tokenizer, generation config) of `side_files_from`, and
-    `extra_files` (name -> text), all appearing at once."""
+    `extra_files` (name -> text), all appearing at once. One shard is loaded at a time."""
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype.is_floating_point}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"expected one floating dtype among the weights, found {sorted(dtypes)}")
+    config = dict(config, torch_dtype=dtypes.pop())
+    config["dtype"] = config["torch_dtype"]  # transformers >= 4.56 reads `dtype`
     fmt = "safetensors" if safetensors else "bin"
     shards = _plan_shards(tensors, parse_size(max_shard_size))
     total = sum(t.nbytes for t in tensors)
-    config = dict(config, torch_dtype=_dtype_name(tensors))
-    config["dtype"] = config["torch_dtype"]  # transformers >= 4.56 reads `dtype`
     with atomic_output(out_dir, overwrite) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(out_dir).name}", disable=not progress)
         tmp.mkdir()
-        weight_map = {}
         stem = "pytorch_model" if fmt == "bin" else "model"
-        names = [f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}" for k in range(1, len(shards) + 1)]
-        # One shard after the other: with direct I/O one stream already keeps the disk busy (two at
-        # a time measured the same, 7.1-7.8 s against 7.1-7.4 s for 10.8 GB, in more memory).
-        for name, shard in zip(names, shards):
-            write_tensor_file(tmp / name, shard, bar, direct_io)
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            name = f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}"
+            save_tensor_file(tmp / name, shard, safetensors)
+            bar.update(sum(t.nbytes for t in shard))
             weight_map.update({t.name: name for t in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if side_files_from is not None:
-            for name in SIDE_FILES:
-                if (Path(side_files_from) / name).is_file():
-                    shutil.copy2(Path(side_files_from) / name, tmp / name)
+            _copy_side_files(side_files_from, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         os.chmod(tmp, 0o755)
@@ -465,59 +439,10 @@ def save_hf_dir(
     return Path(out_dir)
 
 
-def load_hf_state_dict(checkpoint_dir: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """All tensors of an HF directory, read weights-only (never unpickling code)."""
-    return {name: ref.load() for name, ref in hf_tensor_refs(checkpoint_dir).items()}
-
-
-def save_hf_checkpoint(
-    hf_sd: Dict[str, torch.Tensor],
-    out_dir: Union[str, Path],
-    config: Dict[str, Any],
-    side_files_from: Optional[Union[str, Path]] = None,
-    max_shard_size: Union[int, str] = "5GB",
-) -> Path:
+def save_hf_checkpoint(hf_sd: StateDict, out_dir: PathLike, config: Dict[str, Any],
+                       side_files_from: Optional[PathLike] = None, max_shard_size: Union[int, str] = "5GB") -> Path:
     """Write an in-memory HF state dict as an HF directory, replacing `out_dir` atomically."""
-    tensors = converted(memory_sources(hf_sd), None, config)
-    return save_hf_dir(tensors, out_dir, config, side_files_from, max_shard_size, overwrite=True)
-
-
-class LazyStateDict(Mapping):
-    """A state dict whose tensors are read and converted when accessed, one at a time, never kept.
-
-    With `placeholders`, tensors are uninitialized memory of the right shape and dtype, never read:
-    for ranks other than 0 when torchtune's `load_from_full_model_state_dict` shards the model, since
-    its `distribute_tensor` scatters rank 0's data and ignores the other ranks' (`src_data_rank=0`).
-    So one process reads the checkpoint, and none holds all of it.
-    """
-
-    def __init__(self, tensors: List[OutputTensor], placeholders: bool = False):
-        self._tensors = {t.name: t for t in tensors}
-        self._placeholders = placeholders
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
-        return torch.empty(t.shape, dtype=t.dtype) if self._placeholders else t.load(None)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-
-def load_tune_state_dict(checkpoint_dir: Union[str, Path], expected_config: Optional[Dict[str, Any]] = None,
-                         placeholders: bool = False) -> LazyStateDict:  # fmt: skip
-    """An HF directory's weights under torchtune's names and layout, checked against its config.json
-    (and against `expected_config`'s shapes, if given), each read when accessed (see `LazyStateDict`)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config = read_hf_config(checkpoint_dir)
-    if expected_config is not None and expected_hf_shapes(config) != expected_hf_shapes(expected_config):
-        raise CheckpointError(f"{checkpoint_dir}: its config.json describes a model of another shape than expected")
-    refs = hf_tensor_refs(checkpoint_dir)
-    check_hf_tensors(refs, config, checkpoint_dir)
-    ordered = {name: refs[name] for name in expected_hf_shapes(config)}
-    return LazyStateDict(converted(ref_sources(ordered), hf_to_tune, config), placeholders)
+    return save_hf_dir(tensor_sources(hf_sd), out_dir, config, side_files_from, max_shard_size, overwrite=True)
 
 
 class HFBinCheckpointer:
@@ -530,54 +455,37 @@ class HFBinCheckpointer:
         safetensors: write safetensors shards instead of `.bin`.
     """
 
-    def __init__(
-        self, checkpoint_dir: str, output_dir: str, max_shard_size: Union[int, str] = "5GB", safetensors: bool = False
-    ):
+    def __init__(self, checkpoint_dir: str, output_dir: str, max_shard_size: Union[int, str] = "5GB",
+                 safetensors: bool = False):  # fmt: skip
         self._checkpoint_dir = Path(checkpoint_dir)
         self._output_dir = Path(output_dir)
         self._max_shard_size = parse_size(max_shard_size)
         self._safetensors = safetensors
         self.config = read_hf_config(self._checkpoint_dir)
 
-    def load_checkpoint(
-        self, checkpoint_dir: Optional[Union[str, Path]] = None, rank_zero_only: bool = False
-    ) -> Dict[str, Any]:
+    def load_checkpoint(self, checkpoint_dir: Optional[PathLike] = None, rank_zero_only: bool = False) -> Dict:
         """`{"model": torchtune state dict}` of `checkpoint_dir` (default: the one configured),
-        checked against config.json, its tensors read lazily (`LazyStateDict`). With
-        `rank_zero_only`, in a distributed run only rank 0 reads them and the others get placeholders:
-        what torchtune's `load_from_full_model_state_dict` needs to shard a model."""
-        checkpoint_dir = Path(checkpoint_dir or self._checkpoint_dir)
+        checked against config.json (see `load_tune_state_dict`). With `rank_zero_only`, in a distributed
+        run only rank 0 reads them and the others get placeholders: what torchtune's
+        `load_from_full_model_state_dict` needs to shard a model."""
         from torchtune.utils import get_world_size_and_rank
 
-        not_rank_zero = get_world_size_and_rank()[1] != 0
-        state = load_tune_state_dict(checkpoint_dir, self.config, placeholders=rank_zero_only and not_rank_zero)
-        return {MODEL_KEY: state}
+        placeholders = rank_zero_only and get_world_size_and_rank()[1] != 0
+        return {MODEL_KEY: load_tune_state_dict(checkpoint_dir or self._checkpoint_dir, self.config, placeholders)}
 
-    def save_config(self, out_dir: Union[str, Path]) -> None:
+    def save_config(self, out_dir: PathLike) -> None:
         """config.json and the tokenizer files into `out_dir`: with a step checkpoint's weights,
         what makes an HF directory (`python -m ref_tuning.convert step-to-hf`)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        for name in SIDE_FILES:
-            if (self._checkpoint_dir / name).is_file():
-                shutil.copy2(self._checkpoint_dir / name, out_dir / name)
+        _copy_side_files(self._checkpoint_dir, out_dir)
 
-    def save_checkpoint(
-        self, state_dict: Dict[str, Any], name: Union[str, Path] = "checkpoint_final",
-        metadata: Optional[Dict[str, Any]] = None,
-    ) -> Path:  # fmt: skip
+    def save_checkpoint(self, state_dict: Dict[str, Any], name: PathLike = "checkpoint_final",
+                        metadata: Optional[Dict[str, Any]] = None) -> Path:  # fmt: skip
         """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
         absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it."""
-        tensors = converted(memory_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
+        tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
         extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else None
-        return save_hf_dir(
-            tensors,
-            self._output_dir / name,
-            self.config,
-            side_files_from=self._checkpoint_dir,
-            max_shard_size=self._max_shard_size,
-            safetensors=self._safetensors,
-            overwrite=True,
-            extra_files=extra,
-        )
+        return save_hf_dir(tensors, self._output_dir / name, self.config, self._checkpoint_dir, self._max_shard_size,
+                           self._safetensors, overwrite=True, extra_files=extra)  # fmt: skip

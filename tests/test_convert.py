@@ -7,7 +7,6 @@ are read with `torch.load(weights_only=True)`, `safetensors` and `transformers`,
 under test, wherever that is possible.
 """
 
-import errno
 import hashlib
 import io
 import json
@@ -27,6 +26,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torchtune.models import convert_weights
 
 from ref_tuning import checkpointing, convert
@@ -157,7 +157,7 @@ def test_bf16_to_fp32_to_bf16_is_bit_identical(src, bf16_dir, tmp_path, capsys):
 
 
 def test_hf_to_tune_file_is_torchtunes_own_conversion(src, tmp_path):
-    pt = convert.hf_to_tune_file(src, tmp_path / "model.pt", progress=False)
+    pt = convert.hf_to_tune_file(src, tmp_path / "model.pt")
     got = torch.load(pt, weights_only=True)
     config = json.loads((src / "config.json").read_text())
     expected = convert_weights.hf_to_tune(
@@ -169,7 +169,7 @@ def test_hf_to_tune_file_is_torchtunes_own_conversion(src, tmp_path):
     assert_same_tensors(got, expected)
     assert "tok_embeddings.weight" in got and "output.weight" in got  # torchtune's names
 
-    bf16 = convert.hf_to_tune_file(src, tmp_path / "model_bf16.pt", dtype=torch.bfloat16, progress=False)
+    bf16 = convert.hf_to_tune_file(src, tmp_path / "model_bf16.pt", dtype=torch.bfloat16)
     assert_same_tensors(torch.load(bf16, weights_only=True), {k: v.to(torch.bfloat16) for k, v in expected.items()})
 
 
@@ -215,7 +215,10 @@ def test_views_and_transposed_tensors_in_the_source_convert_correctly(damaged, t
     out = tmp_path / ("out.pt" if command == "hf-to-tune" else "out")
     assert run_main(capsys, command, damaged, out, "--no-progress")[0] == 0
     if command == "hf-to-hf":
-        assert_same_tensors(torch_load_dir(out), expected)
+        written = torch_load_dir(out)
+        assert_same_tensors(written, expected)
+        # Each tensor alone in its storage, as in the hub's files: no bytes of the larger storage written.
+        assert all(t.is_contiguous() and t.untyped_storage().nbytes() == nbytes(t) for t in written.values())
     else:
         config = json.loads((damaged / "config.json").read_text())
         heads = config["num_attention_heads"]
@@ -247,8 +250,6 @@ def test_max_shard_size_is_honoured(src, tmp_path, capsys):
 
 
 def test_safetensors_layout(src, tmp_path, capsys):
-    from safetensors.torch import load_file
-
     out = tmp_path / "st"
     rc, _, err = run_main(capsys, "hf-to-hf", src, out, "--safetensors", "--max-shard-size", "500KB", "--no-progress")
     assert (rc, err) == (0, "")
@@ -264,6 +265,14 @@ def test_safetensors_layout(src, tmp_path, capsys):
         written.update(shard)
     assert index["metadata"]["total_size"] == sum(nbytes(t) for t in written.values())
     assert_same_tensors(written, torch_load_dir(src))
+
+    # And back: safetensors shards, and a single model.safetensors as some hub models ship, as input.
+    single = Path(shutil.copytree(src, tmp_path / "single", ignore=shutil.ignore_patterns("pytorch_model*")))
+    save_file(written, single / "model.safetensors", metadata={"format": "pt"})
+    for source in (out, single):
+        back = tmp_path / f"{source.name}_back"
+        assert run_main(capsys, "hf-to-hf", source, back, "--no-progress")[0] == 0
+        assert_same_tensors(torch_load_dir(back), torch_load_dir(src))
 
 
 def test_bf16_output_states_its_dtype_and_loads_in_transformers(bf16_dir):
@@ -521,7 +530,7 @@ def test_missing_shard(damaged, tmp_path, capsys):
     (damaged / SHARD2).unlink()
     assert_refused(capsys, damaged, tmp_path, re.escape(str(damaged / SHARD2)), "missing", re.escape(INDEX))
     with pytest.raises(CheckpointError, match=rf"{re.escape(SHARD2)}: listed in {re.escape(INDEX)} but missing"):
-        convert.hf_to_tune_file(damaged, tmp_path / "x.pt", progress=False)
+        convert.hf_to_tune_file(damaged, tmp_path / "x.pt")
 
 
 def test_index_lists_a_key_in_a_file_that_does_not_hold_it(damaged, tmp_path, capsys):
@@ -576,41 +585,35 @@ def _central_directory(data: bytes) -> Dict[str, int]:
     return entries
 
 
-def _middle_entry(entries: Dict[str, int]) -> int:
-    return sorted(entries.values())[len(entries) // 2]
-
-
 def _corrupt(kind: str, data: bytes) -> bytes:
     b = bytearray(data)
     entries = _central_directory(data)
+    middle = sorted(entries.values())[len(entries) // 2]
     if kind == "truncated":
         return bytes(b[: len(b) // 2])
     if kind == "random_bytes":
         return random.Random(0).randbytes(len(b))
-    if kind == "data_pkl":  # bytes in the middle of the pickle: its CRC no longer matches
+    if kind == "data_pkl":  # bytes in the middle of the pickle
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
         name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
         start = info.header_offset + 30 + name_len + extra_len
         b[start + info.file_size // 2 : start + info.file_size // 2 + 16] = b"\xaa" * 16
     elif kind == "central_directory":  # the middle entry of the central directory loses its signature
-        p = _middle_entry(entries)
-        b[p : p + 8] = b"\xde\xad\xbe\xef\x00\x11\x22\x33"
+        b[middle : middle + 8] = b"\xde\xad\xbe\xef\x00\x11\x22\x33"
     elif kind == "central_directory_name":  # bytes inside the middle entry's file name
-        p = _middle_entry(entries)
-        b[p + 46 + 5 : p + 46 + 9] = b"\xff\xfe\xfd\xfc"
+        b[middle + 46 + 5 : middle + 46 + 9] = b"\xff\xfe\xfd\xfc"
     elif kind == "local_header_offset_past_end":  # data/1's entry points past the end of the file
         b[entries["data/1"] + 42 : entries["data/1"] + 46] = struct.pack("<I", len(b) - 10)
-    elif kind == "local_header_offset_of_another_record":  # data/1's entry points at data/2's record
-        b[entries["data/1"] + 42 : entries["data/1"] + 46] = b[entries["data/2"] + 42 : entries["data/2"] + 46]
-    elif kind == "extract_version":  # data.pkl's entry asks for zip version 9.9
-        b[entries["data.pkl"] + 6 : entries["data.pkl"] + 8] = struct.pack("<H", 99)
     else:
         raise AssertionError(kind)
     return bytes(b)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random_bytes", "data_pkl", "central_directory"])
+# Damage torch.load does not detect, so neither do we: it checks no CRC-32 (a flipped bit in tensor
+# data loads as it is), and a record whose zip entry points at another record's data reads that data.
+@pytest.mark.parametrize("kind", ["truncated", "random_bytes", "data_pkl", "central_directory",
+                                  "central_directory_name", "local_header_offset_past_end"])  # fmt: skip
 def test_corrupt_bin_is_named(damaged, tmp_path, capsys, kind):
     path = damaged / SHARD1
     rewrite_shard(damaged, SHARD1, lambda sd: None)  # as torch.save writes it, like the hub's shards
@@ -618,20 +621,17 @@ def test_corrupt_bin_is_named(damaged, tmp_path, capsys, kind):
     assert_refused(capsys, damaged, tmp_path, re.escape(str(path)), "truncated or corrupt")
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "central_directory_name",
-        "local_header_offset_past_end",
-        "extract_version",
-        "local_header_offset_of_another_record",
-    ],
-)  # fmt: skip
-def test_corrupt_central_directory_entry_is_named(damaged, tmp_path, capsys, kind):
-    path = damaged / SHARD1
-    rewrite_shard(damaged, SHARD1, lambda sd: None)  # as torch.save writes it, like the hub's shards
-    path.write_bytes(_corrupt(kind, path.read_bytes()))
-    assert_refused(capsys, damaged, tmp_path, re.escape(str(path)))
+def test_corrupt_safetensors_is_named(src, tmp_path, capsys):
+    st = tmp_path / "st"
+    assert run_main(capsys, "hf-to-hf", src, st, "--safetensors", "--max-shard-size", "1MB", "--no-progress")[0] == 0
+    shard = sorted(st.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_refused(capsys, st, tmp_path, re.escape(str(shard)), "truncated or corrupt")
+
+
+def test_a_bin_of_something_else_than_named_tensors_is_refused(damaged, tmp_path, capsys):
+    torch.save([torch.zeros(3)], damaged / SHARD1)
+    assert_refused(capsys, damaged, tmp_path, re.escape(str(damaged / SHARD1)), "expected a dict of parameter name")
 
 
 class _RunsCode:
@@ -642,21 +642,6 @@ class _RunsCode:
 
     def __reduce__(self):
         return (os.system, (self.command,))
-
-
-@pytest.mark.parametrize("writer", ["torch.save", "ours"])
-def test_flipped_bit_in_tensor_data_is_caught_by_the_checksum(damaged, tmp_path, capsys, writer):
-    path = damaged / SHARD1
-    if writer == "torch.save":
-        rewrite_shard(damaged, SHARD1, lambda sd: None)
-    data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
-    header = data[info.header_offset : info.header_offset + 30]
-    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
-    data[start + info.file_size // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    assert_refused(capsys, damaged, tmp_path, re.escape(str(path)), "checksum")
 
 
 def test_pickle_that_would_run_code_is_refused(damaged, tmp_path, capsys):
@@ -674,31 +659,26 @@ def test_pickle_that_would_run_code_is_refused(damaged, tmp_path, capsys):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("command", ["hf-to-hf", "hf-to-tune"])
-def test_a_full_disk_is_an_error_naming_the_file_and_leaves_nothing(src, tmp_path, capsys, monkeypatch, command):
-    def disk_full(fd, data, offset):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "pwrite", disk_full)
-    out = tmp_path / ("out" if command == "hf-to-hf" else "out.pt")
-    rc, stdout, err = run_main(capsys, command, src, out, "--no-progress")
-    assert rc == 2 and stdout == ""
-    assert re.fullmatch(r"error: \[Errno 28\] writing failed: No space left on device: '.*\.tmp-\d+-[0-9a-f]+.*'\n", err)
+@pytest.mark.parametrize("command", ["hf-to-hf", "hf-to-tune", "hf-to-hf --safetensors"])
+def test_a_failed_write_is_an_error_naming_the_file_and_leaves_nothing(src, tmp_path, command):
+    """A write that fails part way (here at a file-size limit, as at a full disk) ends in one error
+    line naming the file, and leaves no output and no temporary files."""
+    out = tmp_path / ("out.pt" if command == "hf-to-tune" else "out")
+    limit = 500_000  # bytes per file: less than the weights of `src`
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from ref_tuning.convert import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    args = [*command.split(), str(src), str(out), "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and proc.stdout == "" and len(errors) == 1, proc.stderr
+    assert re.fullmatch(r"error: \S*/\.out(\.pt)?\.tmp-\d+-[0-9a-f]+\S*: writing failed \(.+\); [\d.]+ GB free on its "
+                        r"file system", errors[0]), errors[0]  # fmt: skip
     assert not out.exists() and hidden_entries(tmp_path) == []
 
 
-def test_both_write_paths_give_the_same_files(src, tmp_path):
-    """O_DIRECT (the default where the file system has it) and page-cache writes, byte for byte."""
-    direct = convert.hf_to_tune_file(src, tmp_path / "direct.pt", progress=False)
-    buffered = convert.hf_to_tune_file(src, tmp_path / "buffered.pt", progress=False, direct_io=False)
-    assert direct.read_bytes() == buffered.read_bytes()
-    for direct_io in (True, False):
-        out = convert.tune_to_hf_dir(direct, tmp_path / f"hf-{direct_io}", src, progress=False, direct_io=direct_io)
-        assert_same_tensors(torch_load_dir(out), torch_load_dir(src))
-
-
 def test_tune_to_hf_with_an_unknown_parameter(src, tmp_path, capsys):
-    pt = convert.hf_to_tune_file(src, tmp_path / "model.pt", progress=False)
+    pt = convert.hf_to_tune_file(src, tmp_path / "model.pt")
     sd = torch.load(pt, weights_only=True)
     sd["layers.0.attn.bogus_proj.weight"] = torch.zeros(8, 8)
     torch.save(sd, pt)
@@ -708,7 +688,7 @@ def test_tune_to_hf_with_an_unknown_parameter(src, tmp_path, capsys):
     assert err.startswith("error: ") and "'layers.0.attn.bogus_proj.weight'" in err
     assert not out.exists()
     with pytest.raises(CheckpointError, match=r"'layers\.0\.attn\.bogus_proj\.weight' cannot be converted"):
-        convert.tune_to_hf_dir(pt, out, src, progress=False)
+        convert.tune_to_hf_dir(pt, out, src)
 
 
 @pytest.mark.parametrize("where", ["the source itself", "a folder that contains it", "a folder inside it"])
