@@ -126,11 +126,10 @@ def probe_steps(steps: int) -> List[int]:
 
 
 def write_init_model(out_dir: str, tokenizer: str) -> None:
-    """`write_tiny_checkpoint` at MODEL's shape (it builds the demo's module-level shape)."""
-    import ref_tuning.demo as demo
+    """`write_tiny_checkpoint` at MODEL's shape."""
+    from ref_tuning.demo import write_tiny_checkpoint
 
-    demo.TINY_MODEL = dict(MODEL)
-    demo.write_tiny_checkpoint(Path(out_dir), VOCAB_SIZE, Path(tokenizer))
+    write_tiny_checkpoint(Path(out_dir), VOCAB_SIZE, Path(tokenizer), **MODEL)
 
 
 def step_weights(step_dir: Path) -> Dict[str, Any]:

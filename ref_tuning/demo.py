@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from ref_tuning.checkpointing import save_hf_checkpoint, tune_to_hf
 from ref_tuning.data import codecontests_dataset
-from ref_tuning.models import hf_llama_config, sheared_llama_tokenizer, tiny_sheared_llama
-from ref_tuning.prepare import write_split
+from ref_tuning.models import TINY_SHEARED_LLAMA, hf_llama_config, sheared_llama_tokenizer, tiny_sheared_llama
+from ref_tuning.prepare import prepare_split
 from ref_tuning.report import run_report
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 TINY_CONFIG = "configs/tiny_cpu.yaml"
-# The shape of configs/tiny_cpu.yaml's model; vocab_size follows the tokenizer.
-TINY_MODEL = dict(num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128, intermediate_dim=352, max_seq_len=2048)
+MAX_SEQ_LEN = TINY_SHEARED_LLAMA["max_seq_len"]
 DEMO_VOCAB_SIZE = 1024
 
 
@@ -96,12 +96,12 @@ HF_SIDE_FILES = {
 }  # fmt: skip
 
 
-def write_tiny_checkpoint(
-    out_dir: Path, vocab_size: int, tokenizer_path: Optional[Path] = None, seed: int = 0
-) -> Path:
-    """A randomly initialized tiny model as an HF directory in two `.bin` shards, like the real one."""
+def write_tiny_checkpoint(out_dir: Path, vocab_size: int, tokenizer_path: Optional[Path] = None, seed: int = 0,
+                          **sizes: int) -> Path:  # fmt: skip
+    """A randomly initialized tiny model (`sizes` override `TINY_SHEARED_LLAMA`'s) as an HF directory in
+    two `.bin` shards, like the real one."""
     torch.manual_seed(seed)
-    args = dict(TINY_MODEL, vocab_size=vocab_size)
+    args = dict(TINY_SHEARED_LLAMA, vocab_size=vocab_size, **sizes)
     config = hf_llama_config(**args)
     hf_sd = tune_to_hf(tiny_sheared_llama(**args).state_dict(), config)
     # lm_head (last) in the second shard, everything else in the first: the hub layout of the 2.7B.
@@ -118,16 +118,17 @@ def write_tiny_checkpoint(
 def make_demo_assets(root: Path, tokenizer: Optional[Path] = None, seed: int = 0) -> Dict[str, Path]:
     """Tokenizer, tiny checkpoint and processed train/valid splits under `root`; returns their paths."""
     paths = demo_paths(root)
-    train, valid = read_problems("train"), read_problems("valid")
-    for split, problems in (("train", train), ("valid", valid)):
-        write_split(problems, paths["data"], split)
+    root.mkdir(parents=True, exist_ok=True)
     staging = root / ".tokenizer.model"
     if tokenizer is None:
-        train_tokenizer(train, staging)
+        train_tokenizer(read_problems("train"), staging)
         vocab_size = DEMO_VOCAB_SIZE
     else:
         shutil.copy2(tokenizer, staging)
         vocab_size = sheared_llama_tokenizer(str(staging)).vocab_size
+    for split in ("train", "valid"):  # the shipped raw rows, prepared as real ones are
+        prepare_split([DEMO_DATA / f"{split}.jsonl"], paths["data"], split, staging, max_seq_len=MAX_SEQ_LEN,
+                      progress=False)  # fmt: skip
     write_tiny_checkpoint(paths["model"], vocab_size, staging, seed=seed)
     staging.unlink()
     paths["tokenizer"] = paths["model"] / "tokenizer.model"
@@ -143,7 +144,7 @@ def validation_loss(model_dir: Path, data_dir: Path, tokenizer_path: Path, n_sam
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ds = codecontests_dataset(
         sheared_llama_tokenizer(str(tokenizer_path)), str(data_dir), split="valid",
-        n_samples=n_samples, correct_ratio=1.0, seed=0, max_seq_len=TINY_MODEL["max_seq_len"],
+        n_samples=n_samples, correct_ratio=1.0, seed=0, max_seq_len=MAX_SEQ_LEN,
     )  # fmt: skip
     total, count = 0.0, 0
     with torch.no_grad():
@@ -151,9 +152,9 @@ def validation_loss(model_dir: Path, data_dir: Path, tokenizer_path: Path, n_sam
             tokens = torch.tensor([sample["tokens"]])
             labels = torch.tensor(sample["labels"][1:])
             logits = model(tokens).logits[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-            total += loss.item()
-            count += int((labels != -100).sum())
+            keep = labels != CROSS_ENTROPY_IGNORE_IDX
+            total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            count += int(keep.sum())
     return total / count
 
 
@@ -203,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     # The Rho-1 view: held-out correct and incorrect solutions under the base and the tuned reference.
     report_dir = paths["output"] / "report-valid"
     run_report(paths["model"], final, report_dir, paths["data"], split="valid", n_samples=60, correct_ratio=2 / 3,
-               max_seq_len=TINY_MODEL["max_seq_len"], tokenizer=paths["tokenizer"], progress=False)  # fmt: skip
+               max_seq_len=MAX_SEQ_LEN, tokenizer=paths["tokenizer"], progress=False)  # fmt: skip
     print("\n" + (report_dir / "report.md").read_text())
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
 

@@ -1,5 +1,6 @@
 """Model and tokenizer builders for the Sheared-LLaMA family, referenced from YAML by `_component_`."""
 
+import functools
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -29,29 +30,14 @@ def sheared_llama_2_7b() -> TransformerDecoder:
     return llama2(**SHEARED_LLAMA_2_7B)
 
 
-def tiny_sheared_llama(
-    vocab_size: int = 32_000,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 4,
-    embed_dim: int = 64,
-    intermediate_dim: int = 176,
-    max_seq_len: int = 2048,
-    norm_eps: float = 1e-5,
-    rope_base: float = 10_000.0,
-) -> TransformerDecoder:
-    """A tiny model of the same family (same blocks, fewer and narrower layers) for tests and the demo."""
-    return llama2(
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        intermediate_dim=intermediate_dim,
-        max_seq_len=max_seq_len,
-        norm_eps=norm_eps,
-        rope_base=rope_base,
-    )
+# The tiny model of the demo, the tests and configs/tiny_cpu.yaml; its vocabulary follows the tokenizer.
+TINY_SHEARED_LLAMA = dict(
+    num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128, intermediate_dim=352, max_seq_len=2048
+)
+# A partial, as torchtune's own qlora builders: the config check reads llama2's keyword arguments.
+tiny_sheared_llama = functools.partial(llama2, **TINY_SHEARED_LLAMA)
+tiny_sheared_llama.__doc__ = """A tiny model of the same family (same blocks, fewer and narrower layers): any size
+overridable, `vocab_size` required."""
 
 
 def sheared_llama_tokenizer(path: str, max_seq_len: Optional[int] = None) -> Llama2Tokenizer:

@@ -26,16 +26,16 @@ import multiprocessing
 import os
 import sys
 from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
 
 from ref_tuning.config import positive_int
-from ref_tuning.data import tokenize_sample
+from ref_tuning.data import token_counts
 from ref_tuning.index import CACHE_FOLDER, DataError, SplitIndex, TokenLengths
+from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.paths import check_separate
 
 # CodeContests language ids: 1 = Python 2, 3 = Python 3.
@@ -142,185 +142,184 @@ def _count_rows(files: List[Path]) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizing, in worker processes
+# Counting tokens, in worker processes
 
 _tokenizer = None
 
 
 def _init_worker(tokenizer_path: str) -> None:
     global _tokenizer
-    from ref_tuning.models import sheared_llama_tokenizer
-
-    torch.set_num_threads(1)
     _tokenizer = sheared_llama_tokenizer(tokenizer_path)
 
 
-def _encode(records: List[Dict[str, Any]], max_seq_len: int) -> Tuple[int, List[Tuple[bytes, bool, int, int]]]:
-    """(dropped as too long, [(JSON line, is_correct, tokens, prompt tokens)]) of one problem's records."""
-    kept, too_long = [], 0
-    for record in records:
-        tokens, labels = tokenize_sample(_tokenizer, record)
-        if len(tokens) > max_seq_len:
-            too_long += 1
-            continue
-        line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
-        kept.append((line, record["is_correct"], len(tokens), labels.count(-100)))
-    return too_long, kept
-
-
-def _encode_task(task: Tuple[List[Dict[str, Any]], int]):
-    return _encode(*task)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing one split
-
-
-@dataclass
-class SplitStats:
-    problems: int = 0
-    solutions: int = 0
-    other_languages: int = 0
-    too_long: int = 0
-    correct: int = 0
-    incorrect: int = 0
-    by_problem: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-
-    def line(self, split: str, max_seq_len: int) -> str:
-        return (
-            f"{split}: {self.problems} problems, {self.solutions} solutions; kept {self.correct} correct and "
-            f"{self.incorrect} incorrect; skipped {self.other_languages} in other languages and {self.too_long} "
-            f"longer than {max_seq_len} tokens"
-        )
+def _count_tokens(records: List[Dict[str, Any]]) -> List[Tuple[int, int]]:
+    """(tokens, prompt tokens) of each of one problem's records."""
+    return token_counts(_tokenizer, records, [r["task_id"] for r in records])
 
 
 @contextlib.contextmanager
-def _encoder(workers: int, tokenizer_path: Path):
-    """A function mapping an iterator of tasks to `_encode`'s results in order, in `workers` processes
-    (in this one for a single worker: no start-up cost). The output never depends on `workers`."""
+def _counter(workers: int, tokenizer_path: Path):
+    """A function mapping an iterator of record lists to `_count_tokens`'s results in order, in `workers`
+    processes (in this one for a single worker: no start-up cost). The output never depends on `workers`."""
     if workers <= 1:
         _init_worker(str(tokenizer_path))
-        yield lambda tasks: map(_encode_task, tasks)
+        yield lambda tasks: map(_count_tokens, tasks)
         return
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) as pool:
 
-        def encode(tasks):
+        def count(tasks):
             # Two batches in flight at most: Pool.imap would read the whole input ahead into memory.
             tasks, pending = iter(tasks), None
             while True:
                 batch = list(itertools.islice(tasks, 16 * workers))
-                ahead = pool.map_async(_encode_task, batch) if batch else None
+                ahead = pool.map_async(_count_tokens, batch) if batch else None
                 if pending is not None:
                     yield from pending.get()
                 if ahead is None:
                     return
                 pending = ahead
 
-        yield encode
+        yield count
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a split
 
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+class SplitWriter:
+    """The one writer of a processed split: `{split}.jsonl`, one record a line, and its v2
+    `{split}_metadata.json`, as `ref_tuning.index` reads them. Both appear under their final names only
+    when the `with` block ends without an error; else nothing is left, not even the folders it made.
+
+        with SplitWriter(out_dir, "train") as writer:
+            for record in records:  # as `problem_records` makes them
+                writer.add(record, problem_id)
+
+    `stats` holds more entries for the metadata's `stats`; once the block ends, all of them.
+    """
+
+    def __init__(self, out_dir: Path, split: str):
+        self.jsonl, self.metadata = Path(out_dir) / f"{split}.jsonl", Path(out_dir) / f"{split}_metadata.json"
+        self.stats: Dict[str, Any] = {}
+        self._problems: Dict[str, Dict[str, Any]] = {}  # the problem_index_map
+        self._problem_ids: Dict[str, int] = {}
+        # The index's columns (see `SplitIndex`), for `write_index`.
+        self._offsets, self._is_correct = array("q", [0]), array("b")
+        self._difficulty, self._problem = array("h"), array("i")
+
+    def __len__(self) -> int:
+        return len(self._is_correct)
+
+    def __enter__(self) -> "SplitWriter":
+        out_dir = self.jsonl.parent
+        self._created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._out, self._meta = open(_tmp(self.jsonl), "wb"), open(_tmp(self.metadata), "w", encoding="utf-8")
+        self._meta.write('{\n  "metadata": [')  # streamed: the train split has millions of entries
+        return self
+
+    def add(self, record: Dict[str, Any], problem_id: str, solution_tokens: Optional[int] = None) -> None:
+        """One line; `solution_tokens` (the solution's own tokens), where known, go into the problem's
+        `*_token_lengths`."""
+        correct, difficulty, line = record["is_correct"], record["metadata"]["difficulty"], len(self)
+        kind = "correct" if correct else "incorrect"
+        slot = self._problems.get(problem_id)
+        if slot is None:
+            slot = self._problems[problem_id] = {"difficulty": difficulty}
+            lists = ("indices", "token_lengths") if solution_tokens is not None else ("indices",)
+            slot.update((f"{k}_{what}", []) for what in lists for k in ("correct", "incorrect"))
+            self._problem_ids[problem_id] = len(self._problem_ids)
+        slot[f"{kind}_indices"].append(line)
+        if solution_tokens is not None:
+            slot[f"{kind}_token_lengths"].append(solution_tokens)
+        entry = {"is_correct": correct, "difficulty": difficulty, "problem_id": problem_id}
+        self._meta.write((",\n    " if line else "\n    ") + json.dumps(entry, ensure_ascii=False))
+        data = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+        self._out.write(data)
+        self._offsets.append(self._offsets[-1] + len(data))
+        self._is_correct.append(correct)
+        self._difficulty.append(difficulty)
+        self._problem.append(self._problem_ids[problem_id])
+
+    def __exit__(self, error, *_) -> None:
+        try:
+            with self._out, self._meta:
+                if error is None:
+                    correct = sum(self._is_correct)
+                    self.stats = {"total": len(self), "correct": correct, "incorrect": len(self) - correct,
+                                  "n_problems": len(self._problems), **self.stats}  # fmt: skip
+                    tail = {"problem_index_map": self._problems, "stats": self.stats, "source_file": self.jsonl.name}
+                    self._meta.write("\n  ],\n" + json.dumps(tail, indent=2, ensure_ascii=False)[2:])
+            if error is None:
+                os.replace(_tmp(self.jsonl), self.jsonl)
+                os.replace(_tmp(self.metadata), self.metadata)
+                self._created = []
+        finally:
+            for tmp in (_tmp(self.jsonl), _tmp(self.metadata)):
+                tmp.unlink(missing_ok=True)
+            for d in self._created:
+                d.rmdir()
+
+    def write_index(self, cache: Path) -> SplitIndex:
+        """Cache the index of the (non-empty) split written, as `SplitIndex.open` would build it."""
+        columns = zip((self._offsets, self._is_correct, self._difficulty, self._problem),
+                      (torch.int64, torch.bool, torch.int16, torch.int32))  # fmt: skip
+        tensors = [torch.frombuffer(values, dtype=dtype).clone() for values, dtype in columns]
+        return SplitIndex.write(self.jsonl, self.metadata, cache, *tensors, list(self._problem_ids))
+
+
 def prepare_split(
     files: List[Path], out_dir: Path, split: str, tokenizer_path: Path, languages: Sequence[int] = PYTHON_LANGUAGES,
     max_seq_len: int = 2048, workers: int = 1, progress: bool = True,
-) -> SplitStats:  # fmt: skip
-    """Write `{split}.jsonl`, `{split}_metadata.json` (v2) and the split's caches into `out_dir`."""
-    jsonl, metadata = out_dir / f"{split}.jsonl", out_dir / f"{split}_metadata.json"
-    stats = SplitStats()
-    offsets, is_correct, difficulty, problem = array("q", [0]), array("b"), array("h"), array("i")
-    total, prompt = array("i"), array("i")
-    problem_ids: Dict[str, int] = {}
+) -> Dict[str, int]:  # fmt: skip
+    """Write `{split}.jsonl`, `{split}_metadata.json` (v2) and the split's caches into `out_dir`; the
+    metadata's stats."""
+    stats = {"n_problems": 0, "skipped_other_languages": 0, "dropped_longer_than_max_seq_len": 0}
+    rows = collections.deque()  # (problem id, records) of the problems out being counted, in input order
+    lengths = array("i"), array("i")  # tokens and prompt tokens of each line written
 
-    def problems() -> Iterator[Tuple[Dict[str, Any], int, List[Dict[str, Any]]]]:
-        """(row, solutions in other languages, records) of every problem, in input order."""
+    def problems() -> Iterator[List[Dict[str, Any]]]:
         for path in files:
             for where, row in read_rows(path):
-                row = check_row(row, where)
-                records = list(problem_records(row, languages))
-                n_all = sum(len((row.get(k) or {}).get("language", [])) for k in ("solutions", "incorrect_solutions"))
-                yield row, n_all - len(records), records
+                records = list(problem_records(check_row(row, where), languages))
+                every = sum(len((row[k] or {}).get("language", [])) for k in ("solutions", "incorrect_solutions"))
+                stats["n_problems"] += 1
+                stats["skipped_other_languages"] += every - len(records)
+                rows.append((row["name"], records))
+                yield records
 
-    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # removed again if this fails
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_jsonl, tmp_meta = _tmp(jsonl), _tmp(metadata)
-    try:
-        with open(tmp_jsonl, "wb") as out, open(tmp_meta, "w", encoding="utf-8") as meta, \
-                _encoder(workers, tokenizer_path) as encode:  # fmt: skip
-            meta.write('{\n  "metadata": [')
-            bar = tqdm(total=_count_rows(files), unit=" problems", desc=f"preparing {split}", disable=not progress)
-            rows = collections.deque()  # the rows whose records are out being tokenized, in input order
-
-            def records():
-                for row, other, recs in problems():
-                    rows.append((row, other))
-                    yield recs, max_seq_len
-
-            for too_long, kept in encode(records()):
-                row, other = rows.popleft()
-                stats.problems += 1
-                stats.other_languages += other
-                stats.too_long += too_long
-                stats.solutions += other + too_long + len(kept)
-                pid = row["name"]
-                slot = stats.by_problem.setdefault(pid, {"difficulty": row["difficulty"], "correct_indices": [],
-                    "incorrect_indices": [], "correct_token_lengths": [], "incorrect_token_lengths": []})  # fmt: skip
-                for line, correct, n_tokens, n_prompt in kept:
-                    kind = "correct" if correct else "incorrect"
-                    slot[f"{kind}_indices"].append(len(is_correct))
-                    slot[f"{kind}_token_lengths"].append(n_tokens - n_prompt - 1)  # the solution alone, as before
-                    entry = {"is_correct": correct, "difficulty": row["difficulty"], "problem_id": pid}
-                    meta.write(("\n    " if not len(is_correct) else ",\n    ") + json.dumps(entry, ensure_ascii=False))
-                    out.write(line)
-                    offsets.append(offsets[-1] + len(line))
-                    is_correct.append(correct)
-                    difficulty.append(row["difficulty"])
-                    problem.append(problem_ids.setdefault(pid, len(problem_ids)))
-                    total.append(n_tokens)
-                    prompt.append(n_prompt)
-                    stats.correct += correct
-                    stats.incorrect += not correct
-                bar.update(1)
-            bar.close()
-            if not len(is_correct):
-                raise PrepareError(
-                    f"{split}: no solution kept of {stats.solutions} in {stats.problems} problems ({stats.other_languages} "
-                    f"in other languages than {list(languages)}, {stats.too_long} longer than --max-seq-len="
-                    f"{max_seq_len}); nothing written"
-                )
-            meta.write("\n  ],\n")
-            stats_json = {"total": len(is_correct), "correct": stats.correct, "incorrect": stats.incorrect,
-                          "n_problems": stats.problems, "skipped_other_languages": stats.other_languages,
-                          "dropped_longer_than_max_seq_len": stats.too_long, "max_seq_len": max_seq_len}  # fmt: skip
-            tail = {"problem_index_map": stats.by_problem, "stats": stats_json, "source_file": jsonl.name}
-            meta.write(json.dumps(tail, indent=2, ensure_ascii=False)[2:])  # the rest of the top-level object
-        os.replace(tmp_jsonl, jsonl)
-        os.replace(tmp_meta, metadata)
-        created = []
-    finally:
-        for tmp in (tmp_jsonl, tmp_meta):
-            if tmp.exists():
-                tmp.unlink()
-        for d in created:  # deepest first
-            d.rmdir()
-
+    with SplitWriter(out_dir, split) as writer, _counter(workers, tokenizer_path) as count, \
+            tqdm(total=_count_rows(files), unit=" problems", desc=f"preparing {split}", disable=not progress) as bar:
+        for counts in count(problems()):
+            problem_id, records = rows.popleft()
+            for record, (n_tokens, n_prompt) in zip(records, counts):
+                if n_tokens > max_seq_len:
+                    stats["dropped_longer_than_max_seq_len"] += 1
+                    continue
+                writer.add(record, problem_id, n_tokens - n_prompt - 1)  # the solution alone, as the earlier pipeline
+                lengths[0].append(n_tokens)
+                lengths[1].append(n_prompt)
+            bar.update(1)
+        if not len(writer):
+            raise PrepareError(
+                f"{split}: no solution kept of {_solutions(stats)} in {stats['n_problems']} problems "
+                f"({stats['skipped_other_languages']} in other languages than {list(languages)}, "
+                f"{stats['dropped_longer_than_max_seq_len']} longer than --max-seq-len={max_seq_len}); nothing written"
+            )
+        writer.stats.update(stats, max_seq_len=max_seq_len)
     cache = out_dir / CACHE_FOLDER
-    index = SplitIndex.write(
-        jsonl, metadata, cache, torch.frombuffer(offsets, dtype=torch.int64).clone(),
-        torch.frombuffer(is_correct, dtype=torch.int8).bool() if len(is_correct) else torch.zeros(0, dtype=torch.bool),
-        torch.frombuffer(difficulty, dtype=torch.int16).clone() if len(difficulty) else torch.zeros(0, dtype=torch.int16),
-        torch.frombuffer(problem, dtype=torch.int32).clone() if len(problem) else torch.zeros(0, dtype=torch.int32),
-        list(problem_ids),
-    )  # fmt: skip
-    from ref_tuning.models import sheared_llama_tokenizer
+    token_lengths = TokenLengths(writer.write_index(cache), cache, sheared_llama_tokenizer(str(tokenizer_path)))
+    token_lengths.total, token_lengths.prompt = (torch.frombuffer(a, dtype=torch.int32).clone() for a in lengths)
+    token_lengths.save()
+    return writer.stats
 
-    lengths = TokenLengths(index, cache, sheared_llama_tokenizer(str(tokenizer_path)))
-    lengths.total = torch.tensor(total, dtype=torch.int32)
-    lengths.prompt = torch.tensor(prompt, dtype=torch.int32)
-    lengths.save()
-    return stats
+
+def _solutions(stats: Dict[str, int]) -> int:
+    return stats.get("total", 0) + stats["skipped_other_languages"] + stats["dropped_longer_than_max_seq_len"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -356,36 +355,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if out.exists() and not args.overwrite:
                     raise PrepareError(f"{out}: already exists; pass --overwrite to replace it")
         for split, files in plan.items():
-            stats = prepare_split(files, args.out_dir, split, args.tokenizer, args.languages, args.max_seq_len,
-                                  max(1, args.workers), progress=not args.no_progress)  # fmt: skip
-            print(stats.line(split, args.max_seq_len), flush=True)
+            s = prepare_split(files, args.out_dir, split, args.tokenizer, args.languages, args.max_seq_len,
+                              max(1, args.workers), progress=not args.no_progress)  # fmt: skip
+            print(f"{split}: {s['n_problems']} problems, {_solutions(s)} solutions; kept {s['correct']} correct and "
+                  f"{s['incorrect']} incorrect; skipped {s['skipped_other_languages']} in other languages and "
+                  f"{s['dropped_longer_than_max_seq_len']} longer than {s['max_seq_len']} tokens", flush=True)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def write_split(problems: Iterable[Dict[str, Any]], out_dir: Path, split: str) -> Tuple[Path, Path]:
-    """In-memory rows to `{split}.jsonl` and a v2 metadata file, with no tokenizer and no length
-    filter (the demo's shipped problems, all short); `prepare_split` is the real path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl, meta_path = out_dir / f"{split}.jsonl", out_dir / f"{split}_metadata.json"
-    entries, index_map = [], {}
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for problem in problems:
-            pid = problem["name"]
-            slot = index_map.setdefault(pid, {"difficulty": problem["difficulty"], "correct_indices": [],
-                                              "incorrect_indices": []})  # fmt: skip
-            for record in problem_records(problem):
-                slot["correct_indices" if record["is_correct"] else "incorrect_indices"].append(len(entries))
-                entries.append({"is_correct": record["is_correct"], "difficulty": problem["difficulty"], "problem_id": pid})
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    n_correct = sum(e["is_correct"] for e in entries)
-    stats = {"total": len(entries), "correct": n_correct, "incorrect": len(entries) - n_correct, "n_problems": len(index_map)}
-    meta = {"metadata": entries, "problem_index_map": index_map, "stats": stats, "source_file": jsonl.name}
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return jsonl, meta_path
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from torchtune import training
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from ref_tuning.config import positive_int, share
 from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore
@@ -126,7 +128,7 @@ def preview(ref: Path, policy: Path, out: Path, k: float = 0.6, examples: int = 
     else:
         from tqdm import tqdm
 
-        model = load_reference(policy, torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        model = load_reference(policy, torch.device(device), training.get_dtype(dtype, torch.device(device)))
         bar = tqdm(total=len(samples), desc="scoring with the policy", disable=not progress)
         scored = score_dataset(model, ds, [index_of[s.line] for s in samples], None, torch.device(device), batch_size,
                                tokenizer.pad_id, bar)  # fmt: skip
@@ -155,7 +157,8 @@ def preview(ref: Path, policy: Path, out: Path, k: float = 0.6, examples: int = 
     lines.append("\n## Examples (selected tokens marked ⟦ ⟧)\n")
     for name in list(masks)[:examples]:  # only these lines are read again, for their token ids
         sample = ds[index_of[ref_store.sample(name).line]]
-        response = [t for t, label in zip(sample["tokens"][1:], sample["labels"][1:]) if label != -100]
+        pairs = zip(sample["tokens"][1:], sample["labels"][1:])
+        response = [t for t, label in pairs if label != CROSS_ENTROPY_IGNORE_IDX]
         lines += [f"\n### {name} (difficulty {difficulty[name]}, {int(masks[name].sum())} of {len(masks[name])} "
                   f"tokens selected)\n", "```", render(_pieces(tokenizer, response), masks[name]), "```"]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)

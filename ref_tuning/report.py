@@ -18,7 +18,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torchtune import training
 
 from ref_tuning.config import positive_int, share
 
@@ -86,54 +90,24 @@ def markdown(base_dir: Path, tuned_dir: Path, base: Dict[str, float], tuned: Dic
             + "\n".join(rows) + f"\n\n{text}\n\n![per-sample mean loss, base against tuned](report.png)\n")  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------
-# The figure (Pillow, already installed with torchtune)
-
-
-def histogram_png(path: Path, panels: List[Tuple[str, Dict[str, List[float]]]], bins: int = 30) -> None:
-    """Side-by-side panels, each overlaying one histogram per series (base, tuned) on shared axes."""
-    from PIL import Image, ImageDraw
-
-    colors = {"base": (31, 119, 180, 150), "tuned": (255, 127, 14, 150)}
-    values = [v for _, series in panels for vs in series.values() for v in vs]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
-    width, height, margin = 480, 360, 50
-    image = Image.new("RGBA", (width * len(panels), height), "white")
-    for p, (title, series) in enumerate(panels):
-        layer = Image.new("RGBA", image.size, (255, 255, 255, 0))
-        draw = ImageDraw.Draw(layer)
-        x0, y0, x1, y1 = p * width + margin, margin // 2 + 10, (p + 1) * width - margin // 2, height - margin
-        counts = {name: _counts(vs, lo, hi, bins) for name, vs in series.items()}
-        top = max((c for cs in counts.values() for c in cs), default=1) or 1
-        for name, cs in counts.items():
-            for b, c in enumerate(cs):
-                bx0 = x0 + (x1 - x0) * b / bins
-                bx1 = x0 + (x1 - x0) * (b + 1) / bins
-                draw.rectangle([bx0, y1 - (y1 - y0) * c / top, bx1, y1], fill=colors.get(name, (90, 90, 90, 150)))
-        image = Image.alpha_composite(image, layer)
-        draw = ImageDraw.Draw(image)
-        draw.line([x0, y1, x1, y1], fill="black")
-        draw.line([x0, y0, x0, y1], fill="black")
-        draw.text((x0 - 8 - 6 * len(str(top)), y0 - 5), str(top), fill="black")  # the y axis: sample counts
-        draw.text((x0 - 14, y1 - 6), "0", fill="black")
-        for t in range(5):
-            x = x0 + (x1 - x0) * t / 4
-            draw.line([x, y1, x, y1 + 4], fill="black")
-            draw.text((x - 12, y1 + 6), f"{lo + (hi - lo) * t / 4:.2f}", fill="black")
-        draw.text((x0, 6), f"{title}: per-sample mean loss", fill="black")
-        draw.text(((x0 + x1) // 2 - 40, height - 18), "mean loss (nats)", fill="black")
-        for k, name in enumerate(series):
-            draw.rectangle([x1 - 90, y0 + 4 + 14 * k, x1 - 80, y0 + 14 + 14 * k], fill=colors.get(name)[:3])
-            draw.text((x1 - 75, y0 + 2 + 14 * k), f"{name} (n={len(series[name])})", fill="black")
-    image.convert("RGB").save(path)
-
-
-def _counts(values: Sequence[float], lo: float, hi: float, bins: int) -> List[int]:
-    counts = [0] * bins
-    for v in values:
-        counts[min(int((v - lo) / (hi - lo) * bins), bins - 1)] += 1
-    return counts
+def loss_histograms(losses: Dict[str, Dict[str, torch.Tensor]], correct: Dict[str, bool],
+                    results: Dict[str, Dict[str, float]]) -> Figure:  # fmt: skip
+    """Histograms of the per-sample mean loss, one series per reference (`losses`: name -> task_id ->
+    losses), in a panel for correct and one for incorrect solutions, on the same bins."""
+    means = {name: {t: float(x.mean()) for t, x in by_task.items() if len(x)} for name, by_task in losses.items()}
+    bins = numpy.histogram_bin_edges([m for by_task in means.values() for m in by_task.values()], bins=30)
+    aurocs = ", ".join(f"{name} {results[name]['auroc']:.3f}" for name in means)
+    # A bare Figure draws with Agg (no display, no pyplot state), as matplotlib advises for files.
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    for axes, (kind, want) in zip(figure.subplots(1, 2, sharex=True), (("correct", True), ("incorrect", False))):
+        for name, by_task in means.items():
+            chosen = [m for t, m in by_task.items() if correct[t] == want]
+            axes.hist(chosen, bins=bins, alpha=0.5, label=f"{name} (n={len(chosen)})")
+        axes.set(title=f"{kind} solutions (AUROC {aurocs})", xlabel="mean loss per response token (nats)",
+                 ylabel="samples")  # fmt: skip
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
+        axes.legend()
+    return figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,12 +136,12 @@ def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split
     check_vocab([base_dir, tuned_dir], tok.vocab_size, str(tokenizer))
     ds = codecontests_dataset(tok, str(data_dir), split=split, n_samples=n_samples, correct_ratio=correct_ratio,
                               seed=seed, max_seq_len=max_seq_len)  # fmt: skip
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    device = torch.device(device)
     results, losses, correct = {}, {}, {}
     for name, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
-        model = load_reference(model_dir, torch.device(device), torch_dtype)
+        model = load_reference(model_dir, device, training.get_dtype(dtype, device))
         bar = tqdm(total=len(ds), desc=f"scoring with the {name} reference", disable=not progress)
-        scored = score_dataset(model, ds, range(len(ds)), None, torch.device(device), batch_size, tok.pad_id, bar)
+        scored = score_dataset(model, ds, range(len(ds)), None, device, batch_size, tok.pad_id, bar)
         bar.close()
         del model
         losses[name] = {info["task_id"]: x for info, x in scored}
@@ -179,11 +153,7 @@ def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split
     better, text = verdict(results["base"], results["tuned"])
     (out / "report.json").write_text(json.dumps({"base_dir": str(base_dir), "tuned_dir": str(tuned_dir), "data": where,
                                                  **results, "tuned_is_better": better, "verdict": text}, indent=2))  # fmt: skip
-    panels = []
-    for kind, want in (("correct", True), ("incorrect", False)):
-        panels.append((f"{kind} solutions", {name: [float(x.mean()) for t, x in losses[name].items()
-                                                     if correct[t] == want and len(x)] for name in losses}))  # fmt: skip
-    histogram_png(out / "report.png", panels)
+    loss_histograms(losses, correct, results).savefig(out / "report.png")
     return results
 
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import pytest
 import sentencepiece as spm
 import torch
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from ref_tuning import index as index_module
 from ref_tuning.data import (
@@ -23,8 +24,9 @@ from ref_tuning.data import (
     token_counts,
     tokenize_sample,
 )
-from ref_tuning.index import CACHE_FOLDER, DataError, SplitIndex
+from ref_tuning.index import CACHE_FOLDER, SplitIndex
 from ref_tuning.models import sheared_llama_tokenizer
+from ref_tuning.prepare import SplitWriter
 
 RECORD = {
     "instruction": "Given two integers a and b, print a + b.",
@@ -66,7 +68,7 @@ def test_exact_tokens_and_labels(llama, sp, record_input, prompt):
     # Reference: SentencePiece itself on the whole text, BOS first, EOS last (ids 1 and 2).
     assert tokens == [1] + sp.encode(prompt + RECORD["output"]) + [2]
     n_prompt = 1 + len(sp.encode(prompt))
-    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[:n_prompt] == [CROSS_ENTROPY_IGNORE_IDX] * n_prompt
     assert labels[n_prompt:] == tokens[n_prompt:]
     assert sp.decode(labels[n_prompt:-1]) == RECORD["output"]
     assert labels[-1] == 2  # the model learns to stop
@@ -91,28 +93,25 @@ def make_rows(n_problems: int, per_problem: int, seed: int = 0) -> List[Dict]:
 
 def write_split(data_dir: Path, rows: List[Dict], split: str = "train", form: str = "v2",
                 metadata_name: Optional[str] = None) -> Path:  # fmt: skip
-    """`{split}.jsonl` and its metadata (v1: entries only; v2: with problem ids and the index map)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    entries, index_map = [], {}
-    with open(data_dir / f"{split}.jsonl", "w") as f:
+    """`{split}.jsonl` and its metadata, v2 as the project writes it or v1 (without problem ids and map)."""
+    with SplitWriter(data_dir, split) as writer:
         for i, row in enumerate(rows):
             kind = "correct" if row["correct"] else "incorrect"
             record = dict(RECORD, instruction=f"Solve problem {row['problem']}.", output=row["output"],
                           task_id=f"{row['problem']}_{kind}_{i}", is_correct=row["correct"],
                           metadata={"source": "code_contests", "difficulty": row["difficulty"], "has_tests": True})  # fmt: skip
-            f.write(json.dumps(record) + "\n")
-            entry = {"is_correct": row["correct"], "difficulty": row["difficulty"]}
-            if form == "v2":
-                entry["problem_id"] = row["problem"]
-                slot = index_map.setdefault(row["problem"], {"difficulty": row["difficulty"], "correct_indices": [],
-                                                             "incorrect_indices": []})  # fmt: skip
-                slot[f"{kind}_indices"].append(i)
-            entries.append(entry)
-    meta = {"metadata": entries, "stats": {"total": len(entries)}}
-    if form == "v2":
-        meta["problem_index_map"] = index_map
-    (data_dir / (metadata_name or f"{split}_metadata.json")).write_text(json.dumps(meta, indent=2))
+            writer.add(record, row["problem"])
+    if form == "v1":
+        edit_metadata(data_dir, _as_v1, split)
+    if metadata_name:
+        (data_dir / f"{split}_metadata.json").rename(data_dir / metadata_name)
     return data_dir
+
+
+def _as_v1(meta: Dict) -> None:
+    del meta["problem_index_map"]
+    for entry in meta["metadata"]:
+        del entry["problem_id"]
 
 
 def edit_metadata(data_dir: Path, edit, split: str = "train") -> None:
@@ -332,13 +331,13 @@ def test_long_samples_truncated_when_asked(tok, data, caplog):
     assert f"({n_long} truncated, 0 dropped" in caplog.text
     for sample, n in zip(ds, lengths):
         assert len(sample["tokens"]) == min(n, limit) == len(sample["labels"])
-        assert any(label != -100 for label in sample["labels"])
+        assert any(label != CROSS_ENTROPY_IGNORE_IDX for label in sample["labels"])
 
 
 @pytest.mark.parametrize("mode", ["drop", "truncate"])
 def test_a_prompt_that_fills_max_seq_len_never_becomes_a_fully_masked_row(tok, data, mode):
     ds = codecontests_dataset(tok, str(data), n_samples=10)
-    n_prompt = min(s["labels"].count(-100) for s in ds)
+    n_prompt = min(s["labels"].count(CROSS_ENTROPY_IGNORE_IDX) for s in ds)
     with pytest.raises(DataError, match=r"10 samples kept|0 samples kept of 10 drawn.*nothing is left to train on"):
         codecontests_dataset(tok, str(data), n_samples=10, max_seq_len=n_prompt, long_samples=mode)
     with pytest.raises(DataError, match=r"long_samples must be one of \('drop', 'truncate'\), got 'cut'"):
@@ -456,7 +455,8 @@ def test_batched_token_counts_equal_tokenize_sample(which, tok, request):
     where = [f"x.jsonl:{i + 1}" for i in range(len(records))]
     one_by_one = token_counts(tokenizer, records, where, threads=1)
     assert token_counts(tokenizer, records, where, threads=2) == one_by_one
-    assert one_by_one == [(len(t), lab.count(-100)) for t, lab in (tokenize_sample(tokenizer, r) for r in records)]
+    samples = (tokenize_sample(tokenizer, r) for r in records)
+    assert one_by_one == [(len(t), lab.count(CROSS_ENTROPY_IGNORE_IDX)) for t, lab in samples]
 
 
 @pytest.mark.parametrize("chunk", [64, 1000, 1 << 26])

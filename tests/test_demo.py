@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the whole demo, end to end: `python -m pytest -q -m slow`
 
 
 def _run_demo(root, *args):
@@ -46,7 +47,6 @@ def test_demo_lowers_the_validation_loss_and_reports_both_references(tmp_path):
     assert 0 <= report["tuned"]["auroc"] <= 1 and 0 <= report["base"]["auroc"] <= 1
 
 
-@pytest.mark.slow
 def test_demo_with_the_real_llama_tokenizer(tmp_path, llama_tokenizer_path):
     before, after = _run_demo(tmp_path / "demo", "--tokenizer", str(llama_tokenizer_path))
     _check_layout(tmp_path / "demo")

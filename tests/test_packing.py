@@ -7,7 +7,7 @@ from typing import List
 import pytest
 import torch
 import torch.nn.functional as F
-from torchtune.data import padded_collate_packed
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed
 from torchtune.datasets import PackedDataset
 
 from ref_tuning.data import PackedCodeContestsDataset, codecontests_dataset
@@ -89,13 +89,12 @@ def test_rows_are_laid_out_as_torchtunes_packed_dataset(tok, samples):
 
 def test_packed_per_token_losses_equal_unpacked(tok, samples):
     torch.manual_seed(0)
-    model = tiny_sheared_llama(vocab_size=tok.vocab_size, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64,
-                               intermediate_dim=176, max_seq_len=ROW).eval()  # fmt: skip
+    model = tiny_sheared_llama(vocab_size=tok.vocab_size, max_seq_len=ROW).eval()
     packed = PackedCodeContestsDataset(samples, pack_best_fit(samples.lengths.tolist(), ROW), ROW, tok.pad_id)
     assert len(packed) <= len(samples) / 3  # several samples per row
 
     def token_losses(logits, labels):  # labels shifted left by one, as the recipe does
-        return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100, reduction="none")
+        return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=CROSS_ENTROPY_IGNORE_IDX, reduction="none")
 
     with torch.no_grad():
         expected = {}
@@ -111,11 +110,12 @@ def test_packed_per_token_losses_equal_unpacked(tok, samples):
         for i in pack:
             n = int(samples.lengths[i])
             got = token_losses(logits[p, start : start + n], batch["labels"][p, start : start + n])
-            trained = torch.tensor(samples[i]["labels"][1:]) != -100
+            trained = torch.tensor(samples[i]["labels"][1:]) != CROSS_ENTROPY_IGNORE_IDX
             torch.testing.assert_close(got[trained], expected[i][trained], rtol=0, atol=1e-5)
             compared += int(trained.sum())
             start += n
-    assert compared == sum(sum(label != -100 for label in samples[i]["labels"][1:]) for i in range(len(samples)))
+    assert compared == sum(sum(label != CROSS_ENTROPY_IGNORE_IDX for label in samples[i]["labels"][1:])
+                           for i in range(len(samples)))
 
 
 def test_packed_dataset_from_the_builder(tok, tmp_path, caplog):
