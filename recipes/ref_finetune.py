@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
-from torchtune.data import padded_collate_packed, padded_collate_sft
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed, padded_collate_sft
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
@@ -97,7 +97,8 @@ class _ValidationShard(Dataset):
             return self._ds[self._indices[i]]
         sample = dict(self._ds[self._indices[0] if self._indices else 0])
         labels = sample["labels"]
-        sample["labels"] = torch.full_like(labels, -100) if torch.is_tensor(labels) else [-100] * len(labels)
+        ignore = CROSS_ENTROPY_IGNORE_IDX
+        sample["labels"] = torch.full_like(labels, ignore) if torch.is_tensor(labels) else [ignore] * len(labels)
         return sample
 
 
@@ -109,7 +110,7 @@ class RefFinetuneRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
         self._param_dtype, self._compute_dtype = PRECISIONS[cfg.precision]
-        self._output_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.output_dtype]
+        self._output_dtype = training.get_dtype(cfg.output_dtype, self._device)
         if cfg.precision == "bf16":
             log.warning("precision=bf16 keeps the weights in bf16: updates below half a weight's bf16 spacing (0.2-0.4% "
                         "of its magnitude) round away, most AdamW steps at fine-tuning learning rates. "

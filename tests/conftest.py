@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
+from benchmarks import descendants  # every process of a run: torchrun starts each worker in a session of its own
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # our `recipes` before torchtune's
 # The real LLaMA-2 tokenizer lies beside the checkout, never inside it.
@@ -152,25 +154,6 @@ def logged(log_dir: Optional[Path], key: str) -> List[Tuple[int, float]]:
 
 def step_done(log_dir: Path, step: int) -> Callable[[], bool]:
     return lambda: step in [s for s, _ in logged(log_dir, "loss")]
-
-
-def descendants(pid: int) -> List[int]:
-    """Every living descendant of `pid`, from /proc (torchrun starts each worker in a session of its own)."""
-    children: Dict[int, List[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 def send(sig: int, launcher_only: bool = False) -> Callable[[subprocess.Popen], None]:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from ref_tuning import bench
+import benchmarks as bench
 
 pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`
 

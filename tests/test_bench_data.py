@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from ref_tuning import bench
+import benchmarks as bench
 from benchmarks import data as bench_data
 from benchmarks.data import JSONL, METADATA, PARAMS
 

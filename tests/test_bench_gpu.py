@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ref_tuning import bench
+import benchmarks as bench
 from benchmarks import gpu
 
 pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`

@@ -14,7 +14,7 @@ from conftest import logged, overrides, run_in_process  # noqa: E402
 
 LOGGER = "torchtune.training.metric_logging.MLFlowLogger"
 STEPS = 4  # 8 samples, 2 per micro-batch, 1 process, 1 epoch
-RUN = ["epochs=1", "save_every_n_steps=null", "dataset.n_samples=8"]
+RUN = ["epochs=1", "save_every_n_steps=null", "dataset.n_samples=8", "gradient_accumulation_steps=1"]
 # MLflow 3 refuses its `file:` store unless this is set; and no usage telemetry from a test.
 ENV = {"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 

@@ -10,7 +10,7 @@ from typing import Dict
 
 import pytest
 
-from conftest import ok, overrides, run_in_process, tune
+from conftest import overrides, run_in_process, tune
 
 QUICK = ["dataset_val=null", "epochs=1", "max_steps_per_epoch=4", "save_every_n_steps=2"]
 
@@ -60,7 +60,7 @@ def test_a_refused_resume_names_every_difference_and_cadence_may_change(assets, 
     code, text = run_in_process("train", overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true",
                                                    "batch_size=1", "dataset.n_samples=12"))  # fmt: skip
     assert code == 2 and "differs from that of the run" in text and "in batch_size, dataset.n_samples" in text
-    assert "batch_size: 2 in the run, 1 now" in text and "dataset.n_samples: 16 in the run, 12 now" in text
+    assert "batch_size: 2 in the run, 1 now" in text and "dataset.n_samples: 32 in the run, 12 now" in text
     assert snapshot(unfinished) == before
     # Logging and checkpoint cadence may change on resume.
     train(assets, unfinished, "resume_from_checkpoint=true", "save_every_n_steps=null", "log_every_n_steps=2")

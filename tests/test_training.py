@@ -21,9 +21,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from conftest import (  # noqa: F401  (descendants: test_scoring imports it from here, for now)
-    PROJECT_ROOT, STEPS, TINY_CONFIG, descendants, logged, ok, overrides, reached, run_in_process, send, tune, when,
-    worker,
+from conftest import (
+    PROJECT_ROOT, STEPS, TINY_CONFIG, logged, ok, overrides, reached, run_in_process, send, tune, when, worker,
 )  # fmt: skip
 from ref_tuning import convert
 from ref_tuning.checkpointing import METADATA_FILE, HFBinCheckpointer, load_hf_state_dict
