@@ -115,21 +115,6 @@ def test_a_step_checkpoint_converts_to_an_hf_directory_that_transformers_loads(r
     assert model.dtype == torch.float32 and (hf / "tokenizer.model").is_file()
 
 
-def _transformers_val_loss(model_dir: Path, assets, n_samples: int, seed: int) -> float:
-    """Mean cross-entropy over the response tokens of the validation samples, by `transformers`."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ds = codecontests_dataset(sheared_llama_tokenizer(str(assets["tokenizer"])), str(assets["data"]), split="valid",
-                              n_samples=n_samples, correct_ratio=1.0, seed=seed)  # fmt: skip
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for sample in ds:
-            logits = model(torch.tensor([sample["tokens"]])).logits[0, :-1]
-            labels = torch.tensor(sample["labels"][1:])
-            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
-    return total / count
-
-
 def test_validation_metrics_and_the_best_checkpoint(assets, reference):
     out, _ = reference
     val = logged(out / "logs", "val_loss")
@@ -140,7 +125,8 @@ def test_validation_metrics_and_the_best_checkpoint(assets, reference):
     best = json.loads((out / "checkpoint_best" / METADATA_FILE).read_text())
     assert best["step"] == best_step and best["validation"]["val_loss"] == pytest.approx(best_loss)
     # The recipe's validation loss is the one transformers computes on the written directory.
-    assert _transformers_val_loss(out / "checkpoint_best", assets, n_samples=5, seed=0) == pytest.approx(best_loss, abs=1e-4)
+    assert validation_loss(out / "checkpoint_best", assets["data"], assets["tokenizer"], n_samples=5) == pytest.approx(
+        best_loss, abs=1e-4)
 
 
 def test_per_step_losses_equal_torchtunes_full_finetune_distributed(assets, reference, tmp_path):
