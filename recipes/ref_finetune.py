@@ -2,11 +2,9 @@
 
     tune run --nproc_per_node 4 recipes/ref_finetune.py --config configs/ref_tuning.yaml [key=value ...]
 
-Built from torchtune 0.6.1 pieces and following its `full_finetune_distributed` recipe step for
-step (the same loss normalization: a test checks that the per-step losses are equal), with what that
-recipe lacks: validation, step checkpoints with an exact mid-epoch resume, a clean stop on SIGTERM,
-and the outputs Rho-1 loads (`checkpoint_best`, `checkpoint_final`: complete HF directories).
-It also runs on CPU with gloo, which is how it is tested.
+torchtune 0.6.1's `full_finetune_distributed` step for step (a test checks the per-step losses are equal), plus
+validation, step checkpoints with an exact mid-epoch resume, a clean stop on SIGTERM, and the HF directories Rho-1
+loads (`checkpoint_best`, `checkpoint_final`). It also runs on CPU with gloo, which is how it is tested.
 """
 
 import math
@@ -40,36 +38,42 @@ from tqdm import tqdm
 from ref_tuning import run_dir
 from ref_tuning.checkpointing import CheckpointError
 from ref_tuning.index import DataError
-from ref_tuning.config import (
-    BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off, one_line_errors, one_of,
-    raise_if_any, validate_config,
-)  # fmt: skip
-from ref_tuning.step_checkpoints import (
-    HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state, set_rng_state,
-)  # fmt: skip
+from ref_tuning.config import BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off
+from ref_tuning.config import one_line_errors, one_of, raise_if_any, validate_config
+from ref_tuning.step_checkpoints import HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state
+from ref_tuning.step_checkpoints import set_rng_state
 
 log = utils.get_logger("INFO")
 
 # precision -> (dtype of the weights and optimizer state, dtype of the matmuls); see configs/ref_tuning.yaml.
-PRECISIONS = {"bf16_mixed": (torch.float32, torch.bfloat16), "bf16": (torch.bfloat16, torch.bfloat16),
-              "fp32": (torch.float32, torch.float32)}  # fmt: skip
+PRECISIONS = dict(bf16_mixed=(torch.float32, torch.bfloat16), bf16=(torch.bfloat16,) * 2, fp32=(torch.float32,) * 2)
 # Dense bf16 peak TFLOP/s per GPU by device name (vendor datasheets), for MFU when `peak_tflops` is null.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0))
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
 
 # Every top-level key the recipe reads, and what it takes; anything else is a mistake.
 CONFIG_SCHEMA = {
-    "experiment": STRING, "output_dir": STRING, "device": one_of("cuda", "cpu"),
-    "precision": one_of(*PRECISIONS), "output_dtype": one_of("bf16", "fp32"), "compile": BOOL,
-    "timeout_setup_s": POSITIVE_NUMBER, "timeout_step_s": POSITIVE_NUMBER, "peak_tflops": POSITIVE_NUMBER.or_null(),
-    "seed": INT, "model": COMPONENT, "tokenizer": COMPONENT, "checkpointer": COMPONENT, "dataset": COMPONENT,
-    "dataset_val": COMPONENT.or_null(), "loss": COMPONENT, "optimizer": COMPONENT, "lr_scheduler": COMPONENT,
-    "batch_size": POSITIVE_INT, "val_batch_size": POSITIVE_INT, "shuffle": BOOL, "epochs": POSITIVE_INT,
-    "max_steps_per_epoch": POSITIVE_INT.or_null(), "gradient_accumulation_steps": POSITIVE_INT,
-    "clip_grad_norm": POSITIVE_NUMBER.or_null(), "enable_activation_checkpointing": BOOL,
-    "fsdp_reshard_after_forward": BOOL, "eval_every_n_steps": POSITIVE_INT.or_null(),
-    "save_every_n_steps": POSITIVE_INT.or_null(), "keep_last_n_checkpoints": POSITIVE_INT,
-    "resume_from_checkpoint": BOOL, "start_over": BOOL, "metric_logger": COMPONENT, "log_every_n_steps": POSITIVE_INT,
-}  # fmt: skip
+    key: kind
+    for kind, keys in (
+        (STRING, "experiment output_dir"),
+        (one_of("cuda", "cpu"), "device"),
+        (one_of(*PRECISIONS), "precision"),
+        (one_of("bf16", "fp32"), "output_dtype"),
+        (INT, "seed"),
+        (BOOL, "compile shuffle enable_activation_checkpointing fsdp_reshard_after_forward"),
+        (BOOL, "resume_from_checkpoint start_over"),
+        (POSITIVE_INT, "batch_size val_batch_size epochs gradient_accumulation_steps"),
+        (POSITIVE_INT, "keep_last_n_checkpoints log_every_n_steps"),
+        (POSITIVE_INT.or_null(), "max_steps_per_epoch eval_every_n_steps save_every_n_steps"),
+        (POSITIVE_NUMBER, "timeout_setup_s timeout_step_s"),
+        (POSITIVE_NUMBER.or_null(), "peak_tflops clip_grad_norm"),
+        (COMPONENT, "model tokenizer checkpointer dataset loss optimizer lr_scheduler metric_logger"),
+        (COMPONENT.or_null(), "dataset_val"),
+    )
+    for key in keys.split()
+}
+
+# What a step checkpoint's train state holds and a resume restores.
+COUNTERS = ("global_step", "epoch", "steps_in_epoch", "tokens_seen", "best_val_loss", "best_step")
 
 
 class CollectiveTimeout(RuntimeError):
@@ -112,37 +116,28 @@ class RefFinetuneRecipe:
         self._param_dtype, self._compute_dtype = PRECISIONS[cfg.precision]
         self._output_dtype = training.get_dtype(cfg.output_dtype, self._device)
         if cfg.precision == "bf16":
-            log.warning("precision=bf16 keeps the weights in bf16: updates below half a weight's bf16 spacing (0.2-0.4% "
-                        "of its magnitude) round away, most AdamW steps at fine-tuning learning rates. "
-                        "precision=bf16_mixed keeps them (README, Precision)")  # fmt: skip
+            log.warning(
+                "precision=bf16 keeps the weights in bf16: updates below half a weight's bf16 spacing (0.2-0.4% "
+                "of its magnitude) round away, most AdamW steps at fine-tuning learning rates. "
+                "precision=bf16_mixed keeps them (README, Precision)"
+            )
         # Collectives wait `timeout_setup_s` while one rank works alone (the first run's data index,
         # checkpoint_best), and `timeout_step_s` in training steps, so that a hung rank is found early.
         self._timeout_setup = timedelta(seconds=cfg.timeout_setup_s)
         self._timeout_step = timedelta(seconds=cfg.timeout_step_s)
-        backend = training.get_distributed_backend(self._device.type)
-        if "RANK" in os.environ:  # started by torchrun
-            init_process_group(backend, timeout=self._timeout_setup)
-        else:  # a plain single process: a world of one, no rendezvous needed
-            init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=self._timeout_setup)
+        # Not started by torchrun: a plain single process, a world of one, no rendezvous needed.
+        world = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        init_process_group(training.get_distributed_backend(self._device.type), timeout=self._timeout_setup, **world)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir)
-        self._log_every_n_steps = cfg.log_every_n_steps
-        self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
-        self._clip_grad_norm = cfg.clip_grad_norm
-        self._eval_every_n_steps = cfg.eval_every_n_steps
-        self._save_every_n_steps = cfg.save_every_n_steps
+        self._grad_accum = cfg.gradient_accumulation_steps
         self.seed = training.set_seed(seed=cfg.seed)
         self.total_epochs = cfg.epochs
-        self.max_steps_per_epoch = cfg.max_steps_per_epoch
-
-        self.global_step = 0
-        self.epoch = 0
-        self.steps_in_epoch = 0  # optimizer steps done in `epoch`
-        self.tokens_seen = 0  # trained on (response tokens), over all ranks
-        self._compile = cfg.compile
+        # Optimizer steps done in all and in `epoch`; tokens trained on (responses), over all ranks.
+        self.global_step = self.epoch = self.steps_in_epoch = self.tokens_seen = 0
         self._peak_flops = self._device_peak_flops(cfg.peak_tflops)
         self.best_val_loss = math.inf
         self.best_step: Optional[int] = None
@@ -160,7 +155,7 @@ class RefFinetuneRecipe:
     def _device_peak_flops(self, peak_tflops: Optional[float]) -> Optional[float]:
         if peak_tflops is None and self._device.type == "cuda":
             name = torch.cuda.get_device_name(self._device)
-            peak_tflops = next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
+            peak_tflops = next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
             if peak_tflops is None:
                 utils.log_rank_zero(log, f"no known peak for {name}: set peak_tflops to log MFU")
         return peak_tflops * 1e12 if peak_tflops else None
@@ -183,23 +178,22 @@ class RefFinetuneRecipe:
         # Data next: a batch larger than the data, or bad data, fails before any model is built.
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
-        if self._compile:
+        if cfg.compile:
             self._loss_fn = training.compile_loss(self._loss_fn, verbose=self._is_rank_zero)
         self._sampler, self._dataloader = self._setup_data(cfg.dataset, cfg.shuffle, cfg.batch_size)
         self._val_dataloader = None
         if not is_off(cfg.get("dataset_val")):  # `dataset_val=null` turns validation off
             self._val_dataloader = self._setup_val_data(cfg.dataset_val, cfg.val_batch_size)
-        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
+        self._steps_per_epoch = len(self._dataloader) // self._grad_accum
         if self._steps_per_epoch == 0:
             raise ConfigError(
                 f"the dataset gives {len(self._dataloader)} batches per rank, fewer than "
-                f"gradient_accumulation_steps={self._gradient_accumulation_steps}: one optimizer step needs "
+                f"gradient_accumulation_steps={self._grad_accum}: one optimizer step needs "
                 f"batch_size * gradient_accumulation_steps * world_size = "
-                f"{cfg.batch_size * self._gradient_accumulation_steps * self.world_size} samples, and the "
+                f"{cfg.batch_size * self._grad_accum * self.world_size} samples, and the "
                 f"dataset has {len(self._dataloader.dataset)}; lower batch_size or raise dataset.n_samples"
             )
-        if self.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        self._steps_per_epoch = min(self._steps_per_epoch, cfg.max_steps_per_epoch or self._steps_per_epoch)
 
         self._checkpoints = StepCheckpoints(self._output_dir / "checkpoints", cfg.keep_last_n_checkpoints)
         resume = self._checkpoints.newest() if cfg.resume_from_checkpoint else None
@@ -210,8 +204,8 @@ class RefFinetuneRecipe:
                 self._metric_logger = config.instantiate(cfg.metric_logger)
             except ImportError as e:  # TensorBoardLogger without tensorboard, WandBLogger without wandb
                 raise ConfigError(
-                    f"config key 'metric_logger': {cfg.metric_logger._component_} needs a package that is not installed ({e}); "
-                    "install it (pip install tensorboard, for TensorBoardLogger) or use "
+                    f"config key 'metric_logger': {cfg.metric_logger._component_} needs a package that is not "
+                    f"installed ({e}); install it (pip install tensorboard, for TensorBoardLogger) or use "
                     "torchtune.training.metric_logging.DiskLogger"
                 ) from e
             self._metric_logger.log_config(cfg)
@@ -225,20 +219,14 @@ class RefFinetuneRecipe:
         # Read by rank 0 alone, one tensor at a time: FSDP scatters the shards from rank 0's copy.
         # A resumed run reads its weights from the step checkpoint's shards instead, in `_resume`.
         model_state = None if resume else self._checkpointer.load_checkpoint(rank_zero_only=True)[training.MODEL_KEY]
-        self._model = self._setup_model(
-            model,
-            model_state_dict=model_state,
-            enable_activation_checkpointing=cfg.enable_activation_checkpointing,
-            reshard_after_forward=cfg.fsdp_reshard_after_forward,
-        )
+        self._model = self._setup_model(model, model_state, cfg)
         del model_state
         self._model_flops = self._flops_constants(self._model)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        self._lr_scheduler = config.instantiate(
-            cfg.lr_scheduler, self._optimizer, num_training_steps=self.total_epochs * self._steps_per_epoch
-        )
+        total_steps = self.total_epochs * self._steps_per_epoch
+        self._lr_scheduler = config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=total_steps)
         if resume is not None:
             self._resume(resume)
         # Only now, with every input read and checked, is the directory this run's: a run that failed
@@ -248,28 +236,24 @@ class RefFinetuneRecipe:
             run_dir.record(self._output_dir, cfg, self.world_size)
         dist.barrier()
         # Labels are shifted left by one; the last position of every row predicts nothing.
-        self._ignore_labels_cache = torch.full(
-            (max(cfg.batch_size, cfg.val_batch_size), 1), self._loss_fn.ignore_index, device=self._device
-        )
+        rows = max(cfg.batch_size, cfg.val_batch_size)
+        self._ignore_labels_cache = torch.full((rows, 1), self._loss_fn.ignore_index, device=self._device)
 
     def _setup_model(
-        self,
-        model: torch.nn.Module,
-        model_state_dict: Optional[Dict[str, Any]],
-        enable_activation_checkpointing: bool,
-        reshard_after_forward: bool,
+        self, model: torch.nn.Module, model_state_dict: Optional[Dict], cfg: DictConfig
     ) -> torch.nn.Module:
         """Shard the meta-device `model` and fill it from the full state dict (or leave it empty for a resume)."""
-        if self._compile:  # per layer, as torchtune's recipes do
+        if cfg.compile:  # per layer, as torchtune's recipes do
             training.compile_model(model, verbose=self._is_rank_zero)
-        if enable_activation_checkpointing:
+        if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
         mesh = init_device_mesh(self._device.type, (self.world_size,), mesh_dim_names=("dp",))
         # torchtune's `shard_model` takes no mixed-precision policy: the same loop, with one. Under
         # bf16_mixed, FSDP gathers bf16 copies of the fp32 weights and reduces gradients in fp32.
         mixed = self._compute_dtype != self._param_dtype
-        policy = MixedPrecisionPolicy(self._compute_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
-        fsdp = dict(reshard_after_forward=reshard_after_forward, mesh=mesh, mp_policy=policy)
+        dtypes = dict(param_dtype=self._compute_dtype, reduce_dtype=torch.float32) if mixed else {}
+        policy = MixedPrecisionPolicy(**dtypes)
+        fsdp = dict(reshard_after_forward=cfg.fsdp_reshard_after_forward, mesh=mesh, mp_policy=policy)
         for name, module in reversed(list(model.named_modules())):
             if training.get_shard_conditions(name, module):
                 fully_shard(module, **fsdp)
@@ -284,8 +268,8 @@ class RefFinetuneRecipe:
             training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
         training.validate_no_params_on_meta_device(model)
         n_params = sum(p.numel() for p in model.parameters())
-        utils.log_rank_zero(log, f"model built: {n_params:,} parameters in {self._param_dtype}, computing in "
-                                 f"{self._compute_dtype}, sharded over {self.world_size}")  # fmt: skip
+        dtypes = f"{n_params:,} parameters in {self._param_dtype}, computing in {self._compute_dtype}"
+        utils.log_rank_zero(log, f"model built: {dtypes}, sharded over {self.world_size}")
         if self._is_rank_zero and self._device.type == "cuda":  # memory stats raise on CPU
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         dist.barrier()
@@ -294,10 +278,12 @@ class RefFinetuneRecipe:
     def _check_against_checkpoint(self, model: torch.nn.Module) -> None:
         """The model the config builds must be the checkpoint's shape: say which key differs."""
         hf = self._checkpointer.config
-        built = {"vocab_size": model.tok_embeddings.num_embeddings, "hidden_size": model.tok_embeddings.embedding_dim,
-                 "num_hidden_layers": len(model.layers)}  # fmt: skip
-        wrong = [f"{key} {hf.get(key)} in the checkpoint, {value} in the model" for key, value in built.items()
-                 if hf.get(key) != value]  # fmt: skip
+        embeddings = model.tok_embeddings
+        built = dict(vocab_size=embeddings.num_embeddings, hidden_size=embeddings.embedding_dim)
+        built["num_hidden_layers"] = len(model.layers)
+        wrong = [
+            f"{key} {hf.get(key)} in the checkpoint, {n} in the model" for key, n in built.items() if hf.get(key) != n
+        ]
         if wrong:
             raise CheckpointError(
                 f"config key 'model' ({self._cfg.model._component_}) builds another shape than the checkpoint "
@@ -320,18 +306,10 @@ class RefFinetuneRecipe:
 
     def _setup_data(self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int):
         ds = config.instantiate(cfg_dataset, self._tokenizer)
-        sampler = StatefulDistributedSampler(
-            ds, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=self.seed
-        )
-        dataloader = StatefulDataLoader(
-            dataset=ds,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=self._collate_fn(ds),
-            # equal batch counts on every rank, so no rank waits on a collective forever
-            drop_last=True,
-        )
-        return sampler, dataloader
+        sampler = StatefulDistributedSampler(ds, self.world_size, self.rank, shuffle=shuffle, seed=self.seed)
+        # drop_last: equal batch counts on every rank, so no rank waits on a collective forever
+        loader = StatefulDataLoader(ds, batch_size, sampler=sampler, collate_fn=self._collate_fn(ds), drop_last=True)
+        return sampler, loader
 
     def _setup_val_data(self, cfg_dataset: DictConfig, batch_size: int) -> DataLoader:
         ds = config.instantiate(cfg_dataset, self._tokenizer)
@@ -343,17 +321,20 @@ class RefFinetuneRecipe:
             train_state, rank_state = load_state(path, self._model, self._optimizer)
         except (Exception, dcp.CheckpointException) as e:  # a truncated or corrupt file (DCP raises a BaseException)
             older = [p for _, p in self._checkpoints.complete() if p != path]
-            fix = (f"delete it (rm -r {path}) and resume again to continue from the previous complete checkpoint, "
-                   f"{older[-1]}") if older else "no earlier complete checkpoint is left: start over (start_over=true)"
+            fix = "no earlier complete checkpoint is left: start over (start_over=true)"
+            if older:
+                fix = f"delete it (rm -r {path}) and resume again to continue from the previous complete checkpoint, "
+                fix += str(older[-1])
             reason = ([line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
             raise CheckpointError(f"{path}: cannot be read, it is damaged ({reason[:200]}); {fix}") from None
         if train_state["world_size"] != self.world_size:
-            raise CheckpointError(f"{path}: written by {train_state['world_size']} processes, this run has "
-                               f"{self.world_size}; resume with --nproc_per_node {train_state['world_size']}")  # fmt: skip
+            raise CheckpointError(
+                f"{path}: written by {train_state['world_size']} processes, this run has "
+                f"{self.world_size}; resume with --nproc_per_node {train_state['world_size']}"
+            )
         self._lr_scheduler.load_state_dict(train_state["lr_scheduler"])
-        self.global_step, self.epoch = train_state["global_step"], train_state["epoch"]
-        self.steps_in_epoch, self.tokens_seen = train_state["steps_in_epoch"], train_state["tokens_seen"]
-        self.best_val_loss, self.best_step = train_state["best_val_loss"], train_state["best_step"]
+        for key in COUNTERS:
+            setattr(self, key, train_state[key])
         if self.steps_in_epoch < self._steps_per_epoch:  # else the next epoch starts afresh
             self._dataloader.load_state_dict(rank_state["dataloader"])
         set_rng_state(rank_state["rng"])
@@ -375,23 +356,29 @@ class RefFinetuneRecipe:
                 metrics.update(self._rates(metrics, time.perf_counter() - t0))
                 history.append(metrics)
                 pbar.update(1)
-                pbar.set_postfix(epoch=self.epoch + 1, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 tok_s=f"{metrics['tokens_per_second_per_gpu']:.0f}")  # fmt: skip
-                if self._val_dataloader is not None and self._eval_every_n_steps and (
-                    self.global_step % self._eval_every_n_steps == 0
-                ):
+                pbar.set_postfix(
+                    epoch=self.epoch + 1,
+                    loss=f"{metrics['loss']:.4f}",
+                    lr=f"{metrics['lr']:.2e}",
+                    tok_s=f"{metrics['tokens_per_second_per_gpu']:.0f}",
+                )
+                every = self._cfg.eval_every_n_steps
+                if self._val_dataloader is not None and every and self.global_step % every == 0:
                     metrics.update(self.validate())
-                if self._is_rank_zero and (self.global_step % self._log_every_n_steps == 0 or "val_loss" in metrics):
+                log_now = self.global_step % self._cfg.log_every_n_steps == 0 or "val_loss" in metrics
+                if self._is_rank_zero and log_now:
                     self._metric_logger.log_dict(metrics, step=self.global_step)
                 stop_signal = self._stop_signal_of_any_rank()
                 if stop_signal:
                     with self._patience(self._timeout_setup):
                         path = self.save_checkpoint()
-                    utils.log_rank_zero(log, f"{signal.Signals(stop_signal).name}: stopped after step {self.global_step}, "
-                                             f"checkpoint {path}; "
-                                             "run again with resume_from_checkpoint=true to continue")  # fmt: skip
+                    stopped = f"{signal.Signals(stop_signal).name}: stopped after step {self.global_step}"
+                    utils.log_rank_zero(
+                        log, f"{stopped}, checkpoint {path}; run again with resume_from_checkpoint=true to continue"
+                    )
                     return False
-                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                every = self._cfg.save_every_n_steps
+                if every and self.global_step % every == 0:
                     with self._patience(self._timeout_setup):  # rank 0 commits and rotates alone
                         self.save_checkpoint()
             self.epoch += 1
@@ -426,34 +413,37 @@ class RefFinetuneRecipe:
                 self._metric_logger.log_dict(metrics, step=self.global_step)
         wall = time.perf_counter() - start
         best = f", best validation loss {self.best_val_loss:.4f} at step {self.best_step}" if self.best_step else ""
-        utils.log_rank_zero(log, f"done: {self.global_step} steps ({self.global_step - start_step} in this run), "
-                                 f"{self.tokens_seen - start_tokens:,} tokens trained on in {wall:.0f} s{best}")  # fmt: skip
+        steps = f"{self.global_step} steps ({self.global_step - start_step} in this run)"
+        utils.log_rank_zero(
+            log, f"done: {steps}, {self.tokens_seen - start_tokens:,} tokens trained on in {wall:.0f} s{best}"
+        )
         utils.log_rank_zero(log, self._summary(history))
 
     def _rates(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:
-        """Tokens/s per GPU over trained tokens (responses) and over all non-padding tokens (the
-        compute rate), MFU where the device's peak is known, and peak memory on CUDA."""
+        """Tokens/s per GPU, trained (responses) and all non-padding (the compute rate); MFU; peak memory on CUDA."""
         per_gpu = seconds * self.world_size
-        rates = {"tokens_per_second_per_gpu": metrics["tokens"] / per_gpu,
-                 "all_tokens_per_second_per_gpu": metrics.pop("all_tokens") / per_gpu}  # fmt: skip
+        rates = {"tokens_per_second_per_gpu": metrics["tokens"] / per_gpu}
+        rates["all_tokens_per_second_per_gpu"] = metrics.pop("all_tokens") / per_gpu
         flops = metrics.pop("flops")
         if self._peak_flops:
             rates["mfu"] = flops / per_gpu / self._peak_flops
-        if self._device.type == "cuda" and self.global_step % self._log_every_n_steps == 0:
+        if self._device.type == "cuda" and self.global_step % self._cfg.log_every_n_steps == 0:
             rates.update(training.get_memory_stats(device=self._device))  # GiB since the last log step
         return rates
 
     def _summary(self, history: list) -> str:
-        """Medians over the steps of this run, the first (which pays for lazy initialization and
-        compilation) left out where there are others."""
+        """Medians over this run's steps, less the first (lazy initialization, compilation) where there are others."""
         steps = history[1:] or history
         if not steps:
             return "no training step in this run"
-        line = (f"per GPU, median of {len(steps)} steps: {statistics.median(m['tokens_per_second_per_gpu'] for m in steps):,.0f} "
-                f"trained tokens/s, {statistics.median(m['all_tokens_per_second_per_gpu'] for m in steps):,.0f} "
-                "non-padding tokens/s")  # fmt: skip
+
+        def median(key: str) -> float:
+            return statistics.median(m[key] for m in steps)
+
+        line = f"per GPU, median of {len(steps)} steps: {median('tokens_per_second_per_gpu'):,.0f} trained tokens/s, "
+        line += f"{median('all_tokens_per_second_per_gpu'):,.0f} non-padding tokens/s"
         if "mfu" in steps[0]:
-            line += f", MFU {statistics.median(m['mfu'] for m in steps):.1%}"
+            line += f", MFU {median('mfu'):.1%}"
         peaks = [(m["peak_memory_alloc"], m["peak_memory_reserved"]) for m in history if "peak_memory_alloc" in m]
         if peaks:
             alloc, reserved = map(max, zip(*peaks))
@@ -464,7 +454,7 @@ class RefFinetuneRecipe:
         """Gradient accumulation over micro-batches, then one optimizer step (torchtune's math)."""
         running_loss = 0
         counts = torch.zeros(3, dtype=torch.int64, device=self._device)  # trained, non-padding, attended positions
-        for _ in range(self._gradient_accumulation_steps):
+        for _ in range(self._grad_accum):
             batch = next(batches)
             utils.batch_to_device(batch, self._device)
             current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
@@ -494,8 +484,8 @@ class RefFinetuneRecipe:
         # FSDP2 averages gradients over ranks; undo that and divide by the token count.
         training.scale_grads(self._model, self.world_size / num_tokens)
         metrics = {"loss": loss}
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+        if self._cfg.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._cfg.clip_grad_norm)
             if isinstance(grad_norm, DTensor):  # sharded: the norm over all ranks
                 grad_norm = grad_norm.full_tensor()
             metrics["grad_norm"] = grad_norm.item()
@@ -544,6 +534,7 @@ class RefFinetuneRecipe:
     def _validate(self) -> Dict[str, float]:
         self._model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self._device)  # loss sum, tokens, correct
+        ignore = self._loss_fn.ignore_index
         for batch in self._val_dataloader:
             utils.batch_to_device(batch, self._device)
             labels = batch.pop("labels")
@@ -551,18 +542,16 @@ class RefFinetuneRecipe:
             logits = self._model(**batch)
             chunks = logits if isinstance(logits, list) else [logits]  # chunked along the sequence
             for chunk, chunk_labels in zip(chunks, labels.chunk(len(chunks), dim=1)):
-                mask = chunk_labels != self._loss_fn.ignore_index
-                totals[0] += torch.nn.functional.cross_entropy(
-                    chunk.float().flatten(0, 1), chunk_labels.flatten(), ignore_index=self._loss_fn.ignore_index,
-                    reduction="sum",
-                )  # fmt: skip
+                mask = chunk_labels != ignore
+                x, y = chunk.float().flatten(0, 1), chunk_labels.flatten()
+                totals[0] += torch.nn.functional.cross_entropy(x, y, ignore_index=ignore, reduction="sum")
                 totals[1] += mask.sum()
                 totals[2] += ((chunk.argmax(-1) == chunk_labels) & mask).sum()
         dist.all_reduce(totals)
         self._model.train()
         loss = (totals[0] / totals[1]).item()
-        metrics = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
-                   "val_accuracy": (totals[2] / totals[1]).item(), "val_tokens": int(totals[1].item())}  # fmt: skip
+        metrics = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
+        metrics |= {"val_accuracy": (totals[2] / totals[1]).item(), "val_tokens": int(totals[1].item())}
         self._val_metrics = dict(metrics, step=self.global_step)
         if loss < self.best_val_loss:
             self.best_val_loss, self.best_step = loss, self.global_step
@@ -585,8 +574,8 @@ class RefFinetuneRecipe:
         state_dict = self._gathered_model()
         if self._is_rank_zero:
             epoch = self.epoch + (1 if self.steps_in_epoch else 0)  # after the last epoch, `epoch` counts it already
-            metadata = {"step": self.global_step, "epoch": epoch, "validation": self._val_metrics,
-                        "config": OmegaConf.to_container(self._cfg, resolve=True)}  # fmt: skip
+            metadata = {"step": self.global_step, "epoch": epoch, "validation": self._val_metrics}
+            metadata["config"] = OmegaConf.to_container(self._cfg, resolve=True)
             path = self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=name, metadata=metadata)
             log.info(f"HF checkpoint written to {path} (step {self.global_step})")
         del state_dict
@@ -601,11 +590,8 @@ class RefFinetuneRecipe:
         save_sharded(tmp, self._model, self._optimizer)
         if self._is_rank_zero:
             self._checkpointer.save_config(tmp / HF_DIR)
-        train_state = {
-            "global_step": self.global_step, "epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch,
-            "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
-            "lr_scheduler": self._lr_scheduler.state_dict(), "world_size": self.world_size, "seed": self.seed,
-        }  # fmt: skip
+        train_state = {key: getattr(self, key) for key in (*COUNTERS, "world_size", "seed")}
+        train_state["lr_scheduler"] = self._lr_scheduler.state_dict()
         rank_state = {"dataloader": self._dataloader.state_dict(), "rng": rng_state()}
         save_state(tmp, train_state, rank_state)
         path = self._checkpoints.commit(tmp, self.global_step)
@@ -629,14 +615,18 @@ def _check_values(cfg: DictConfig) -> None:
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         errors.append(f"config key 'optimizer.lr': expected a positive number, got {lr!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        errors.append(f"config key 'device': cuda, but torch {torch.__version__} sees no CUDA device here; run on a GPU "
-                      "machine (with a CUDA build of torch), or set device=cpu for tiny models")  # fmt: skip
+        errors.append(
+            f"config key 'device': cuda, but torch {torch.__version__} sees no CUDA device here; run on a GPU "
+            "machine (with a CUDA build of torch), or set device=cpu for tiny models"
+        )
     raise_if_any(errors)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    with one_line_errors(ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout):
+    with one_line_errors(
+        ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout
+    ):
         run(cfg)
 
 
@@ -646,8 +636,10 @@ def run(cfg: DictConfig) -> None:
         _check_values(cfg)
     except ConfigError as e:
         if "dtype" in cfg:  # the key of earlier versions
-            raise ConfigError(f"{e}\n  'dtype' is now 'precision' (bf16_mixed: fp32 master weights and bf16 compute; "
-                              "bf16; fp32), with 'output_dtype' (bf16 or fp32) for checkpoint_best/final") from None
+            raise ConfigError(
+                f"{e}\n  'dtype' is now 'precision' (bf16_mixed: fp32 master weights and bf16 compute; "
+                "bf16; fp32), with 'output_dtype' (bf16 or fp32) for checkpoint_best/final"
+            ) from None
         raise
     config.log_config(recipe_name="RefFinetuneRecipe", cfg=cfg)
     recipe = RefFinetuneRecipe(cfg=cfg)

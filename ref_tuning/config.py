@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Type
 
+import torch.distributed as dist
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
@@ -24,16 +25,14 @@ def raise_if_any(errors: List[str]) -> None:
 
 @contextmanager
 def one_line_errors(*known: Type[BaseException]) -> Iterator[None]:
-    """A known mistake (config, data, files) ends the process with its message and exit status 2;
-    anything else is a bug and keeps its traceback. Every rank that raised prints its line: an error
-    on one rank alone must not be hidden."""
+    """A known mistake ends the process with its one-line message and exit status 2 on every rank that
+    raised it (an error on one rank alone must not be hidden); anything else is a bug and keeps its traceback."""
     try:
         yield
     except known as e:
-        import torch.distributed as dist
-
         rank = os.environ.get("RANK", "0")
-        print(f"error: {type(e).__name__}: {e}" + (f" [rank {rank}]" if rank != "0" else ""), file=sys.stderr, flush=True)
+        where = "" if rank == "0" else f" [rank {rank}]"
+        print(f"error: {type(e).__name__}: {e}{where}", file=sys.stderr, flush=True)
         if dist.is_initialized():  # for callers in the same process (tests); a recipe's process ends here
             dist.destroy_process_group()
         sys.exit(2)
@@ -47,14 +46,11 @@ def _unknown_key_message(path: str, key: str, known: Iterable[str]) -> str:
 
 def _check_component(node: DictConfig, path: str, errors: List[str]) -> None:
     if node._component_ is None:  # what `key=null` on the command line makes of a component node
-        errors.append(f"{path}_component_ is null: '{path[:-1]}' needs a component here")
-        return
+        return errors.append(f"{path}_component_ is null: '{path[:-1]}' needs a component here")
     try:
-        component = _get_component_from_path(node._component_)
+        params = inspect.signature(_get_component_from_path(node._component_)).parameters
     except Exception as e:
-        errors.append(f"{path}_component_: cannot import '{node._component_}' ({e})")
-        return
-    params = inspect.signature(component).parameters
+        return errors.append(f"{path}_component_: cannot import '{node._component_}' ({e})")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return  # takes **kwargs: the callee itself must reject what it does not know
     for key in node:
@@ -63,9 +59,8 @@ def _check_component(node: DictConfig, path: str, errors: List[str]) -> None:
 
 
 def is_off(value: Any) -> bool:
-    """Null, or a component node whose `_component_` is null: `tune run` turns `key=null` on the
-    command line into the latter, and cannot delete a component node (`~key`)."""
-    return value is None or isinstance(value, (dict, DictConfig)) and "_component_" in value and value["_component_"] is None
+    """Null, or a component node whose `_component_` is null (`tune run` makes `key=null` that: it cannot delete one)."""
+    return value is None or isinstance(value, (dict, DictConfig)) and value.get("_component_", 0) is None
 
 
 def _walk(node, path: str, errors: List[str]) -> None:
@@ -80,8 +75,7 @@ def _walk(node, path: str, errors: List[str]) -> None:
 
 
 class Kind(NamedTuple):
-    """What a top-level key takes: a test of its (resolved) value, its description, and whether
-    the key may be left out (as if null)."""
+    """What a top-level key takes: a test of its resolved value, its description, whether it may be left out."""
 
     accepts: Callable[[Any], bool]
     expected: str
@@ -91,16 +85,16 @@ class Kind(NamedTuple):
         return Kind(lambda v: v is None or self.accepts(v), f"{self.expected} or null", optional=True)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _is_number(v: Any, types=(int, float)) -> bool:
+    return isinstance(v, types) and not isinstance(v, bool)
 
 
 COMPONENT = Kind(lambda v: isinstance(v, dict) and "_component_" in v, "a node with a _component_")
 STRING = Kind(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 BOOL = Kind(lambda v: isinstance(v, bool), "true or false")
-INT = Kind(_is_int, "an integer")
-POSITIVE_INT = Kind(lambda v: _is_int(v) and v > 0, "a positive integer")
-POSITIVE_NUMBER = Kind(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number")
+INT = Kind(lambda v: _is_number(v, int), "an integer")
+POSITIVE_INT = Kind(lambda v: _is_number(v, int) and v > 0, "a positive integer")
+POSITIVE_NUMBER = Kind(lambda v: _is_number(v) and v > 0, "a positive number")
 
 
 def one_of(*choices: str) -> Kind:
@@ -111,8 +105,8 @@ def validate_config(cfg: DictConfig, schema: Dict[str, Kind]) -> None:
     """Raise `ConfigError` listing every unknown or missing top-level key, every value not of its
     kind, and every argument that a `_component_` does not accept, with the closest known name."""
     errors = [_unknown_key_message("", key, schema) for key in cfg if key not in schema]
-    errors += [f"missing config key '{key}': expected {kind.expected}" for key, kind in schema.items()
-               if key not in cfg and not kind.optional]
+    missing = [key for key, kind in schema.items() if key not in cfg and not kind.optional]
+    errors += [f"missing config key '{key}': expected {schema[key].expected}" for key in missing]
     try:
         values = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # a broken ${interpolation}

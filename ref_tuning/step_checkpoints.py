@@ -1,18 +1,10 @@
-"""Step checkpoints of a training run: their layout, the atomic commit, the newest complete one,
-and how many are kept.
+"""Step checkpoints of a training run, `output_dir/checkpoints/step_000120/`: `state/` (weights at the
+training precision and optimizer state, written by every rank in parallel with torch.distributed.checkpoint),
+`hf/` (config.json and tokenizer files, for `python -m ref_tuning.convert step-to-hf`), `train_state.pt`
+(counters, schedule, world size) and `rank_N.pt` (each rank's dataloader position and RNG states).
 
-    output_dir/checkpoints/step_000120/
-        state/            weights (at the training precision) and optimizer state, sharded: every rank
-                          writes its own shards in parallel, nothing is gathered (torch.distributed.
-                          checkpoint, which can also read them back resharded)
-        hf/               config.json and tokenizer files: `python -m ref_tuning.convert step-to-hf`
-                          makes an HF directory of any step with nothing else
-        train_state.pt    step, epoch, learning-rate schedule, best validation loss, world size
-        rank_0.pt ...     each rank's dataloader position and random number generator states
-
-A checkpoint is written under `.tmp-step_000120` and renamed to `step_000120` only once every rank
-has written its part, so a directory named `step_*` is always complete, and a crash during a write
-leaves the previous checkpoint the newest.
+A checkpoint is written under `.tmp-step_000120` and renamed once every rank has written its part, so a
+directory named `step_*` is always complete, and a crash during a write leaves the previous one the newest.
 """
 
 import random
@@ -20,14 +12,12 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
-)  # fmt: skip
+from torch.distributed.checkpoint import state_dict as dcp_sd
 from torchtune.utils import get_world_size_and_rank
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -49,27 +39,20 @@ class StepCheckpoints:
     """The step checkpoints under `root`, of which the newest `keep_last` are kept."""
 
     def __init__(self, root: Path, keep_last: int):
-        self.root = Path(root)
-        self.keep_last = keep_last
+        self.root, self.keep_last = Path(root), keep_last
 
     def complete(self) -> List[Tuple[int, Path]]:
         """(step, path) of every complete checkpoint, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for path in self.root.iterdir():
-            match = _STEP_DIR.fullmatch(path.name)
-            if match and (path / TRAIN_STATE).is_file():
-                found.append((int(match.group(1)), path))
-        return sorted(found)
+        paths = self.root.iterdir() if self.root.is_dir() else []
+        found = [(_STEP_DIR.fullmatch(p.name), p) for p in paths if (p / TRAIN_STATE).is_file()]
+        return sorted((int(match.group(1)), p) for match, p in found if match)
 
     def newest(self) -> Optional[Path]:
         found = self.complete()
         return found[-1][1] if found else None
 
     def begin(self, step: int) -> Path:
-        """The temporary directory every rank writes step `step`'s checkpoint into, emptied first
-        (a killed run may have left one)."""
+        """The temporary directory every rank writes step `step` into, emptied first (a killed run may have left one)."""
         tmp = self.root / f".tmp-step_{step:06d}"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -82,8 +65,7 @@ class StepCheckpoints:
         final = self.root / f"step_{step:06d}"
         _barrier()
         if _rank() == 0:
-            if final.exists():  # the same step again (a resumed run saving where it started)
-                shutil.rmtree(final)
+            shutil.rmtree(final, ignore_errors=True)  # the same step again (a resumed run saving where it started)
             tmp.rename(final)
             for _, old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -91,10 +73,9 @@ class StepCheckpoints:
         return final
 
 
-def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], Any, None]]:
-    """The weights of step checkpoint `step_dir` (torchtune names, training precision) as sources for
-    `checkpointing.converted`: shapes from the shards' metadata, each tensor read when loaded, in one
-    process, whatever the number of ranks that wrote it."""
+def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], Callable[..., torch.Tensor]]]:
+    """The weights of step checkpoint `step_dir` (torchtune names, training precision) as (dtype, shape, load)
+    for `checkpointing.converted`, each tensor read when loaded, in one process, whatever the ranks that wrote it."""
     reader = dcp.FileSystemReader(Path(step_dir) / STATE_DIR)
     sources = {}
     for fqn, meta in reader.read_metadata().state_dict_metadata.items():
@@ -107,20 +88,18 @@ def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ..
                     dcp.load({fqn: tensor}, storage_reader=reader, no_dist=True)
                 return tensor
 
-            sources[fqn.removeprefix("model.")] = (meta.properties.dtype, tuple(meta.size), load, None)
+            sources[fqn.removeprefix("model.")] = (meta.properties.dtype, tuple(meta.size), load)
     return sources
 
 
 def load_weights(step_dir: Path) -> Dict[str, torch.Tensor]:
     """All weights of step checkpoint `step_dir`, full tensors under torchtune's names."""
-    return {name: load() for name, (_, _, load, _) in weight_sources(step_dir).items()}
+    return {name: load() for name, (_, _, load) in weight_sources(step_dir).items()}
 
 
 def rng_state() -> Dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return dict(state, cuda=torch.cuda.get_rng_state()) if torch.cuda.is_available() else state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -131,7 +110,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    return {"model": dcp_sd.get_model_state_dict(model), "optimizer": dcp_sd.get_optimizer_state_dict(model, optimizer)}
 
 
 def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -140,15 +119,14 @@ def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def save_state(path: Path, train_state: Dict[str, Any], rank_state: Dict[str, Any]) -> None:
-    """The counters and each rank's state, into the checkpoint directory `path`, after
-    `save_sharded`; the train state, written last, marks it complete (all ranks call this)."""
+    """After `save_sharded`, on all ranks: each rank's state, then the train state, which marks `path` complete."""
     torch.save(rank_state, path / f"rank_{_rank()}.pt")
     _barrier()
-    if _rank() == 0:  # last: its presence marks the directory complete
+    if _rank() == 0:
         torch.save(train_state, path / TRAIN_STATE)
 
 
-def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict, Dict]:
     """Restore the weights and optimizer from checkpoint `path`; return its train state and this rank's state."""
     if not (path / STATE_DIR / ".metadata").is_file():
         raise RuntimeError(
@@ -158,8 +136,8 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         )
     state = _sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=path / STATE_DIR)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+    dcp_sd.set_model_state_dict(model, state["model"])
+    dcp_sd.set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
     train_state = torch.load(path / TRAIN_STATE, weights_only=True)
     rank_file = path / f"rank_{_rank()}.pt"
     if not rank_file.is_file():
