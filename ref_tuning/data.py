@@ -1,12 +1,7 @@
 """CodeContests solutions as Alpaca-templated samples: indexed sampling, lazy tokenization, packing.
 
-Files (shared/docs/DATA_FORMAT.md): `{split}.jsonl`, one sample per line, and `{split}_metadata.json`,
-whose `metadata` list has one entry per line (`is_correct`, `difficulty`, optionally `problem_id`).
-
-`codecontests_dataset` draws the samples from the split's index (`ref_tuning.index`: a few bytes per
-line, cached), never from the whole files: it reads only the chosen lines, and only where their
-token lengths are not cached yet. Samples are read and tokenized again when the dataloader asks for
-them, so memory grows with `n_samples`, not with the file, and no token ids are held.
+Files: shared/docs/DATA_FORMAT.md. Only the drawn lines are read (located by `ref_tuning.index`), again each time
+the dataloader asks for them: memory grows with `n_samples`, not with the file, and no token ids are held.
 """
 
 import functools
@@ -39,9 +34,9 @@ PROMPT_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-# Older trees call the validation split `validation`; its files are named `valid`.
-SPLIT_ALIASES = {"validation": "valid"}
 _RECORD_FIELDS = {"instruction": str, "input": str, "output": str, "task_id": str, "is_correct": bool}
+LONG_SAMPLES = ("drop", "truncate")
+_MEASURE_BATCH = 256  # lines read, then tokenized together
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -52,22 +47,17 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 
 def tokenize_sample(tokenizer: ModelTokenizer, record: Dict[str, Any]) -> Tuple[List[int], List[int]]:
-    """Token ids `BOS prompt response EOS` and labels with the prompt masked out.
-
-    The whole text is tokenized at once, as the Rho-1 stage does, so the ids are the ones it scores.
-    """
+    """Ids `BOS prompt response EOS`, tokenized whole as the Rho-1 stage scores them; labels mask the prompt."""
     prompt = format_prompt(record["instruction"], record.get("input", ""))
     tokens = tokenizer.encode(prompt + record["output"], add_bos=True, add_eos=True)
-    prompt_tokens = _prompt_tokens(tokenizer, prompt)
-    n_prompt = len(prompt_tokens)
+    n_prompt = len(prompt_tokens := _prompt_tokens(tokenizer, prompt))
     # The prompt ends in a newline, which SentencePiece never merges across, so its ids are a prefix.
     if tuple(tokens[:n_prompt]) != prompt_tokens:
         raise DataError(
             f"task {record.get('task_id')}: the prompt's tokens are not a prefix of the full sample's; "
             "the tokenizer merges across the end of the prompt, so the prompt cannot be masked exactly"
         )
-    labels = [CROSS_ENTROPY_IGNORE_IDX] * n_prompt + tokens[n_prompt:]
-    return tokens, labels
+    return tokens, [CROSS_ENTROPY_IGNORE_IDX] * n_prompt + tokens[n_prompt:]
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,21 +68,15 @@ def _prompt_tokens(tokenizer: ModelTokenizer, prompt: str) -> Tuple[int, ...]:
 
 def split_files(data_dir: str, split: str) -> Tuple[Path, Path]:
     """Paths of `{split}.jsonl` and its metadata file, accepting the older `validation_metadata.json`."""
-    data_dir = Path(data_dir)
-    name = SPLIT_ALIASES.get(split, split)
+    data_dir, name = Path(data_dir), "valid" if split == "validation" else split  # older trees say `validation`
     jsonl = data_dir / f"{name}.jsonl"
-    candidates = [data_dir / f"{name}_metadata.json", data_dir / f"{split}_metadata.json"]
-    if name == "valid":
-        candidates.append(data_dir / "validation_metadata.json")
     if not jsonl.is_file():
         raise DataError(f"{jsonl}: not found; expected the processed split '{split}' in {data_dir}")
-    metadata = next((p for p in candidates if p.is_file()), None)
+    names = [name, split] + (["validation"] if name == "valid" else [])
+    metadata = next((p for p in (data_dir / f"{n}_metadata.json" for n in names) if p.is_file()), None)
     if metadata is None:
-        raise DataError(f"{candidates[0]}: not found; expected the metadata file beside {jsonl.name}")
+        raise DataError(f"{data_dir / name}_metadata.json: not found; expected the metadata file beside {jsonl.name}")
     return jsonl, metadata
-
-
-LONG_SAMPLES = ("drop", "truncate")
 
 
 def parse_record(jsonl: Path, line: int, raw: bytes) -> Dict[str, Any]:
@@ -115,10 +99,6 @@ def parse_record(jsonl: Path, line: int, raw: bytes) -> Dict[str, Any]:
     return record
 
 
-# ---------------------------------------------------------------------------------------------
-# Sampling
-
-
 def _bins(
     bins: Optional[Mapping[str, Sequence[int]]], weights: Optional[Mapping[str, float]]
 ) -> List[Tuple[str, int, int, Optional[float]]]:
@@ -131,8 +111,8 @@ def _bins(
         raise DataError(f"difficulty_bins must map bin names to [lowest, highest] difficulty, got {bins!r}")
     out = []
     for name, bounds in bins.items():
-        if not (isinstance(bounds, Sequence) and len(bounds) == 2 and all(type(b) is int for b in bounds)
-                and bounds[0] <= bounds[1]):  # fmt: skip
+        ints = isinstance(bounds, Sequence) and len(bounds) == 2 and all(type(b) is int for b in bounds)
+        if not (ints and bounds[0] <= bounds[1]):
             raise DataError(f"difficulty_bins.{name} must be [lowest, highest] (integers, inclusive), got {bounds!r}")
         out.append((str(name), bounds[0], bounds[1], None))
     if weights is not None:
@@ -152,8 +132,7 @@ def _bins(
 
 def _quotas(n: int, weights: Sequence[float]) -> List[int]:
     """`n` split in proportion to `weights`, rounded so that the parts sum to `n` (largest remainders)."""
-    total = sum(weights)
-    exact = [n * w / total for w in weights]
+    exact = [n * w / sum(weights) for w in weights]
     quotas = [int(x) for x in exact]
     by_remainder = sorted(range(len(weights)), key=lambda i: (quotas[i] - exact[i], i))
     for i in by_remainder[: n - sum(quotas)]:
@@ -164,32 +143,17 @@ def _quotas(n: int, weights: Sequence[float]) -> List[int]:
 def _within_cap(problems: torch.Tensor, cap: int) -> torch.Tensor:
     """Mask of the elements that are among the first `cap` of their problem, in the given order."""
     order = torch.argsort(problems, stable=True)
-    ranked = problems[order]
-    position = torch.arange(len(ranked))
-    run_start = torch.ones(len(ranked), dtype=torch.bool)
-    run_start[1:] = ranked[1:] != ranked[:-1]
-    first = torch.cummax(torch.where(run_start, position, 0), dim=0).values
-    rank = torch.empty_like(position)
-    rank[order] = position - first
+    _, counts = torch.unique_consecutive(problems[order], return_counts=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     return rank < cap
 
 
 def select_lines(
-    index: SplitIndex,
-    n_samples: int,
-    correct_ratio: float = 1.0,
-    difficulty_bins: Optional[Mapping[str, Sequence[int]]] = None,
-    difficulty_weights: Optional[Mapping[str, float]] = None,
-    max_per_problem: Optional[int] = None,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Line numbers (sorted) of `n_samples` samples drawn without replacement.
-
-    Each difficulty bin gets its share of `n_samples` by `difficulty_weights` (by default, in
-    proportion to the lines it holds), and within a bin `correct_ratio` of them are correct. With
-    `max_per_problem`, at most that many correct and that many incorrect solutions come from any one
-    problem. The draw depends on the seed and the index alone: every rank draws the same lines.
-    """
+    index: SplitIndex, n_samples, correct_ratio, difficulty_bins, difficulty_weights, max_per_problem, seed
+):
+    """Sorted line numbers of `n_samples` samples drawn without replacement; arguments as `codecontests_dataset`'s.
+    The draw depends on the seed and the index alone: every rank draws the same lines."""
     if type(n_samples) is not int or n_samples <= 0:
         raise DataError(f"n_samples must be a positive integer, got {n_samples!r}")
     if not isinstance(correct_ratio, (int, float)) or not 0.0 <= correct_ratio <= 1.0:
@@ -200,15 +164,19 @@ def select_lines(
     masks = [(index.difficulty >= lo) & (index.difficulty <= hi) for _, lo, hi, _ in bins]
     in_bins = torch.stack(masks).sum(0) if masks else torch.zeros(len(index))
     if bool((in_bins > 1).any()):
-        raise DataError(f"difficulty_bins overlap: {[(name, lo, hi) for name, lo, hi, _ in bins]}; give each difficulty one bin")
+        raise DataError(
+            f"difficulty_bins overlap: {[(name, lo, hi) for name, lo, hi, _ in bins]}; give each difficulty one bin"
+        )
     outside = int((in_bins == 0).sum())
     if outside:
         log.info(f"{index.jsonl}: {outside} of {len(index)} lines fall in no difficulty bin and are never drawn")
     sizes = [int(m.sum()) for m in masks]
     empty = [f"'{name}' (difficulty {lo}..{hi})" for (name, lo, hi, _), size in zip(bins, sizes) if not size]
     if difficulty_bins is not None and empty:  # a bin that can never be drawn is a mistake in the bins
-        raise DataError(f"{index.jsonl}: difficulty bin {', '.join(empty)} holds no line; difficulties present: "
-                        f"{sorted(set(index.difficulty.tolist()))}. Fix or drop the bin")  # fmt: skip
+        raise DataError(
+            f"{index.jsonl}: difficulty bin {', '.join(empty)} holds no line; difficulties present: "
+            f"{sorted(set(index.difficulty.tolist()))}. Fix or drop the bin"
+        )
     weights = [w if w is not None else size for (_, _, _, w), size in zip(bins, sizes)]
     if not sum(weights) > 0:
         raise DataError(f"{index.jsonl}: no line falls in the difficulty_bins {[(n, lo, hi) for n, lo, hi, _ in bins]}")
@@ -232,21 +200,16 @@ def select_lines(
         cap = f" with max_per_problem={max_per_problem}" if max_per_problem is not None else ""
         raise DataError(
             f"{index.jsonl}: too few samples for n_samples={n_samples}, correct_ratio={correct_ratio}: asked for "
-            + "; ".join(shortfalls) + f". Available{cap}: " + "; ".join(report)
-            + ". Lower n_samples, or change correct_ratio, the bins or their weights"
-        )  # fmt: skip
+            f"{'; '.join(shortfalls)}. Available{cap}: {'; '.join(report)}. Lower n_samples, or change "
+            "correct_ratio, the bins or their weights"
+        )
     return torch.cat(chosen).sort().values
-
-
-# ---------------------------------------------------------------------------------------------
-# Token lengths
 
 
 def measure_lengths(
     index: SplitIndex, lines: torch.Tensor, tokenizer: ModelTokenizer, cache: Path
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Templated token lengths and prompt lengths of `lines`, from the per-tokenizer cache where
-    known; the others are read, checked and tokenized, shared out among the ranks, then cached."""
+    """Token and prompt lengths of `lines`: cached, else measured (shared out among the ranks) and cached."""
     lengths = TokenLengths(index, cache, tokenizer)
     missing = lines[lengths.total[lines] < 0]
     if len(missing):
@@ -254,8 +217,8 @@ def measure_lengths(
         mine = missing[rank::world].tolist()
         measured: List[Tuple[int, int]] = []
         threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        bar = tqdm(total=len(mine), desc=f"measuring {index.jsonl.name} samples (cached for later runs)",
-                   disable=rank != 0)  # fmt: skip
+        desc = f"measuring {index.jsonl.name} samples (cached for later runs)"
+        bar = tqdm(total=len(mine), desc=desc, disable=rank != 0)
         with open(index.jsonl, "rb") as f:
             for at in range(0, len(mine), _MEASURE_BATCH):
                 batch = mine[at : at + _MEASURE_BATCH]
@@ -269,21 +232,15 @@ def measure_lengths(
             dist.all_gather_object(parts, measured)
         for r, part in enumerate(parts):
             if part:
-                values = torch.tensor(part, dtype=torch.int32)
-                lengths.total[missing[r::world]] = values[:, 0]
-                lengths.prompt[missing[r::world]] = values[:, 1]
+                values = torch.tensor(part, dtype=torch.int32).T  # (tokens, prompt tokens) rows
+                lengths.total[missing[r::world]], lengths.prompt[missing[r::world]] = values
         lengths.save()
     return lengths.total[lines].clone(), lengths.prompt[lines].clone()
 
 
-_MEASURE_BATCH = 256  # lines read, then tokenized together
-
-
-def token_counts(
-    tokenizer: ModelTokenizer, records: List[Dict[str, Any]], where: List[str], threads: int = 1
-) -> List[Tuple[int, int]]:
-    """(tokens, prompt tokens) of each record, exactly as `tokenize_sample` counts them. A
-    SentencePiece tokenizer encodes the whole batch at once in `threads` C++ threads (1.8x with 2)."""
+def token_counts(tokenizer: ModelTokenizer, records: List[dict], where: List[str], threads: int = 1) -> List[tuple]:
+    """(tokens, prompt tokens) of each record as `tokenize_sample` counts them; SentencePiece encodes the batch in
+    `threads` C++ threads (1.8x with 2)."""
     spm = getattr(getattr(tokenizer, "_spm_model", None), "spm_model", None)
     counts = []
     if spm is None or threads <= 1:
@@ -295,15 +252,16 @@ def token_counts(
             counts.append((len(tokens), labels.count(CROSS_ENTROPY_IGNORE_IDX)))
         return counts
     prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
-    full = spm.encode([p + r["output"] for p, r in zip(prompts, records)], add_bos=True, add_eos=True, out_type=int,
-                      num_threads=threads)  # fmt: skip
+    kw = dict(add_bos=True, out_type=int, num_threads=threads)
+    full = spm.encode([p + r["output"] for p, r in zip(prompts, records)], add_eos=True, **kw)
     unique = list(dict.fromkeys(prompts))  # a problem's solutions share its prompt
-    encoded = dict(zip(unique, spm.encode(unique, add_bos=True, add_eos=False, out_type=int, num_threads=threads)))
+    encoded = dict(zip(unique, spm.encode(unique, add_eos=False, **kw)))
     for prompt, tokens, at in zip(prompts, full, where):
         prompt_tokens = encoded[prompt]
         if tokens[: len(prompt_tokens)] != prompt_tokens:
-            raise DataError(f"{at}: the prompt's tokens are not a prefix of the full sample's; the prompt cannot be "
-                            "masked exactly")  # fmt: skip
+            raise DataError(
+                f"{at}: the prompt's tokens are not a prefix of the full sample's; the prompt cannot be masked exactly"
+            )
         counts.append((len(tokens), len(prompt_tokens)))
     # The batch path must count as tokenize_sample does: checked on one record per batch.
     tokens, labels = tokenize_sample(tokenizer, records[0])
@@ -322,21 +280,15 @@ def _checked_record(index: SplitIndex, line: int, fd: int) -> Dict[str, Any]:
     return record
 
 
-# ---------------------------------------------------------------------------------------------
-# Datasets
-
-
 class CodeContestsDataset(Dataset):
-    """The drawn samples, one per item as `{"tokens", "labels"}` (the input of `padded_collate_sft`),
-    each read from the JSONL and tokenized when asked for; past `max_seq_len`, truncated.
-
-    Holds per sample only its line number, byte range and token length.
-    """
+    """Items `{"tokens", "labels"}` for `padded_collate_sft`, read and tokenized when asked for, truncated to
+    `max_seq_len`. Holds per sample only its line number, byte range and token length."""
 
     packed = False  # as torchtune's datasets say which collate function they need
 
-    def __init__(self, index: SplitIndex, lines: torch.Tensor, lengths: torch.Tensor, tokenizer: ModelTokenizer,
-                 max_seq_len: int):  # fmt: skip
+    def __init__(
+        self, index: SplitIndex, lines: torch.Tensor, lengths: torch.Tensor, tokenizer: ModelTokenizer, max_seq_len: int
+    ):
         self.jsonl, self.metadata = index.jsonl, index.metadata
         self.lines = lines
         self.lengths = lengths.clamp(max=max_seq_len)  # tokens per item, after truncation
@@ -344,8 +296,7 @@ class CodeContestsDataset(Dataset):
         self._starts, self._ends = index.offsets[lines].clone(), index.offsets[lines + 1].clone()
         self._is_correct = index.is_correct[lines].clone()
         self._file_end = int(index.offsets[-1])
-        self._tokenizer = tokenizer
-        self._max_seq_len = max_seq_len
+        self._tokenizer, self._max_seq_len = tokenizer, max_seq_len
         self._fd, self._pid = -1, -1
 
     def __len__(self) -> int:
@@ -358,10 +309,9 @@ class CodeContestsDataset(Dataset):
         line, start, end = int(self.lines[i]), int(self._starts[i]), int(self._ends[i])
         raw = os.pread(self._fd, end - start, start)
         # A line ends in a newline (the file's last may not): any other end means the file changed.
-        if len(raw) != end - start or not raw.endswith(b"\n") and end != self._file_end:
-            raise DataError(f"{self.jsonl}:{line + 1}: the file changed since it was indexed; run again")
-        record = parse_record(self.jsonl, line, raw.rstrip(b"\n"))
-        if record["is_correct"] != bool(self._is_correct[i]):
+        same = len(raw) == end - start and (raw.endswith(b"\n") or end == self._file_end)
+        record = parse_record(self.jsonl, line, raw.rstrip(b"\n")) if same else None
+        if record is None or record["is_correct"] != bool(self._is_correct[i]):
             raise DataError(f"{self.jsonl}:{line + 1}: the file changed since it was indexed; run again")
         return record
 
@@ -389,15 +339,13 @@ class CodeContestsDataset(Dataset):
 
 
 class PackedCodeContestsDataset(Dataset):
-    """Rows of `max_seq_len` tokens, each holding the samples of one pack, as torchtune's
-    `PackedDataset` lays them out (the input of `padded_collate_packed`): `tokens`, `labels`,
-    `input_pos` restarting at 0 for each sample, `seq_lens` (the padding counted as one more)."""
+    """Rows of `max_seq_len` tokens, one pack each, laid out as torchtune's `PackedDataset` does for
+    `padded_collate_packed`: `input_pos` restart at each sample, `seq_lens` count the padding as one more."""
 
     packed = True
 
     def __init__(self, samples: CodeContestsDataset, packs: Packs, max_seq_len: int, pad_id: int):
-        self.samples, self.packs = samples, packs
-        self.lengths = samples.lengths
+        self.samples, self.packs, self.lengths = samples, packs, samples.lengths
         self._max_seq_len, self._pad_id = max_seq_len, pad_id
 
     def __len__(self) -> int:
@@ -417,12 +365,8 @@ class PackedCodeContestsDataset(Dataset):
             labels += [CROSS_ENTROPY_IGNORE_IDX] * pad
             input_pos += [min(input_pos[-1] + 1 + k, self._max_seq_len - 1) for k in range(pad)]
             seq_lens.append(pad)
-        return {
-            "tokens": torch.tensor(tokens, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "input_pos": torch.tensor(input_pos, dtype=torch.long),
-            "seq_lens": torch.tensor(seq_lens, dtype=torch.long),
-        }
+        row = {"tokens": tokens, "labels": labels, "input_pos": input_pos, "seq_lens": seq_lens}
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in row.items()}
 
 
 def codecontests_dataset(
@@ -440,25 +384,20 @@ def codecontests_dataset(
     packed: bool = False,
     cache_dir: Optional[str] = None,
 ) -> Union[CodeContestsDataset, PackedCodeContestsDataset]:
-    """Draw `n_samples` samples of a processed CodeContests split by its metadata (see `select_lines`).
+    """Draw `n_samples` samples of a processed CodeContests split by its metadata.
 
     Args:
         tokenizer: a torchtune tokenizer (`sheared_llama_tokenizer`).
-        data_dir: the folder with `{split}.jsonl` and `{split}_metadata.json`.
-        split: `train`, `valid` (or `validation`) or `test`.
-        n_samples: samples to draw, before the length filter.
-        correct_ratio: share of correct solutions; 1.0 for reference tuning.
+        data_dir, split: the folder with `{split}.jsonl` and its metadata; `train`, `valid` (or `validation`), `test`.
+        n_samples, correct_ratio: samples to draw (before the length filter); share of correct ones (1.0 to ref-tune).
         difficulty_bins: `{name: [lowest, highest]}` CodeContests difficulties, inclusive; null: one bin.
         difficulty_weights: `{name: weight}`, each bin's share of `n_samples`; null: by the lines it holds.
         max_per_problem: at most this many correct and this many incorrect solutions of one problem.
         seed: the draw is a function of the seed and the files alone, whatever the number of ranks.
         max_seq_len: tokens per sample (template, BOS and EOS included), or per packed row.
-        long_samples: `drop` samples longer than `max_seq_len`, or `truncate` them; a sample whose
-            prompt alone fills `max_seq_len` is dropped either way (it has nothing to learn from).
-        packed: pack samples into rows of `max_seq_len` (best-fit decreasing), attention and positions
-            reset at each sample; else one sample per row.
-        cache_dir: where the index and token-length caches go (default: beside the data, or the
-            user's cache folder where the data folder is read-only).
+        long_samples: `drop` or `truncate` samples past `max_seq_len`; one whose prompt alone fills it is dropped.
+        packed: best-fit pack samples into rows (attention and positions reset at each sample).
+        cache_dir: where the index and token-length caches go (default: see `ref_tuning.index`).
     """
     if long_samples not in LONG_SAMPLES:
         raise DataError(f"long_samples must be one of {LONG_SAMPLES}, got {long_samples!r}")
@@ -473,12 +412,13 @@ def codecontests_dataset(
     too_long = total > max_seq_len
     no_room = prompt >= max_seq_len  # not a single response token would be left to learn from
     keep = ~too_long if long_samples == "drop" else ~no_room
+    cut, lost = int((too_long & ~no_room).sum()), int(no_room.sum())
+    fate = f"({cut} truncated, {lost} dropped: their prompt alone fills max_seq_len)"
     summary = (
         f"{jsonl}: {int(keep.sum())} samples kept of {len(lines)} drawn from {len(index)} lines; "
         f"{int(too_long.sum())} longer than max_seq_len={max_seq_len} "
-        + ("dropped" if long_samples == "drop" else f"({int((too_long & ~no_room).sum())} truncated, "
-           f"{int(no_room.sum())} dropped: their prompt alone fills max_seq_len)")
-    )  # fmt: skip
+        + ("dropped" if long_samples == "drop" else fate)
+    )
     if not bool(keep.any()):
         raise DataError(f"{summary}; nothing is left to train on: raise max_seq_len")
     dataset = CodeContestsDataset(index, lines[keep], total[keep], tokenizer, max_seq_len)

@@ -1,19 +1,10 @@
-"""Indexes of a processed CodeContests split, so that sampling touches a few bytes per line and then
-reads only the chosen lines.
+"""Caches of a processed split, so that sampling touches a few bytes per line and reads only the chosen lines.
 
-`SplitIndex` holds, for every line of `{split}.jsonl`, its byte offset, whether it is a correct
-solution, its difficulty and its problem. It is built in one pass over the JSONL and one parse of
-the metadata file (either form, shared/docs/DATA_FORMAT.md), then cached as a small file and
-memory-mapped by every later run: a 3.7M-line split needs 33 MB of index instead of the 217 MB
-metadata JSON (2 GB once parsed) and a scan of the multi-GB JSONL.
-
-`TokenLengths` caches, per tokenizer, the templated token length of every line measured so far, so
-that dropping long samples and packing need no tokenization on later runs.
-
-Caches live in `.ref_tuning_cache/` beside the data, or under `cache_dir` (a config key), or, where
-the data folder is read-only, under `$XDG_CACHE_HOME/ref_tuning/`. Each records the size and
-modification time of the files it was made from and is rebuilt when they change. Writes are atomic
-(a temporary file renamed), so concurrent runs and crashes never leave a half-written cache.
+`SplitIndex`: each line's byte offset, correctness, difficulty and problem (33 MB for 3.7M lines instead of
+the 2 GB parsed metadata), memory-mapped. `TokenLengths`: each line's token lengths, per tokenizer. Caches go
+to `.ref_tuning_cache/` beside the data, `cache_dir`, or `$XDG_CACHE_HOME/ref_tuning/` where the data folder
+is read-only; they record their sources' size and mtime, are rebuilt when those change, and are written
+atomically (a temporary file renamed), so concurrent runs and crashes never leave a half-written cache.
 """
 
 import hashlib
@@ -49,8 +40,7 @@ def _identity(path: Path) -> Dict[str, int]:
 
 
 def _writable(folder: Path) -> bool:
-    """Whether a file can be created in `folder`: tried, since permission bits say nothing to root
-    and nothing about read-only mounts."""
+    """Whether a file can be created in `folder`: tried, as permission bits mislead root and read-only mounts."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             return True
@@ -83,24 +73,13 @@ def _load(path: Path) -> Optional[Dict[str, Any]]:
     """A cache file's contents (tensors memory-mapped), or None if absent or unreadable."""
     try:
         return torch.load(path, mmap=True, weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # damaged or from another version: rebuilt by the caller
+    except Exception:  # absent, damaged or from another version: rebuilt by the caller
         return None
 
 
 def _local_leader() -> bool:
     """Whether this process writes shared caches: one per machine, so that ranks don't race."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
-# The line index
 
 
 @dataclass
@@ -121,30 +100,20 @@ class SplitIndex:
 
     @classmethod
     def open(cls, jsonl: Path, metadata: Path, cache: Path, progress: bool = False) -> "SplitIndex":
-        """The index of `jsonl`, from `cache` if it is current, else built (by one process per
-        machine while the others wait) and cached."""
+        """The index of `jsonl` from `cache` if current, else built (by one process per machine) and cached."""
         path = cache / f"{jsonl.stem}.index.pt"
-        if _local_leader():
-            found = _load(path)
-            if not cls._current(found, jsonl, metadata):
-                found = cls._build(jsonl, metadata, progress)
-                _save_atomic(found, path)
-        _barrier()
+        ids = {"version": INDEX_VERSION, "jsonl": _identity(jsonl), "metadata": _identity(metadata)}
+        found = _load(path) if _local_leader() else None
+        if _local_leader() and (found is None or any(found.get(k) != v for k, v in ids.items())):
+            found = cls._build(jsonl, metadata, progress)
+            _save_atomic(found, path)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
         if not _local_leader():
             found = _load(path)
-            if not cls._current(found, jsonl, metadata):
+            if found is None or any(found.get(k) != v for k, v in ids.items()):
                 raise DataError(f"{path}: the index written by local rank 0 is missing or stale")
-        return cls(jsonl, metadata, found["offsets"], found["is_correct"], found["difficulty"],
-                   found["problem"], found["problems"])  # fmt: skip
-
-    @staticmethod
-    def _current(found: Optional[Dict[str, Any]], jsonl: Path, metadata: Path) -> bool:
-        return (
-            found is not None
-            and found.get("version") == INDEX_VERSION
-            and found.get("jsonl") == _identity(jsonl)
-            and found.get("metadata") == _identity(metadata)
-        )
+        return cls(jsonl, metadata, *(found[k] for k in _COLUMNS))
 
     @staticmethod
     def _build(jsonl: Path, metadata: Path, progress: bool) -> Dict[str, Any]:
@@ -157,8 +126,10 @@ class SplitIndex:
             raise DataError(f"{jsonl}: empty; expected one JSON sample per line, as listed in {metadata}")
         blank = ((offsets[1:] - offsets[:-1]) <= 1).nonzero().flatten()
         if len(blank):  # it would shift every later line against its metadata entry
-            raise DataError(f"{jsonl}:{int(blank[0]) + 1}: blank line ({len(blank)} in all); every line must be one "
-                            "JSON sample: remove them")  # fmt: skip
+            raise DataError(
+                f"{jsonl}:{int(blank[0]) + 1}: blank line ({len(blank)} in all); every line must be one "
+                "JSON sample: remove them"
+            )
         if len(entries) != n:
             raise DataError(
                 f"{metadata}: lists {len(entries)} entries but {jsonl} has {n} lines; the metadata must have "
@@ -176,12 +147,10 @@ class SplitIndex:
         return _index_record(jsonl_id, metadata_id, offsets, is_correct, difficulty, problem, list(problem_ids))
 
     @classmethod
-    def write(cls, jsonl: Path, metadata: Path, cache: Path, offsets: torch.Tensor, is_correct: torch.Tensor,
-              difficulty: torch.Tensor, problem: torch.Tensor, problems: List[str]) -> "SplitIndex":  # fmt: skip
-        """Cache the index of files whose columns the caller knows already (it just wrote them)."""
-        record = _index_record(_identity(jsonl), _identity(metadata), offsets, is_correct, difficulty, problem, problems)
-        _save_atomic(record, cache / f"{jsonl.stem}.index.pt")
-        return cls(jsonl, metadata, offsets, is_correct, difficulty, problem, problems)
+    def write(cls, jsonl: Path, metadata: Path, cache: Path, *columns: Any) -> "SplitIndex":
+        """Cache the index of files whose columns (as `_COLUMNS`) the caller knows already: it just wrote them."""
+        _save_atomic(_index_record(_identity(jsonl), _identity(metadata), *columns), cache / f"{jsonl.stem}.index.pt")
+        return cls(jsonl, metadata, *columns)
 
     def read_line(self, i: int, fd: int) -> bytes:
         """The bytes of line i (without its newline), read from the open JSONL `fd`."""
@@ -192,16 +161,15 @@ class SplitIndex:
         return data.rstrip(b"\n")
 
 
-def _index_record(jsonl_id, metadata_id, offsets, is_correct, difficulty, problem, problems) -> Dict[str, Any]:
-    return {
-        "version": INDEX_VERSION, "jsonl": jsonl_id, "metadata": metadata_id, "offsets": offsets,
-        "is_correct": is_correct, "difficulty": difficulty, "problem": problem, "problems": problems,
-    }  # fmt: skip
+_COLUMNS = ("offsets", "is_correct", "difficulty", "problem", "problems")
+
+
+def _index_record(jsonl_id: Dict[str, int], metadata_id: Dict[str, int], *columns: Any) -> Dict[str, Any]:
+    return {"version": INDEX_VERSION, "jsonl": jsonl_id, "metadata": metadata_id, **dict(zip(_COLUMNS, columns))}
 
 
 def _read_metadata(path: Path) -> Tuple[List[Dict[str, Any]], Any]:
-    """The `metadata` entries of either form, checked: `is_correct` (bool), `difficulty` (int) and,
-    where entry 0 has one, `problem_id` (str) in every entry; and the v2 `problem_index_map`, if any."""
+    """The `metadata` entries of either form, their fields' types checked, and the v2 `problem_index_map`."""
     try:
         meta = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -209,17 +177,17 @@ def _read_metadata(path: Path) -> Tuple[List[Dict[str, Any]], Any]:
     entries = meta.get("metadata") if isinstance(meta, dict) else None
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a top-level object with a 'metadata' list, one entry per line")
-    with_ids = bool(entries) and isinstance(entries[0], dict) and "problem_id" in entries[0]
+    checks = [("is_correct", "a boolean", bool), ("difficulty", "an integer", int)]
+    if entries and isinstance(entries[0], dict) and "problem_id" in entries[0]:
+        checks.append(("problem_id", "a string", str))
     for i, entry in enumerate(entries):
-        problem = f"{path}: metadata[{i}] (line {i + 1})"
+        where = f"{path}: metadata[{i}] (line {i + 1})"
         if not isinstance(entry, dict):
-            raise DataError(f"{problem}: expected an object, found {entry!r:.80}")
-        if not isinstance(entry.get("is_correct"), bool):
-            raise DataError(f"{problem}: expected a boolean 'is_correct', found {entry.get('is_correct')!r:.80}")
-        if type(entry.get("difficulty")) is not int:
-            raise DataError(f"{problem}: expected an integer 'difficulty', found {entry.get('difficulty')!r:.80}")
-        if with_ids and not isinstance(entry.get("problem_id"), str):
-            raise DataError(f"{problem}: expected a string 'problem_id' (entry 0 has one), found {entry.get('problem_id')!r:.80}")
+            raise DataError(f"{where}: expected an object, found {entry!r:.80}")
+        for key, what, kind in checks:
+            if type(entry.get(key)) is not kind:  # exact: a bool is no integer here, nor 1 a boolean
+                note = " (entry 0 has one)" if key == "problem_id" else ""
+                raise DataError(f"{where}: expected {what} '{key}'{note}, found {entry.get(key)!r:.80}")
     return entries, meta.get("problem_index_map")
 
 
@@ -231,8 +199,8 @@ def _check_problem_index_map(path: Path, index_map: Any, entries: List[Dict[str,
             indices = info.get(key, []) if isinstance(info, dict) else None
             if not isinstance(indices, list):
                 raise DataError(f"{path}: problem_index_map[{pid!r}].{key} must be a list of line numbers")
+            where = f"{path}: problem_index_map[{pid!r}].{key}"
             for i in indices:
-                where = f"{path}: problem_index_map[{pid!r}].{key}"
                 if type(i) is not int or not 0 <= i < len(entries):
                     raise DataError(f"{where} lists line {i!r}, out of range: the split has {len(entries)} lines")
                 if entries[i]["is_correct"] != correct or entries[i].get("problem_id", pid) != pid:
@@ -243,8 +211,7 @@ def _check_problem_index_map(path: Path, index_map: Any, entries: List[Dict[str,
 
 
 def _scan_lines(jsonl: Path, with_task_ids: bool, progress: bool) -> Tuple[torch.Tensor, List[str]]:
-    """Byte offsets of every line start (and the end of the file) in one pass; with
-    `with_task_ids`, each line's problem taken from its `task_id` too."""
+    """Offsets of each line's start and of the file's end, in one pass; with `with_task_ids`, each line's problem."""
     from tqdm import tqdm
 
     size = jsonl.stat().st_size
@@ -279,8 +246,7 @@ def _scan_lines(jsonl: Path, with_task_ids: bool, progress: bool) -> Tuple[torch
 
 
 def _task_problems(jsonl: Path, data: bytes, ends: torch.Tensor, first_line: int) -> List[str]:
-    """The problem of each line of `data` (which ends at a newline), from its `task_id`
-    (`{problem}_{correct|incorrect}_{i}`; any other form is its own problem)."""
+    """Each line's problem: the `{problem}` of task_id `{problem}_{correct|incorrect}_{i}`, else the task_id."""
     found: List[Optional[str]] = [None] * len(ends)
     matches = list(_TASK_ID.finditer(data))
     positions = torch.tensor([m.start() for m in matches], dtype=torch.int64)
@@ -293,14 +259,10 @@ def _task_problems(jsonl: Path, data: bytes, ends: torch.Tensor, first_line: int
     for line, problem in enumerate(found):
         if problem is None:
             raise DataError(
-                f"{jsonl}:{first_line + line + 1}: no \"task_id\" string field; the metadata has no problem_id, "
+                f'{jsonl}:{first_line + line + 1}: no "task_id" string field; the metadata has no problem_id, '
                 "so each line's problem is read from its task_id"
             )
     return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Token lengths, per tokenizer
 
 
 TEMPLATE_VERSION = 1  # bump when the template or the tokenization of a sample changes
@@ -317,8 +279,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
 
 
 class TokenLengths:
-    """Templated token lengths (`total`) and prompt lengths (`prompt`) of a split's lines under one
-    tokenizer; -1 where not measured yet."""
+    """Token lengths (`total`) and prompt lengths (`prompt`) of a split's lines under one tokenizer; -1: unknown."""
 
     def __init__(self, index: SplitIndex, cache: Path, tokenizer: Any):
         fingerprint = tokenizer_fingerprint(tokenizer)
@@ -328,8 +289,7 @@ class TokenLengths:
         if found is not None and found.get("jsonl") == self._jsonl_id and len(found["total"]) == len(index):
             self.total, self.prompt = found["total"].clone(), found["prompt"].clone()
         else:
-            self.total = torch.full((len(index),), -1, dtype=torch.int32)
-            self.prompt = torch.full((len(index),), -1, dtype=torch.int32)
+            self.total, self.prompt = (torch.full((len(index),), -1, dtype=torch.int32) for _ in "tp")
 
     def save(self) -> None:
         """Write the lengths known now (by one process per machine; the others' copies are equal)."""
