@@ -34,15 +34,6 @@ MAX_SEQ_LEN = TINY_SHEARED_LLAMA["max_seq_len"]
 DEMO_VOCAB_SIZE = 1024
 
 
-def demo_paths(root: Path) -> Dict[str, Path]:
-    """Where the demo keeps what the real storage keeps (see configs/tiny_cpu.yaml)."""
-    return {
-        "model": root / "models" / "tiny-sheared-llama" / "raw",
-        "data": root / "datasets" / "codecontests" / "processed",
-        "output": root / "checkpoints" / "ref-tuning" / "tiny-demo",
-    }
-
-
 def read_problems(split: str) -> List[Dict[str, Any]]:
     """The raw CodeContests rows shipped with the project."""
     with open(DEMO_DATA / f"{split}.jsonl", encoding="utf-8") as f:
@@ -88,16 +79,19 @@ def train_tokenizer(problems: List[Dict[str, Any]], out_path: Path, vocab_size: 
 
 
 # The HF side files of a LLaMA-2 checkpoint, for the checkpoints the demo and the benchmarks write.
+_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 HF_SIDE_FILES = {
-    "tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False},
-    "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "tokenizer_config.json": dict(
+        tokenizer_class="LlamaTokenizer", **_SPECIAL_TOKENS, add_bos_token=True, add_eos_token=False
+    ),
+    "special_tokens_map.json": _SPECIAL_TOKENS,
     "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-}  # fmt: skip
+}
 
 
-def write_tiny_checkpoint(out_dir: Path, vocab_size: int, tokenizer_path: Optional[Path] = None, seed: int = 0,
-                          **sizes: int) -> Path:  # fmt: skip
+def write_tiny_checkpoint(
+    out_dir: Path, vocab_size: int, tokenizer_path: Optional[Path] = None, seed: int = 0, **sizes: int
+) -> Path:
     """A randomly initialized tiny model (`sizes` override `TINY_SHEARED_LLAMA`'s) as an HF directory in
     two `.bin` shards, like the real one."""
     torch.manual_seed(seed)
@@ -105,9 +99,8 @@ def write_tiny_checkpoint(out_dir: Path, vocab_size: int, tokenizer_path: Option
     config = hf_llama_config(**args)
     hf_sd = tune_to_hf(tiny_sheared_llama(**args).state_dict(), config)
     # lm_head (last) in the second shard, everything else in the first: the hub layout of the 2.7B.
-    lm_head_bytes = hf_sd["lm_head.weight"].numel() * hf_sd["lm_head.weight"].element_size()
-    total_bytes = sum(t.numel() * t.element_size() for t in hf_sd.values())
-    save_hf_checkpoint(hf_sd, out_dir, config, max_shard_size=total_bytes - lm_head_bytes)
+    nbytes = {name: t.numel() * t.element_size() for name, t in hf_sd.items()}
+    save_hf_checkpoint(hf_sd, out_dir, config, max_shard_size=sum(nbytes.values()) - nbytes["lm_head.weight"])
     if tokenizer_path is not None:
         shutil.copy2(tokenizer_path, out_dir / "tokenizer.model")
     for name, content in HF_SIDE_FILES.items():
@@ -117,7 +110,11 @@ def write_tiny_checkpoint(out_dir: Path, vocab_size: int, tokenizer_path: Option
 
 def make_demo_assets(root: Path, tokenizer: Optional[Path] = None, seed: int = 0) -> Dict[str, Path]:
     """Tokenizer, tiny checkpoint and processed train/valid splits under `root`; returns their paths."""
-    paths = demo_paths(root)
+    paths = {  # where the real storage keeps them (see configs/tiny_cpu.yaml)
+        "model": root / "models" / "tiny-sheared-llama" / "raw",
+        "data": root / "datasets" / "codecontests" / "processed",
+        "output": root / "checkpoints" / "ref-tuning" / "tiny-demo",
+    }
     root.mkdir(parents=True, exist_ok=True)
     staging = root / ".tokenizer.model"
     if tokenizer is None:
@@ -127,8 +124,8 @@ def make_demo_assets(root: Path, tokenizer: Optional[Path] = None, seed: int = 0
         shutil.copy2(tokenizer, staging)
         vocab_size = sheared_llama_tokenizer(str(staging)).vocab_size
     for split in ("train", "valid"):  # the shipped raw rows, prepared as real ones are
-        prepare_split([DEMO_DATA / f"{split}.jsonl"], paths["data"], split, staging, max_seq_len=MAX_SEQ_LEN,
-                      progress=False)  # fmt: skip
+        raw = [DEMO_DATA / f"{split}.jsonl"]
+        prepare_split(raw, paths["data"], split, staging, max_seq_len=MAX_SEQ_LEN, progress=False)
     write_tiny_checkpoint(paths["model"], vocab_size, staging, seed=seed)
     staging.unlink()
     paths["tokenizer"] = paths["model"] / "tokenizer.model"
@@ -142,10 +139,8 @@ def validation_loss(model_dir: Path, data_dir: Path, tokenizer_path: Path, n_sam
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ds = codecontests_dataset(
-        sheared_llama_tokenizer(str(tokenizer_path)), str(data_dir), split="valid",
-        n_samples=n_samples, correct_ratio=1.0, seed=0, max_seq_len=MAX_SEQ_LEN,
-    )  # fmt: skip
+    tokenizer = sheared_llama_tokenizer(str(tokenizer_path))
+    ds = codecontests_dataset(tokenizer, str(data_dir), "valid", n_samples, correct_ratio=1.0, max_seq_len=MAX_SEQ_LEN)
     total, count = 0.0, 0
     with torch.no_grad():
         for sample in ds:
@@ -172,8 +167,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. epochs=2")
     args = parser.parse_args(argv)
     if not (PROJECT_ROOT / "recipes" / "ref_finetune.py").is_file():
-        sys.exit(f"{PROJECT_ROOT}/recipes/ref_finetune.py not found: run the demo from a source checkout "
-                 "installed with `pip install -e .`")  # fmt: skip
+        sys.exit(
+            f"{PROJECT_ROOT}/recipes/ref_finetune.py not found: run the demo from a source checkout "
+            "installed with `pip install -e .`"
+        )
 
     start = time.perf_counter()
     root = args.root.resolve()
@@ -194,17 +191,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     ]
     command = tune_run_command(args.nproc, overrides)
     print("running:", " ".join(command), flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=True)
+    subprocess.run(command, cwd=PROJECT_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), check=True)
 
     final = paths["output"] / "checkpoint_final"
     after = validation_loss(final, paths["data"], paths["tokenizer"])
-    print(f"\nvalidation loss (transformers, {final.relative_to(root)} reloaded): "
-          f"before {before:.4f}, after {after:.4f}")  # fmt: skip
+    print(
+        f"\nvalidation loss (transformers, {final.relative_to(root)} reloaded): before {before:.4f}, after {after:.4f}"
+    )
     # The Rho-1 view: held-out correct and incorrect solutions under the base and the tuned reference.
     report_dir = paths["output"] / "report-valid"
-    run_report(paths["model"], final, report_dir, paths["data"], split="valid", n_samples=60, correct_ratio=2 / 3,
-               max_seq_len=MAX_SEQ_LEN, tokenizer=paths["tokenizer"], progress=False)  # fmt: skip
+    options = dict(max_seq_len=MAX_SEQ_LEN, tokenizer=paths["tokenizer"], progress=False)
+    run_report(paths["model"], final, report_dir, paths["data"], "valid", n_samples=60, correct_ratio=2 / 3, **options)
     print("\n" + (report_dir / "report.md").read_text())
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
 

@@ -15,5 +15,7 @@ def check_separate(inputs: Iterable[PathLike], outputs: Iterable[PathLike]) -> N
             i = inp.resolve()
             how = "is" if o == i else "contains" if o in i.parents else "lies inside" if i in o.parents else None
             if how:
-                raise ValueError(f"the output {out} {how} the input {inp}: writing it would destroy the input; "
-                                 "choose an output outside the input")  # fmt: skip
+                raise ValueError(
+                    f"the output {out} {how} the input {inp}: writing it would destroy the input; "
+                    "choose an output outside the input"
+                )

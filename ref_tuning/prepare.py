@@ -3,18 +3,10 @@
     python -m ref_tuning.prepare RAW_DIR OUT_DIR --tokenizer tokenizer.model [--splits train valid test]
         [--languages 1 3] [--max-seq-len 2048] [--workers N] [--overwrite]
 
-RAW_DIR holds the public parquet files (`train-000NN-of-000MM.parquet`, `valid-...`, `test-...`,
-also under `RAW_DIR/data/`) or the same rows as JSONL (`train.jsonl` or `train-*.jsonl`, one problem
-per line). For each split it writes `{split}.jsonl` (one solution per line, correct and incorrect,
-marked) and `{split}_metadata.json` in the newer form (`problem_id` per entry, `problem_index_map`),
-and caches the split's index and token lengths for the tokenizer, so that the first training run
-reads no more than any later one.
-
-Python solutions only by default (language ids 1 = Python 2, 3 = Python 3). A solution is dropped
-when its whole templated sample (BOS, Alpaca prompt, solution, EOS) is longer than `--max-seq-len`
-tokens; every dropped or skipped solution is counted in the summary. Input is streamed (parquet row
-group by row group, JSONL line by line) and tokenized by `--workers` processes; outputs appear under
-their final names only once complete.
+RAW_DIR (or RAW_DIR/data) holds the public parquet files (`train-000NN-of-000MM.parquet`, ...) or JSONL rows
+(`train.jsonl`, `train-*.jsonl`). Per split: `{split}.jsonl` (one solution a line, correct and incorrect),
+`{split}_metadata.json` (v2) and the cached index and token lengths. Python solutions only by default; a solution
+whose templated sample exceeds `--max-seq-len` tokens is dropped and counted. Outputs appear only once complete.
 """
 
 import argparse
@@ -82,18 +74,14 @@ def check_row(row: Any, where: str) -> Dict[str, Any]:
         value = row[name]
         if value is None:
             continue
-        ok = (isinstance(value, dict) and isinstance(value.get("language"), list) and isinstance(value.get("solution"), list)
-              and len(value["language"]) == len(value["solution"])
-              and all(type(x) is int for x in value["language"]) and all(isinstance(x, str) for x in value["solution"]))  # fmt: skip
-        if not ok:
+        languages, solutions = (value.get("language"), value.get("solution")) if isinstance(value, dict) else (0, 0)
+        ok = isinstance(languages, list) and all(type(x) is int for x in languages)
+        ok = ok and isinstance(solutions, list) and all(isinstance(x, str) for x in solutions)
+        if not ok or len(languages) != len(solutions):
             raise PrepareError(
                 f"{where}: field '{name}' must be {{'language': [int, ...], 'solution': [str, ...]}} of equal lengths"
             )
     return row
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading raw rows
 
 
 def raw_files(raw_dir: Path, split: str) -> List[Path]:
@@ -111,8 +99,8 @@ def read_rows(path: Path) -> Iterator[Tuple[str, Dict[str, Any]]]:
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
-        except ImportError as e:
-            raise PrepareError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give JSONL rows") from e
+        except ImportError:  # the ImportError stays attached as the context
+            raise PrepareError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or give JSONL rows")
         columns = ["name", "description", "difficulty", "public_tests", "solutions", "incorrect_solutions"]
         parquet = pq.ParquetFile(path)
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
@@ -138,11 +126,7 @@ def _count_rows(files: List[Path]) -> Optional[int]:
         import pyarrow.parquet as pq
 
         return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    return None
 
-
-# ---------------------------------------------------------------------------------------------
-# Counting tokens, in worker processes
 
 _tokenizer = None
 
@@ -182,25 +166,14 @@ def _counter(workers: int, tokenizer_path: Path):
         yield count
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing a split
-
-
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 class SplitWriter:
-    """The one writer of a processed split: `{split}.jsonl`, one record a line, and its v2
-    `{split}_metadata.json`, as `ref_tuning.index` reads them. Both appear under their final names only
-    when the `with` block ends without an error; else nothing is left, not even the folders it made.
-
-        with SplitWriter(out_dir, "train") as writer:
-            for record in records:  # as `problem_records` makes them
-                writer.add(record, problem_id)
-
-    `stats` holds more entries for the metadata's `stats`; once the block ends, all of them.
-    """
+    """The one writer of a split's `{split}.jsonl` and v2 `{split}_metadata.json`: `with SplitWriter(out_dir, split)
+    as w: w.add(record, problem_id)`. Both appear only if the block ends without an error, else nothing is left, not
+    even the folders it made. `stats`: more entries for the metadata's `stats`; after the block, all of them."""
 
     def __init__(self, out_dir: Path, split: str):
         self.jsonl, self.metadata = Path(out_dir) / f"{split}.jsonl", Path(out_dir) / f"{split}_metadata.json"
@@ -223,8 +196,7 @@ class SplitWriter:
         return self
 
     def add(self, record: Dict[str, Any], problem_id: str, solution_tokens: Optional[int] = None) -> None:
-        """One line; `solution_tokens` (the solution's own tokens), where known, go into the problem's
-        `*_token_lengths`."""
+        """One line; `solution_tokens` (the solution's own), where known, go into its problem's `*_token_lengths`."""
         correct, difficulty, line = record["is_correct"], record["metadata"]["difficulty"], len(self)
         kind = "correct" if correct else "incorrect"
         slot = self._problems.get(problem_id)
@@ -249,9 +221,9 @@ class SplitWriter:
         try:
             with self._out, self._meta:
                 if error is None:
-                    correct = sum(self._is_correct)
-                    self.stats = {"total": len(self), "correct": correct, "incorrect": len(self) - correct,
-                                  "n_problems": len(self._problems), **self.stats}  # fmt: skip
+                    n, correct = len(self), sum(self._is_correct)
+                    counts = dict(total=n, correct=correct, incorrect=n - correct, n_problems=len(self._problems))
+                    self.stats = {**counts, **self.stats}
                     tail = {"problem_index_map": self._problems, "stats": self.stats, "source_file": self.jsonl.name}
                     self._meta.write("\n  ],\n" + json.dumps(tail, indent=2, ensure_ascii=False)[2:])
             if error is None:
@@ -266,16 +238,22 @@ class SplitWriter:
 
     def write_index(self, cache: Path) -> SplitIndex:
         """Cache the index of the (non-empty) split written, as `SplitIndex.open` would build it."""
-        columns = zip((self._offsets, self._is_correct, self._difficulty, self._problem),
-                      (torch.int64, torch.bool, torch.int16, torch.int32))  # fmt: skip
-        tensors = [torch.frombuffer(values, dtype=dtype).clone() for values, dtype in columns]
+        columns = (self._offsets, self._is_correct, self._difficulty, self._problem)
+        dtypes = (torch.int64, torch.bool, torch.int16, torch.int32)
+        tensors = [torch.frombuffer(values, dtype=dtype).clone() for values, dtype in zip(columns, dtypes)]
         return SplitIndex.write(self.jsonl, self.metadata, cache, *tensors, list(self._problem_ids))
 
 
 def prepare_split(
-    files: List[Path], out_dir: Path, split: str, tokenizer_path: Path, languages: Sequence[int] = PYTHON_LANGUAGES,
-    max_seq_len: int = 2048, workers: int = 1, progress: bool = True,
-) -> Dict[str, int]:  # fmt: skip
+    files: List[Path],
+    out_dir: Path,
+    split: str,
+    tokenizer_path: Path,
+    languages: Sequence[int] = PYTHON_LANGUAGES,
+    max_seq_len: int = 2048,
+    workers: int = 1,
+    progress: bool = True,
+) -> Dict[str, int]:
     """Write `{split}.jsonl`, `{split}_metadata.json` (v2) and the split's caches into `out_dir`; the
     metadata's stats."""
     stats = {"n_problems": 0, "skipped_other_languages": 0, "dropped_longer_than_max_seq_len": 0}
@@ -292,8 +270,11 @@ def prepare_split(
                 rows.append((row["name"], records))
                 yield records
 
-    with SplitWriter(out_dir, split) as writer, _counter(workers, tokenizer_path) as count, \
-            tqdm(total=_count_rows(files), unit=" problems", desc=f"preparing {split}", disable=not progress) as bar:
+    with (
+        SplitWriter(out_dir, split) as writer,
+        _counter(workers, tokenizer_path) as count,
+        tqdm(total=_count_rows(files), unit=" problems", desc=f"preparing {split}", disable=not progress) as bar,
+    ):
         for counts in count(problems()):
             problem_id, records = rows.popleft()
             for record, (n_tokens, n_prompt) in zip(records, counts):
@@ -323,18 +304,19 @@ def _solutions(stats: Dict[str, int]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ref_tuning.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m ref_tuning.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("raw_dir", type=Path, help="folder with the raw parquet or JSONL files")
     parser.add_argument("out_dir", type=Path, help="where the processed files go")
     parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.model (the LLaMA-2 one)")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="default: all three")
-    parser.add_argument("--languages", nargs="+", type=int, default=list(PYTHON_LANGUAGES),
-                        help="CodeContests language ids to keep (default 1 3: Python 2 and 3)")  # fmt: skip
-    parser.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest templated sample kept, in tokens")
+    languages = "CodeContests language ids to keep (default 1 3: Python 2 and 3)"
+    parser.add_argument("--languages", nargs="+", type=int, default=list(PYTHON_LANGUAGES), help=languages)
+    parser.add_argument("--max-seq-len", type=positive_int, default=2048, help="longest templated sample kept (tokens)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="tokenizing processes")
     parser.add_argument("--overwrite", action="store_true", help="replace existing processed files")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     try:
         if not args.tokenizer.is_file():
@@ -347,20 +329,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"{split}-*.jsonl, also under data/)"
                 )
             outputs = (args.out_dir / f"{split}.jsonl", args.out_dir / f"{split}_metadata.json")
-            try:
-                check_separate([args.raw_dir, args.tokenizer], outputs)
-            except ValueError as e:
-                raise PrepareError(str(e)) from None
+            check_separate([args.raw_dir, args.tokenizer], outputs)
             for out in outputs:
                 if out.exists() and not args.overwrite:
                     raise PrepareError(f"{out}: already exists; pass --overwrite to replace it")
+        options = (args.languages, args.max_seq_len, args.workers, args.progress)
         for split, files in plan.items():
-            s = prepare_split(files, args.out_dir, split, args.tokenizer, args.languages, args.max_seq_len,
-                              max(1, args.workers), progress=not args.no_progress)  # fmt: skip
-            print(f"{split}: {s['n_problems']} problems, {_solutions(s)} solutions; kept {s['correct']} correct and "
-                  f"{s['incorrect']} incorrect; skipped {s['skipped_other_languages']} in other languages and "
-                  f"{s['dropped_longer_than_max_seq_len']} longer than {s['max_seq_len']} tokens", flush=True)
-    except DataError as e:
+            s = prepare_split(files, args.out_dir, split, args.tokenizer, *options)
+            print(
+                f"{split}: {s['n_problems']} problems, {_solutions(s)} solutions; kept {s['correct']} correct and "
+                f"{s['incorrect']} incorrect; skipped {s['skipped_other_languages']} in other languages and "
+                f"{s['dropped_longer_than_max_seq_len']} longer than {s['max_seq_len']} tokens",
+                flush=True,
+            )
+    except (DataError, ValueError) as e:  # ValueError: from check_separate
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,15 +1,10 @@
 """Does the tuned reference give Rho-1 a better signal than the base one? A report on held-out data.
 
-    python -m ref_tuning.report BASE_DIR TUNED_DIR [--split valid] [--data-dir DIR] [--n-samples 1000]
-        [--correct-ratio 0.5] [--out DIR] [--device cpu|cuda] [--dtype fp32|bf16]
+    python -m ref_tuning.report BASE_DIR TUNED_DIR [--split valid] [--data-dir DIR] [--out DIR] ...
 
-Both HF directories score the same held-out samples, correct and incorrect solutions, per token as
-Rho-1 scores a reference (`ref_tuning.scoring`). The report gives, for each model, the mean per-token
-loss of correct and of incorrect solutions, and the AUROC of telling a correct solution from an
-incorrect one by its mean loss (lower is taken for correct): a reference that knows code should find
-correct solutions likelier. It writes `report.md` (the table and a plain verdict, which says so when
-the tuned model is not better), `report.json` and `report.png` (histograms of the per-sample mean
-loss, base against tuned, for correct and for incorrect solutions).
+Both HF directories score the same samples per token as Rho-1 scores a reference. Written: `report.md` (mean loss
+of correct and incorrect solutions, the AUROC of telling them apart by mean loss, and a plain verdict),
+`report.json` and `report.png` (histograms of the per-sample mean loss).
 """
 
 import argparse
@@ -23,8 +18,13 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchtune import training
+from tqdm import tqdm
 
 from ref_tuning.config import positive_int, share
+from ref_tuning.data import DataError, codecontests_dataset
+from ref_tuning.models import sheared_llama_tokenizer
+from ref_tuning.paths import check_separate
+from ref_tuning.scoring import check_vocab, load_reference, score_dataset
 
 DEFAULT_DATA = Path("storage/datasets/codecontests/processed")
 
@@ -33,17 +33,10 @@ def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     """P(a positive scores higher than a negative), ties counting half (the Mann-Whitney U / n1 n2)."""
     if not positives or not negatives:
         return float("nan")
-    scored = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
-    rank_sum, i = 0.0, 0
-    while i < len(scored):
-        j = i
-        while j < len(scored) and scored[j][0] == scored[i][0]:
-            j += 1
-        mean_rank = (i + 1 + j) / 2  # 1-based ranks i+1..j share their mean
-        rank_sum += mean_rank * sum(label for _, label in scored[i:j])
-        i = j
+    _, inverse, counts = numpy.unique(numpy.array([*positives, *negatives]), return_inverse=True, return_counts=True)
+    ranks = (numpy.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, tied values share their mean rank
     n1, n0 = len(positives), len(negatives)
-    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def summarize(losses: Dict[str, torch.Tensor], correct: Dict[str, bool]) -> Dict[str, float]:
@@ -60,19 +53,17 @@ def summarize(losses: Dict[str, torch.Tensor], correct: Dict[str, bool]) -> Dict
 
 
 def verdict(base: Dict[str, float], tuned: Dict[str, float]) -> Tuple[bool, str]:
-    lower = tuned["correct_loss"] < base["correct_loss"]
-    sharper = tuned["auroc"] > base["auroc"]
+    loss = f"({tuned['correct_loss']:.4f} against {base['correct_loss']:.4f})"
+    auc = f"(AUROC {tuned['auroc']:.3f} against {base['auroc']:.3f})"
+    lower, sharper = tuned["correct_loss"] < base["correct_loss"], tuned["auroc"] > base["auroc"]
     if lower and sharper:
-        return True, (f"The tuned reference is better: its loss on correct solutions is lower ({tuned['correct_loss']:.4f} "
-                      f"against {base['correct_loss']:.4f}) and it tells correct from incorrect solutions better "
-                      f"(AUROC {tuned['auroc']:.3f} against {base['auroc']:.3f}).")  # fmt: skip
-    problems = []
-    if not lower:
-        problems.append(f"its loss on correct solutions is not lower ({tuned['correct_loss']:.4f} against "
-                        f"{base['correct_loss']:.4f})")  # fmt: skip
-    if not sharper:
-        problems.append(f"it does not tell correct from incorrect solutions better (AUROC {tuned['auroc']:.3f} "
-                        f"against {base['auroc']:.3f})")  # fmt: skip
+        return (
+            True,
+            f"The tuned reference is better: its loss on correct solutions is lower {loss} and it tells "
+            f"correct from incorrect solutions better {auc}.",
+        )
+    problems = [f"its loss on correct solutions is not lower {loss}"] * (not lower)
+    problems += [f"it does not tell correct from incorrect solutions better {auc}"] * (not sharper)
     return False, "The tuned reference is NOT better than the base: " + "; ".join(problems) + "."
 
 
@@ -85,13 +76,17 @@ def markdown(base_dir: Path, tuned_dir: Path, base: Dict[str, float], tuned: Dic
         gap = m["incorrect_loss"] - m["correct_loss"]
         rows.append(f"| {name} | {m['correct_loss']:.4f} | {m['incorrect_loss']:.4f} | {gap:+.4f} | {m['auroc']:.3f} |")
     _, text = verdict(base, tuned)
-    return (f"# Reference report\n\n{where}: {base['correct_samples']} correct and {base['incorrect_samples']} "
-            f"incorrect solutions; per-token losses over the response tokens, as Rho-1 scores a reference.\n\n"
-            + "\n".join(rows) + f"\n\n{text}\n\n![per-sample mean loss, base against tuned](report.png)\n")  # fmt: skip
+    return (
+        f"# Reference report\n\n{where}: {base['correct_samples']} correct and {base['incorrect_samples']} "
+        f"incorrect solutions; per-token losses over the response tokens, as Rho-1 scores a reference.\n\n"
+        + "\n".join(rows)
+        + f"\n\n{text}\n\n![per-sample mean loss, base against tuned](report.png)\n"
+    )
 
 
-def loss_histograms(losses: Dict[str, Dict[str, torch.Tensor]], correct: Dict[str, bool],
-                    results: Dict[str, Dict[str, float]]) -> Figure:  # fmt: skip
+def loss_histograms(
+    losses: Dict[str, Dict[str, torch.Tensor]], correct: Dict[str, bool], results: Dict[str, Dict[str, float]]
+) -> Figure:
     """Histograms of the per-sample mean loss, one series per reference (`losses`: name -> task_id ->
     losses), in a panel for correct and one for incorrect solutions, on the same bins."""
     means = {name: {t: float(x.mean()) for t, x in by_task.items() if len(x)} for name, by_task in losses.items()}
@@ -103,28 +98,31 @@ def loss_histograms(losses: Dict[str, Dict[str, torch.Tensor]], correct: Dict[st
         for name, by_task in means.items():
             chosen = [m for t, m in by_task.items() if correct[t] == want]
             axes.hist(chosen, bins=bins, alpha=0.5, label=f"{name} (n={len(chosen)})")
-        axes.set(title=f"{kind} solutions (AUROC {aurocs})", xlabel="mean loss per response token (nats)",
-                 ylabel="samples")  # fmt: skip
+        axes.set(
+            title=f"{kind} solutions (AUROC {aurocs})", xlabel="mean loss per response token (nats)", ylabel="samples"
+        )
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
         axes.legend()
     return figure
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split: str = "valid", n_samples: int = 1000,
-               correct_ratio: float = 0.5, seed: int = 0, max_seq_len: int = 2048, tokenizer: Optional[Path] = None,
-               device: str = "cpu", dtype: str = "fp32", batch_size: int = 4, progress: bool = True) -> Dict[str, Dict[str, float]]:  # fmt: skip
+def run_report(
+    base_dir: Path,
+    tuned_dir: Path,
+    out: Path,
+    data_dir: Path,
+    split: str = "valid",
+    n_samples: int = 1000,
+    correct_ratio: float = 0.5,
+    seed: int = 0,
+    max_seq_len: int = 2048,
+    tokenizer: Optional[Path] = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Dict[str, Dict[str, float]]:
     """Score both directories on the same held-out samples and write the report into `out`."""
-    from tqdm import tqdm
-
-    from ref_tuning.data import codecontests_dataset
-    from ref_tuning.models import sheared_llama_tokenizer
-    from ref_tuning.paths import check_separate
-    from ref_tuning.scoring import check_vocab, load_reference, score_dataset
-
     try:
         check_separate([base_dir, tuned_dir, data_dir], [out])
     except ValueError as e:
@@ -134,8 +132,7 @@ def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split
         raise SystemExit(f"{tokenizer}: no tokenizer; pass --tokenizer PATH")
     tok = sheared_llama_tokenizer(str(tokenizer))
     check_vocab([base_dir, tuned_dir], tok.vocab_size, str(tokenizer))
-    ds = codecontests_dataset(tok, str(data_dir), split=split, n_samples=n_samples, correct_ratio=correct_ratio,
-                              seed=seed, max_seq_len=max_seq_len)  # fmt: skip
+    ds = codecontests_dataset(tok, str(data_dir), split, n_samples, correct_ratio, seed=seed, max_seq_len=max_seq_len)
     device = torch.device(device)
     results, losses, correct = {}, {}, {}
     for name, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
@@ -151,15 +148,16 @@ def run_report(base_dir: Path, tuned_dir: Path, out: Path, data_dir: Path, split
     where = f"{data_dir}/{split}"
     (out / "report.md").write_text(markdown(base_dir, tuned_dir, results["base"], results["tuned"], where))
     better, text = verdict(results["base"], results["tuned"])
-    (out / "report.json").write_text(json.dumps({"base_dir": str(base_dir), "tuned_dir": str(tuned_dir), "data": where,
-                                                 **results, "tuned_is_better": better, "verdict": text}, indent=2))  # fmt: skip
+    summary = dict(base_dir=str(base_dir), tuned_dir=str(tuned_dir), data=where, **results, tuned_is_better=better)
+    (out / "report.json").write_text(json.dumps(dict(summary, verdict=text), indent=2))
     loss_histograms(losses, correct, results).savefig(out / "report.png")
     return results
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ref_tuning.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m ref_tuning.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("base_dir", type=Path, help="the base reference (HF directory)")
     parser.add_argument("tuned_dir", type=Path, help="the tuned reference (HF directory)")
     parser.add_argument("--split", default="valid", help="held-out split (default valid)")
@@ -173,15 +171,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    out = args.out or args.tuned_dir.parent / f"report-{args.split}"
-    from ref_tuning.data import DataError
-
+    out = args.out = args.out or args.tuned_dir.parent / f"report-{args.split}"
     try:
-        run_report(args.base_dir, args.tuned_dir, out, args.data_dir, args.split, args.n_samples, args.correct_ratio,
-                   args.seed, args.max_seq_len, args.tokenizer, args.device, args.dtype, args.batch_size,
-                   not args.no_progress)  # fmt: skip
+        run_report(**vars(args))
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,23 +1,12 @@
 """Per-token reference losses exactly as Rho-1 computes them, and a compact store for them.
 
-Rho-1 feeds the reference a sample's token ids (BOS, the Alpaca prompt, the solution, EOS; no
-attention mask), takes the logits in the model's dtype and, in float32, the cross-entropy of each
-position's prediction of the next token; only the response tokens (the solution and EOS) count.
-`token_losses` does that with our torchtune model, and a test checks its values against
-`transformers.AutoModelForCausalLM` on the same directory and ids.
-
-A score store is a directory, written by any number of processes and runs:
-
-    scores.json                 what was scored: the model directory, the data and its sampling, dtypes
-    part-<run>-<rank>.bin       the losses, float16 (or float32), one sample after the other
-    part-<run>-<rank>.idx       one JSON line per sample: task_id, line, is_correct, difficulty, offset, count
-
-A line is added to an `.idx` only after its sample's losses are written and flushed, so a run killed
-at any point leaves every indexed sample whole; a later run scores only the samples no part indexes
-(in parts of its own), whatever its number of processes. `ScoreStore` reads them back by `task_id`.
-A store checks its parts when it opens: a sample whose values lie past the end of its `.bin` (a file
-cut short by a copy or a full disk) or whose index line is garbled counts as damaged, not scored, so
-the next scoring run scores it again.
+Rho-1 feeds the reference a sample's ids (BOS, Alpaca prompt, solution, EOS; no attention mask) and takes, in
+float32, the cross-entropy of each response token (solution and EOS); a test checks `token_losses` against
+`transformers`. A score store is a directory: `scores.json` (what was scored), and per process and run
+`part-<run>-<rank>.bin` (float16 or float32 losses) and `.idx` (a JSON line per sample: task_id, line, is_correct,
+difficulty, offset, count). An index line is written only once its losses are flushed, so a killed run leaves
+every indexed sample whole; a sample past the end of its `.bin` or with a garbled line counts as damaged, and the
+next run scores it again along with whatever no part indexes.
 """
 
 import json
@@ -45,15 +34,15 @@ class ScoreError(ValueError):
 def check_vocab(model_dirs: Sequence[Union[str, Path]], tokenizer_size: int, tokenizer_name: str) -> None:
     """Losses are comparable only between models of one vocabulary that covers the tokenizer's ids."""
     sizes = {Path(d) / "config.json": read_hf_config(d)["vocab_size"] for d in model_dirs}
-    if not sizes:
-        return
     if len(set(sizes.values())) > 1:
-        raise ScoreError("the models have different vocabularies (" + ", ".join(f"{p}: vocab_size {v}" for p, v in
-                         sizes.items()) + "); compare models that share one tokenizer")  # fmt: skip
-    path, size = next(iter(sizes.items()))
+        found = ", ".join(f"{p}: vocab_size {v}" for p, v in sizes.items())
+        raise ScoreError(f"the models have different vocabularies ({found}); compare models that share one tokenizer")
+    path, size = next(iter(sizes.items()), ("", tokenizer_size))  # no models: nothing to check
     if tokenizer_size > size:
-        raise ScoreError(f"{tokenizer_name}: {tokenizer_size} token ids, more than vocab_size {size} in {path}; "
-                         "use the tokenizer of these models")  # fmt: skip
+        raise ScoreError(
+            f"{tokenizer_name}: {tokenizer_size} token ids, more than vocab_size {size} in {path}; "
+            "use the tokenizer of these models"
+        )
 
 
 def load_reference(model_dir: Union[str, Path], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -71,23 +60,18 @@ def load_reference(model_dir: Union[str, Path], device: torch.device, dtype: tor
 
 
 @torch.no_grad()
-def token_losses(model: torch.nn.Module, samples: Sequence[Dict[str, List[int]]], device: torch.device,
-                 pad_id: int = 0) -> List[torch.Tensor]:  # fmt: skip
+def token_losses(
+    model: torch.nn.Module, samples: Sequence[Dict[str, List[int]]], device: torch.device, pad_id: int = 0
+) -> List[torch.Tensor]:
     """Per sample, the float32 cross-entropy of each response token given the tokens before it."""
     batch = padded_collate_sft(list(samples), padding_idx=pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
     # Right padding under a causal mask: a sample's positions never see the padding after them.
     logits = model(batch["tokens"].to(device))
     labels = batch["labels"].to(device)
-    losses = []
-    for b in range(len(samples)):
-        targets = labels[b, 1:]
-        keep = targets != CROSS_ENTROPY_IGNORE_IDX
-        losses.append(F.cross_entropy(logits[b, :-1][keep].float(), targets[keep], reduction="none").cpu())
-    return losses
-
-
-# ---------------------------------------------------------------------------------------------
-# The store
+    keep = labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX
+    return [
+        F.cross_entropy(x[:-1][k].float(), y[1:][k], reduction="none").cpu() for x, y, k in zip(logits, labels, keep)
+    ]
 
 
 @dataclass(frozen=True)
@@ -121,8 +105,7 @@ class ScoreWriter:
         """Make what was written durable: the values first, then their index lines."""
         self._bin.flush()
         os.fsync(self._bin.fileno())
-        for entry in self._pending:
-            self._idx.write(json.dumps(entry) + "\n")
+        self._idx.writelines(json.dumps(entry) + "\n" for entry in self._pending)
         self._idx.flush()
         os.fsync(self._idx.fileno())
         self._pending = []
@@ -171,9 +154,8 @@ class ScoreStore:
             size = values.stat().st_size if values.is_file() else 0
             for number, entry in enumerate(_complete_lines(idx), 1):
                 try:
-                    sample = ScoredSample(entry["task_id"], entry["line"], entry["is_correct"], entry["difficulty"],
-                                          idx.stem, entry["offset"], entry["count"])  # fmt: skip
-                except (KeyError, TypeError):
+                    sample = ScoredSample(part=idx.stem, **entry)
+                except TypeError:  # fields missing or unknown
                     self.damaged[f"{idx.name} line {number}"] = idx.name
                     continue
                 if (sample.offset + sample.count) * self._dtype.itemsize > size:
@@ -182,7 +164,6 @@ class ScoreStore:
                     self._samples.setdefault(sample.task_id, sample)
         for task_id in self._samples:  # scored again after the damage
             self.damaged.pop(task_id, None)
-        self._by_line = {s.line: s for s in self._samples.values()}
         self._fds: Dict[str, int] = {}  # part -> open file: a reader looks up sample after sample
 
     def __len__(self) -> int:
@@ -192,16 +173,18 @@ class ScoreStore:
         return iter(sorted(self._samples.values(), key=lambda s: s.line))
 
     def lines(self) -> set:
-        return set(self._by_line)
+        return {s.line for s in self._samples.values()}
 
     def sample(self, task_id: str) -> ScoredSample:
         try:
             return self._samples[task_id]
         except KeyError:
             if task_id in self.damaged:
-                raise ScoreError(f"{self.path / self.damaged[task_id]}: the scores of task_id {task_id!r} are cut "
-                                 "off (the file is shorter than its index says); run recipes/ref_score.py again with "
-                                 "the same config to score what is damaged") from None
+                raise ScoreError(
+                    f"{self.path / self.damaged[task_id]}: the scores of task_id {task_id!r} are cut "
+                    "off (the file is shorter than its index says); run recipes/ref_score.py again with "
+                    "the same config to score what is damaged"
+                ) from None
             raise ScoreError(f"{self.path}: no scores for task_id {task_id!r} ({len(self)} samples scored)") from None
 
     def losses(self, task_id: str) -> torch.Tensor:
@@ -242,12 +225,21 @@ def store_fields(ds, i: int, record: Dict[str, Any]) -> Dict[str, Any]:
     """What the store keeps of item i of a `CodeContestsDataset`, besides its losses."""
     meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
     difficulty = meta.get("difficulty") if isinstance(meta.get("difficulty"), int) else -1
-    return {"task_id": record["task_id"], "line": int(ds.lines[i]), "is_correct": record["is_correct"],
-            "difficulty": difficulty}  # fmt: skip
+    return dict(
+        task_id=record["task_id"], line=int(ds.lines[i]), is_correct=record["is_correct"], difficulty=difficulty
+    )
 
 
-def score_dataset(model: torch.nn.Module, ds, indices: Sequence[int], writer: Optional[ScoreWriter], device: torch.device,
-                  batch_size: int, pad_id: int, progress=None) -> List[Tuple[Dict[str, Any], torch.Tensor]]:  # fmt: skip
+def score_dataset(
+    model: torch.nn.Module,
+    ds,
+    indices: Sequence[int],
+    writer: Optional[ScoreWriter],
+    device: torch.device,
+    batch_size: int,
+    pad_id: int,
+    progress=None,
+) -> List[Tuple[Dict[str, Any], torch.Tensor]]:
     """Score items `indices` of `ds` in batches; write them (if `writer`) and return them as
     (store fields, losses), each line read once."""
     scored = []
