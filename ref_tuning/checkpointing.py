@@ -1,13 +1,10 @@
 """HF checkpoint directories <-> torchtune state dicts, in torch's and safetensors' own file formats.
 
-`HFBinCheckpointer` implements torchtune's checkpointer interface (`load_checkpoint`,
-`save_checkpoint`). It differs from torchtune's `FullModelHFCheckpointer` where Rho-1 needs it to:
-it writes the hub's file names (`pytorch_model-0000K-of-0000N.bin`), a `config.json` whose dtype is
-the dtype actually written, and copies the tokenizer and generation files, so that the output
-directory is a complete HF model. Files are read memory-mapped (`torch.load(mmap=True,
-weights_only=True)`, `safetensors`), so a tensor's bytes are read only when it is used, and written
-shard by shard (`torch.save`, `safetensors.torch.save_file`), so memory stays at about one shard.
-Every output appears under its final name only once complete (`atomic_output`).
+`HFBinCheckpointer` is a torchtune checkpointer. Unlike torchtune's `FullModelHFCheckpointer`, it writes
+a complete HF model: the hub's file names (`pytorch_model-0000K-of-0000N.bin`), a `config.json` with the
+dtype written, and the tokenizer and generation files. Files are read memory-mapped and weights-only
+(a tensor's bytes are read only when used), written shard by shard (memory: about one shard), and
+appear under their final name only once complete (`atomic_output`).
 """
 
 import ctypes
@@ -17,27 +14,28 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-# torchtune is imported where it is used: importing it takes 3 s (torchao, torch._dynamo), as long as
-# copying a gigabyte, and `convert hf-to-hf` does not need it.
+# torchtune is imported where it is used: importing it takes 3 s, and `convert hf-to-hf` does not need it.
 MODEL_KEY = "model"  # torchtune.training.MODEL_KEY
 METADATA_FILE = "ref_tuning.json"  # what made an output directory: step, validation metrics, config
-
 INDEX_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
 SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
-# Everything besides the weights that makes an HF directory usable on its own.
-SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "generation_config.json")  # fmt: skip
-PathLike = Union[str, Path]
-StateDict = Dict[str, torch.Tensor]
+# Besides the weights, what makes an HF directory usable on its own.
+SIDE_FILES = (
+    "tokenizer.model tokenizer.json tokenizer_config.json special_tokens_map.json generation_config.json".split()
+)
+PathLike = str | Path
+StateDict = dict[str, torch.Tensor]
+Config = dict[str, Any]
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer old transformers versions saved
 
@@ -51,7 +49,7 @@ class OutputTensor(NamedTuple):
 
     name: str
     dtype: torch.dtype
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
 
     @property
@@ -59,7 +57,7 @@ class OutputTensor(NamedTuple):
         return self.dtype.itemsize * int(torch.Size(self.shape).numel())
 
 
-def parse_size(size: Union[int, str]) -> int:
+def parse_size(size: int | str) -> int:
     """'5GB' -> 5e9 bytes, as `transformers` reads `max_shard_size`; ints are bytes."""
     if isinstance(size, int):
         return size
@@ -69,11 +67,16 @@ def parse_size(size: Union[int, str]) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
 
 
+def _some(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(f"'{k}'" for k in names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def read_hf_config(checkpoint_dir: PathLike) -> Dict[str, Any]:
+def read_hf_config(checkpoint_dir: PathLike) -> Config:
     """Read and sanity-check `config.json` of a LLaMA-family HF directory."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
@@ -82,44 +85,40 @@ def read_hf_config(checkpoint_dir: PathLike) -> Dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    kind = config.get("model_type"), config.get("architectures")
-    if kind[0] not in (None, "llama") or not all("Llama" in a for a in kind[1] or []):
-        raise CheckpointError(f"{path}: describes a {kind[0]} model ({', '.join(kind[1] or [])}), not a LLaMA-family "
-                              "one (model_type llama, LlamaForCausalLM): use the config.json of these weights")  # fmt: skip
+    kind, archs = config.get("model_type"), config.get("architectures") or []
+    if kind not in (None, "llama") or not all("Llama" in a for a in archs):
+        raise CheckpointError(
+            f"{path}: describes a {kind} model ({', '.join(archs)}), not a LLaMA-family one (model_type llama, "
+            "LlamaForCausalLM): use the config.json of these weights"
+        )
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         if not isinstance(config.get(key), int) or config[key] <= 0:
             raise CheckpointError(f"{path}: expected a positive integer '{key}', found {config.get(key)!r}")
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    if config["hidden_size"] % heads:
-        raise CheckpointError(
-            f"{path}: num_attention_heads={heads} does not divide hidden_size={config['hidden_size']}; "
-            "fix the config to match the weights"
-        )
+    d, (heads, kv_heads, _) = config["hidden_size"], _heads(config)
+    if d % heads:
+        raise CheckpointError(f"{path}: num_attention_heads={heads} does not divide hidden_size={d}; fix the config")
     if heads % kv_heads:
         raise CheckpointError(f"{path}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
     return config
 
 
-def expected_hf_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
-    """Every parameter of a `LlamaForCausalLM` with this config, with its shape, in HF's order."""
-    d, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+def _heads(config: Config) -> tuple[int, int, int]:
+    """Attention heads, key/value heads and head dimension."""
     heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or d // heads
+    return heads, config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads
+
+
+def expected_hf_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a `LlamaForCausalLM` with this config, with its shape, in HF's order."""
+    d, vocab, ff = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    heads, kv_heads, head_dim = _heads(config)
+    q, kv = heads * head_dim, kv_heads * head_dim
+    layer = {f"self_attn.{k}_proj.weight": s for k, s in zip("qkvo", [(q, d), (kv, d), (kv, d), (d, q)])}
+    layer.update({f"mlp.{k}_proj.weight": s for k, s in zip(["gate", "up", "down"], [(ff, d), (ff, d), (d, ff)])})
+    layer.update({"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)})
     shapes = {"model.embed_tokens.weight": (vocab, d)}
     for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (heads * head_dim, d),
-            p + "self_attn.k_proj.weight": (kv_heads * head_dim, d),
-            p + "self_attn.v_proj.weight": (kv_heads * head_dim, d),
-            p + "self_attn.o_proj.weight": (d, heads * head_dim),
-            p + "mlp.gate_proj.weight": (inter, d),
-            p + "mlp.up_proj.weight": (inter, d),
-            p + "mlp.down_proj.weight": (d, inter),
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-        })  # fmt: skip
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
     shapes["model.norm.weight"] = (d,)
     if not config.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, d)
@@ -127,9 +126,9 @@ def expected_hf_shapes(config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
 
 
 def read_tensor_file(path: Path) -> StateDict:
-    """The tensors of a `.bin` (torch.save) or `.safetensors` file, memory-mapped: each is read from
-    disk only when used. torch's weights-only unpickler refuses, before anything runs, a pickle that
-    asks for more than tensors; its errors and safetensors' become one error naming the file."""
+    """The tensors of a `.bin` (torch.save) or `.safetensors` file, memory-mapped. torch's weights-only
+    unpickler refuses, before anything runs, a pickle that asks for more than tensors; its errors and
+    safetensors' become one error naming the file."""
     try:
         if path.suffix == ".safetensors":
             tensors = load_file(path)
@@ -140,27 +139,32 @@ def read_tensor_file(path: Path) -> StateDict:
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, OSError, UnicodeDecodeError...
         blocked = re.search(r"GLOBAL (\S+)", str(e))  # how torch names a global it refused
         if blocked:
-            raise CheckpointError(f"{path}: refused: its pickle asks for {blocked.group(1)}, which a weights "
-                                  "file never needs (loading it could run code); nothing in it was run") from None
+            raise CheckpointError(
+                f"{path}: refused: its pickle asks for {blocked.group(1)}, which a weights file never needs "
+                "(loading it could run code); nothing in it was run"
+            ) from None
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
-        raise CheckpointError(f"{path}: cannot be read, the file is truncated or corrupt ({reason}); "
-                              "copy it again from its source") from e  # fmt: skip
+        raise CheckpointError(
+            f"{path}: cannot be read, the file is truncated or corrupt ({reason}); copy it again from its source"
+        ) from e
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise CheckpointError(f"{path}: expected a dict of parameter name -> tensor")
     return tensors
 
 
-def hf_tensor_refs(checkpoint_dir: PathLike) -> StateDict:
+def load_hf_state_dict(checkpoint_dir: PathLike) -> StateDict:
     """Every tensor of an HF directory (`.bin` or safetensors, sharded or not), memory-mapped, in the
     index's order, checking that the index and the shards agree."""
     names = (*INDEX_FILES.values(), *SINGLE_FILES.values())  # an index before a single file
-    found = [Path(checkpoint_dir) / name for name in names if (Path(checkpoint_dir) / name).is_file()]
+    found = [p for p in (Path(checkpoint_dir) / name for name in names) if p.is_file()]
     if not found:
-        raise CheckpointError(f"{checkpoint_dir}: found no weights; expected {INDEX_FILES['bin']} with its .bin "
-                              f"shards, {SINGLE_FILES['bin']}, or their safetensors counterparts")  # fmt: skip
-    if found[0].suffix != ".json":
-        return read_tensor_file(found[0])
+        raise CheckpointError(
+            f"{checkpoint_dir}: found no weights; expected {INDEX_FILES['bin']} with its .bin shards, "
+            f"{SINGLE_FILES['bin']}, or their safetensors counterparts"
+        )
     index_path = found[0]
+    if index_path.suffix != ".json":
+        return read_tensor_file(index_path)
     try:
         weight_map = json.loads(index_path.read_text()).get("weight_map")
     except (json.JSONDecodeError, AttributeError) as e:
@@ -174,44 +178,37 @@ def hf_tensor_refs(checkpoint_dir: PathLike) -> StateDict:
             raise CheckpointError(f"{path}: listed in {index_path.name} but missing")
         in_file = read_tensor_file(path)
         listed = [k for k, f in weight_map.items() if f == file_name]  # a list: the order is the index's
-        if set(listed) - in_file.keys():
-            raise CheckpointError(f"{index_path}: lists {_some(set(listed) - in_file.keys())} in {file_name}, which "
-                                  "does not hold them; the index and the shards disagree")  # fmt: skip
+        missing = set(listed) - in_file.keys()
         stray = {k for k in in_file.keys() - set(listed) if not _IGNORED_HF_KEYS.match(k)}
-        if stray:
-            raise CheckpointError(f"{path}: holds {_some(stray)}, which {index_path.name} does not list there; the "
-                                  "index and the shards disagree")  # fmt: skip
+        if missing or stray:
+            problem = f"lacks {_some(missing)}, listed" if missing else f"holds {_some(stray)}, not listed"
+            raise CheckpointError(f"{path}: {problem} for it in {index_path.name}; the index and the shards disagree")
         tensors.update({k: in_file[k] for k in listed})
     return tensors
 
 
-def _some(names, n: int = 3) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(f"'{k}'" for k in names[:n]) + more
+hf_tensor_refs = load_hf_state_dict  # benchmarks/convert.py's name
 
 
-def check_hf_tensors(tensors: Dict[str, Any], config: Dict[str, Any], where: PathLike) -> None:
+def check_hf_tensors(tensors: dict[str, Any], config: Config, where: PathLike) -> None:
     """Every parameter the config implies is there with the implied shape, and nothing else.
     `tensors` maps HF names to anything with a `shape` (a tensor, an `OutputTensor`)."""
     expected = expected_hf_shapes(config)
     found = {k for k in tensors if not _IGNORED_HF_KEYS.match(k)}
-    problems = [f"{what} parameters {_some(names)}" for what, names in
-                (("missing", expected.keys() - found), ("unexpected", found - expected.keys())) if names]  # fmt: skip
-    shapes = {name: tuple(tensors[name].shape) for name in sorted(found & expected.keys())}
-    problems += [f"'{name}' has shape {shape} but config.json implies {expected[name]}"
-                 for name, shape in shapes.items() if shape != expected[name]]  # fmt: skip
+    missing, unexpected = expected.keys() - found, found - expected.keys()
+    problems = [f"missing parameters {_some(missing)}"] if missing else []
+    problems += [f"unexpected parameters {_some(unexpected)}"] if unexpected else []
+    for name in sorted(found & expected.keys()):
+        if tuple(tensors[name].shape) != expected[name]:
+            problems.append(f"'{name}' has shape {tuple(tensors[name].shape)} but config.json implies {expected[name]}")
     if problems:
         raise CheckpointError(f"{where}: weights do not match config.json: " + "; ".join(problems[:5]))
 
 
-load_hf_state_dict = hf_tensor_refs  # all tensors of an HF directory, memory-mapped, read weights-only
-
-
-def read_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Dict[str, Any], StateDict]:
+def read_hf_checkpoint(checkpoint_dir: PathLike) -> tuple[Config, StateDict]:
     """The config and the weights of an HF directory, checked against each other, in the model's order."""
     config = read_hf_config(checkpoint_dir)
-    tensors = hf_tensor_refs(checkpoint_dir)
+    tensors = load_hf_state_dict(checkpoint_dir)
     check_hf_tensors(tensors, config, checkpoint_dir)
     return config, {name: tensors[name] for name in expected_hf_shapes(config)}
 
@@ -220,33 +217,29 @@ def read_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Dict[str, Any], StateD
 # Converting
 
 
-def _conversion_args(config: Dict[str, Any]) -> Dict[str, int]:
-    heads, dim = config["num_attention_heads"], config["hidden_size"]
-    return dict(num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads, dim=dim,
-                head_dim=config.get("head_dim") or dim // heads)  # fmt: skip
+def _torchtune_conversion(name: str) -> Callable[[StateDict, Config], StateDict]:
+    def convert(state_dict: StateDict, config: Config) -> StateDict:
+        from torchtune.models import convert_weights
+
+        heads, kv_heads, head_dim = _heads(config)
+        kwargs = dict(num_heads=heads, num_kv_heads=kv_heads, dim=config["hidden_size"], head_dim=head_dim)
+        return getattr(convert_weights, name)(state_dict, **kwargs)
+
+    return convert
 
 
-def hf_to_tune(hf_sd: StateDict, config: Dict[str, Any]) -> StateDict:
-    """HF names and rotary layout to torchtune's (q and k are permuted per head)."""
-    from torchtune.models import convert_weights
-
-    return convert_weights.hf_to_tune(hf_sd, **_conversion_args(config))
+hf_to_tune = _torchtune_conversion("hf_to_tune")  # HF names and rotary layout to torchtune's (q, k permuted)
+tune_to_hf = _torchtune_conversion("tune_to_hf")  # its exact inverse: the permutation only moves values
 
 
-def tune_to_hf(tune_sd: StateDict, config: Dict[str, Any]) -> StateDict:
-    """The inverse of `hf_to_tune`: exact, since the permutation only moves values."""
-    from torchtune.models import convert_weights
-
-    return convert_weights.tune_to_hf(tune_sd, **_conversion_args(config))
-
-
-def tensor_sources(state_dict: StateDict) -> List[OutputTensor]:
+def tensor_sources(state_dict: StateDict) -> list[OutputTensor]:
     """`converted`'s sources from tensors in memory or memory-mapped."""
     return [OutputTensor(name, t.dtype, tuple(t.shape), lambda t=t: t) for name, t in state_dict.items()]
 
 
-def converted(sources: List[OutputTensor], convert: Optional[Callable[[StateDict, Dict[str, Any]], StateDict]],
-              config: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> List[OutputTensor]:  # fmt: skip
+def converted(
+    sources: list[OutputTensor], convert: Callable | None, config: Config, dtype: torch.dtype | None = None
+) -> list[OutputTensor]:
     """`sources` renamed and re-laid-out by `convert` (`hf_to_tune`, `tune_to_hf` or None) and cast
     to `dtype`, each converted only when loaded: a writer holds one file's tensors at a time."""
     outputs = []
@@ -269,13 +262,13 @@ def converted(sources: List[OutputTensor], convert: Optional[Callable[[StateDict
     return outputs
 
 
-def load_tune_state_dict(checkpoint_dir: PathLike, expected_config: Optional[Dict[str, Any]] = None,
-                         placeholders: bool = False) -> StateDict:  # fmt: skip
+def load_tune_state_dict(
+    checkpoint_dir: PathLike, expected_config: Config | None = None, placeholders: bool = False
+) -> StateDict:
     """An HF directory's weights under torchtune's names and layout, checked against its config.json
-    (and against `expected_config`'s shapes, if given): memory-mapped, but for q and k, which are
-    permuted in memory. `placeholders`: tensors of the right shape and dtype but no data, read from
-    nothing, for ranks other than 0 when torchtune's `load_from_full_model_state_dict` shards a model:
-    its `distribute_tensor` scatters rank 0's data and ignores the other ranks' (`src_data_rank=0`)."""
+    (and `expected_config`'s shapes, if given); memory-mapped but for q and k, permuted in memory.
+    `placeholders`: tensors of the right shape and dtype but no data, for ranks other than 0 when
+    torchtune's `load_from_full_model_state_dict` shards a model: it scatters rank 0's data only."""
     config, tensors = read_hf_checkpoint(checkpoint_dir)
     if expected_config is not None and expected_hf_shapes(config) != expected_hf_shapes(expected_config):
         raise CheckpointError(f"{checkpoint_dir}: its config.json describes a model of another shape than expected")
@@ -292,10 +285,8 @@ def load_tune_state_dict(checkpoint_dir: PathLike, expected_config: Optional[Dic
 def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it to `target` once the block completes.
 
-    A crash (even SIGKILL) leaves `target` as it was: absent, or the complete old version. Temporary
-    paths of dead processes from earlier crashes are removed on the next write to the same target.
-    `target` is checked for existence before the work, so a refused overwrite costs nothing.
-    """
+    A crash (even SIGKILL) leaves `target` as it was: absent, or the complete old version. What dead
+    writers left is cleaned up by the next write. A refused overwrite is refused before any work."""
     target = Path(target)
     if target.parent.is_dir():
         _remove_stale_temporaries(target)  # first: it may put back an old version
@@ -338,29 +329,23 @@ def _remove(path: Path) -> None:
 
 
 def _remove_stale_temporaries(target: Path) -> None:
-    """Remove what dead writers left beside `target`; an old version moved aside is put back if
-    its writer died before the new one took its place."""
+    """Remove what dead writers left beside `target`, putting back an old version moved aside if its
+    writer died before the new one took its place."""
     for path in sorted(target.parent.glob(f".{target.name}.*-*-*")):
         match = re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]+", path.name)
-        if not match or _alive(int(match.group(2))):
-            continue
-        if match.group(1) == "old" and not target.exists():
-            os.replace(path, target)
-        else:
-            _remove(path)
+        if match and not _alive(int(match.group(2))):
+            os.replace(path, target) if match.group(1) == "old" and not target.exists() else _remove(path)
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
+    except OSError as e:
+        return isinstance(e, PermissionError)  # alive, another user's
     return True
 
 
-def save_tensor_file(path: Path, tensors: List[OutputTensor], safetensors: bool = False) -> None:
+def save_tensor_file(path: Path, tensors: list[OutputTensor], safetensors: bool = False) -> None:
     """Write `tensors` as one `torch.save` (or safetensors) file. They are all loaded first: unchanged
     tensors of a memory-mapped source cost no memory, converted ones their size."""
     state = {t.name: t.load().contiguous() for t in tensors}
@@ -384,43 +369,41 @@ def save_tensor_file(path: Path, tensors: List[OutputTensor], safetensors: bool 
         raise OSError(f"{path}: writing failed ({e}); {free:.2f} GB free on its file system") from e
 
 
-def _plan_shards(tensors: List[OutputTensor], max_shard_size: int) -> List[List[OutputTensor]]:
-    """Greedy, in order: a new shard starts when the next tensor would overflow the current one."""
-    shards: List[List[OutputTensor]] = [[]]
-    used = 0  # bytes in the last shard
-    for t in tensors:
-        if shards[-1] and used + t.nbytes > max_shard_size:
-            shards, used = shards + [[]], 0
-        shards[-1].append(t)
-        used += t.nbytes
-    return shards
-
-
 def _copy_side_files(src: PathLike, dst: Path) -> None:
     for name in SIDE_FILES:
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, dst / name)
 
 
-def save_hf_dir(tensors: List[OutputTensor], out_dir: PathLike, config: Dict[str, Any],
-                side_files_from: Optional[PathLike] = None, max_shard_size: Union[int, str] = "5GB",
-                safetensors: bool = False, overwrite: bool = False, progress: bool = False,
-                extra_files: Optional[Dict[str, str]] = None) -> Path:  # fmt: skip
+def save_hf_dir(
+    tensors: list[OutputTensor],
+    out_dir: PathLike,
+    config: Config,
+    side_files_from: PathLike | None = None,
+    max_shard_size: int | str = "5GB",
+    safetensors: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write a complete HF directory: shards in the hub layout and their index, `config.json` with
-    the dtype written, the side files (tokenizer, generation config) of `side_files_from`, and
-    `extra_files` (name -> text), all appearing at once. One shard is loaded at a time."""
+    the dtype written, the side files of `side_files_from`, and `extra_files` (name -> text), all
+    appearing at once. One shard is loaded at a time."""
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype.is_floating_point}
     if len(dtypes) != 1:
         raise CheckpointError(f"expected one floating dtype among the weights, found {sorted(dtypes)}")
     config = dict(config, torch_dtype=dtypes.pop())
     config["dtype"] = config["torch_dtype"]  # transformers >= 4.56 reads `dtype`
-    fmt = "safetensors" if safetensors else "bin"
-    shards = _plan_shards(tensors, parse_size(max_shard_size))
+    limit, shards = parse_size(max_shard_size), [[]]
+    for t in tensors:  # greedy, in order: a new shard when the next tensor would overflow the last
+        if shards[-1] and sum(s.nbytes for s in shards[-1]) + t.nbytes > limit:
+            shards.append([])
+        shards[-1].append(t)
+    fmt, stem = ("safetensors", "model") if safetensors else ("bin", "pytorch_model")
     total = sum(t.nbytes for t in tensors)
     with atomic_output(out_dir, overwrite) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(out_dir).name}", disable=not progress)
         tmp.mkdir()
-        stem = "pytorch_model" if fmt == "bin" else "model"
         weight_map = {}
         for k, shard in enumerate(shards, 1):
             name = f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}"
@@ -439,53 +422,42 @@ def save_hf_dir(tensors: List[OutputTensor], out_dir: PathLike, config: Dict[str
     return Path(out_dir)
 
 
-def save_hf_checkpoint(hf_sd: StateDict, out_dir: PathLike, config: Dict[str, Any],
-                       side_files_from: Optional[PathLike] = None, max_shard_size: Union[int, str] = "5GB") -> Path:
+def save_hf_checkpoint(hf_sd: StateDict, out_dir: PathLike, config: Config, max_shard_size="5GB") -> Path:
     """Write an in-memory HF state dict as an HF directory, replacing `out_dir` atomically."""
-    return save_hf_dir(tensor_sources(hf_sd), out_dir, config, side_files_from, max_shard_size, overwrite=True)
+    return save_hf_dir(tensor_sources(hf_sd), out_dir, config, max_shard_size=max_shard_size, overwrite=True)
 
 
 class HFBinCheckpointer:
-    """torchtune checkpointer for HF directories (Sheared-LLaMA ships as `.bin` shards).
+    """torchtune checkpointer for HF directories (Sheared-LLaMA ships as `.bin` shards): loads
+    `checkpoint_dir`, saves HF directories `output_dir/<name>` of `.bin` shards up to `max_shard_size`
+    (bytes, or as '5GB')."""
 
-    Args:
-        checkpoint_dir: the HF directory to start from (config.json, index and shards).
-        output_dir: where `save_checkpoint` writes HF directories (`output_dir/<name>`).
-        max_shard_size: largest weight file written, in bytes or as '5GB'.
-        safetensors: write safetensors shards instead of `.bin`.
-    """
-
-    def __init__(self, checkpoint_dir: str, output_dir: str, max_shard_size: Union[int, str] = "5GB",
-                 safetensors: bool = False):  # fmt: skip
+    def __init__(self, checkpoint_dir: str, output_dir: str, max_shard_size: int | str = "5GB"):
         self._checkpoint_dir = Path(checkpoint_dir)
         self._output_dir = Path(output_dir)
         self._max_shard_size = parse_size(max_shard_size)
-        self._safetensors = safetensors
         self.config = read_hf_config(self._checkpoint_dir)
 
-    def load_checkpoint(self, checkpoint_dir: Optional[PathLike] = None, rank_zero_only: bool = False) -> Dict:
-        """`{"model": torchtune state dict}` of `checkpoint_dir` (default: the one configured),
-        checked against config.json (see `load_tune_state_dict`). With `rank_zero_only`, in a distributed
-        run only rank 0 reads them and the others get placeholders: what torchtune's
+    def load_checkpoint(self, rank_zero_only: bool = False) -> dict[str, StateDict]:
+        """`{"model": torchtune state dict}`, checked against config.json. With `rank_zero_only`, in a
+        distributed run only rank 0 reads the weights and the others get placeholders: what torchtune's
         `load_from_full_model_state_dict` needs to shard a model."""
         from torchtune.utils import get_world_size_and_rank
 
         placeholders = rank_zero_only and get_world_size_and_rank()[1] != 0
-        return {MODEL_KEY: load_tune_state_dict(checkpoint_dir or self._checkpoint_dir, self.config, placeholders)}
+        return {MODEL_KEY: load_tune_state_dict(self._checkpoint_dir, self.config, placeholders)}
 
     def save_config(self, out_dir: PathLike) -> None:
         """config.json and the tokenizer files into `out_dir`: with a step checkpoint's weights,
         what makes an HF directory (`python -m ref_tuning.convert step-to-hf`)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        _copy_side_files(self._checkpoint_dir, out_dir)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        _copy_side_files(self._checkpoint_dir, Path(out_dir))
 
-    def save_checkpoint(self, state_dict: Dict[str, Any], name: PathLike = "checkpoint_final",
-                        metadata: Optional[Dict[str, Any]] = None) -> Path:  # fmt: skip
+    def save_checkpoint(self, state_dict: dict[str, Any], name: PathLike = "checkpoint_final", metadata=None) -> Path:
         """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
         absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it."""
         tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
-        extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else None
-        return save_hf_dir(tensors, self._output_dir / name, self.config, self._checkpoint_dir, self._max_shard_size,
-                           self._safetensors, overwrite=True, extra_files=extra)  # fmt: skip
+        extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else {}
+        out, side = self._output_dir / name, self._checkpoint_dir
+        return save_hf_dir(tensors, out, self.config, side, self._max_shard_size, overwrite=True, extra_files=extra)

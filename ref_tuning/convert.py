@@ -14,35 +14,21 @@ changes (a cast, the permuted q and k), and appear under their final name only o
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import torch
 
-from ref_tuning.checkpointing import (
-    CheckpointError,
-    OutputTensor,
-    atomic_output,
-    check_hf_tensors,
-    converted,
-    expected_hf_shapes,
-    hf_to_tune,
-    read_hf_checkpoint,
-    read_hf_config,
-    read_tensor_file,
-    save_hf_dir,
-    save_tensor_file,
-    tensor_sources,
-    tune_to_hf,
-)
+from ref_tuning.checkpointing import CheckpointError, OutputTensor, atomic_output, check_hf_tensors, converted
+from ref_tuning.checkpointing import expected_hf_shapes, hf_to_tune, read_hf_checkpoint, read_hf_config
+from ref_tuning.checkpointing import read_tensor_file, save_hf_dir, save_tensor_file, tensor_sources, tune_to_hf
 from ref_tuning.paths import check_separate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VERIFY_PROMPT = "def solve():\n    n = int(input())\n    print(sum(range(n)))\n"
 
 
-def hf_to_tune_file(src_dir: Path, out: Path, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
-    """An HF directory to one torchtune state-dict file (`torch.save` format, loaded by torchtune's
-    `FullModelTorchTuneCheckpointer` and by `torch.load`): one file, so no progress bar."""
+def hf_to_tune_file(src_dir: Path, out: Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """An HF directory to one torchtune state-dict file (`torch.save` format, as torchtune's
+    `FullModelTorchTuneCheckpointer` and `torch.load` read it): one file, so no progress bar."""
     config, tensors = read_hf_checkpoint(src_dir)
     outputs = converted(tensor_sources(tensors), hf_to_tune, config, dtype)
     with atomic_output(out, overwrite) as tmp:
@@ -50,41 +36,46 @@ def hf_to_tune_file(src_dir: Path, out: Path, dtype: Optional[torch.dtype] = Non
     return out
 
 
-def tune_to_hf_dir(src: Path, out_dir: Path, config_dir: Path, dtype: Optional[torch.dtype] = None, **options) -> Path:
+def tune_to_hf_dir(src: Path, out_dir: Path, config_dir: Path, dtype: torch.dtype | None = None, **options) -> Path:
     """A torchtune state-dict file to an HF directory, with config and side files from `config_dir`.
     `options`: those of `save_hf_dir` (max_shard_size, safetensors, overwrite, progress)."""
     config = read_hf_config(config_dir)
     if src.is_dir():
-        raise CheckpointError(f"{src}: a directory; tune-to-hf reads one torchtune state-dict file (.pt). For an HF "
-                              "directory use hf-to-hf, for a step checkpoint step-to-hf")  # fmt: skip
+        raise CheckpointError(
+            f"{src}: a directory; tune-to-hf reads one torchtune state-dict file (.pt). For an HF "
+            "directory use hf-to-hf, for a step checkpoint step-to-hf"
+        )
     tensors = read_tensor_file(src)
     meta = {name: torch.empty(shape, device="meta") for name, shape in expected_hf_shapes(config).items()}
     expected = {name: tuple(t.shape) for name, t in hf_to_tune(meta, config).items()}
-    wrong = [f"{name} {tuple(t.shape)} (expected {expected[name]})" for name, t in tensors.items()
-             if name in expected and tuple(t.shape) != expected[name]]  # fmt: skip
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    wrong = [f"{k} {shape} (expected {expected[k]})" for k, shape in shapes.items() if shape != expected.get(k, shape)]
     if wrong:
-        raise CheckpointError(f"{src}: its weights are not of the shape {config_dir}/config.json describes: "
-                              f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}; give --config the HF "
-                              "directory of the model these weights came from")  # fmt: skip
+        raise CheckpointError(
+            f"{src}: its weights are not of the shape {config_dir}/config.json describes: {', '.join(wrong[:3])}"
+            f"{' ...' if len(wrong) > 3 else ''}; give --config the HF directory of the model these weights came from"
+        )
     outputs = converted(tensor_sources(tensors), tune_to_hf, config, dtype)
     check_hf_tensors({t.name: t for t in outputs}, config, src)
     return save_hf_dir(outputs, out_dir, config, config_dir, **options)
 
 
-def hf_to_hf_dir(src_dir: Path, out_dir: Path, dtype: Optional[torch.dtype] = None, **options) -> Path:
+def hf_to_hf_dir(src_dir: Path, out_dir: Path, dtype: torch.dtype | None = None, **options) -> Path:
     """Re-cast and re-shard an HF directory; `options` as for `tune_to_hf_dir`."""
     config, tensors = read_hf_checkpoint(src_dir)
     return save_hf_dir(converted(tensor_sources(tensors), None, config, dtype), out_dir, config, src_dir, **options)
 
 
-def step_to_hf_dir(step_dir: Path, out_dir: Path, dtype: Optional[torch.dtype] = None, **options) -> Path:
+def step_to_hf_dir(step_dir: Path, out_dir: Path, dtype: torch.dtype | None = None, **options) -> Path:
     """A training step checkpoint (sharded weights, any number of ranks) to an HF directory, with the
     config and tokenizer files the run stored beside the weights; `options` as for `tune_to_hf_dir`."""
     from ref_tuning.step_checkpoints import HF_DIR, STATE_DIR, weight_sources
 
     if not (step_dir / STATE_DIR / ".metadata").is_file() or not (step_dir / HF_DIR / "config.json").is_file():
-        raise CheckpointError(f"{step_dir}: not a step checkpoint (expected {STATE_DIR}/.metadata and {HF_DIR}/config.json, "
-                              "as in OUTPUT_DIR/checkpoints/step_NNNNNN)")  # fmt: skip
+        raise CheckpointError(
+            f"{step_dir}: not a step checkpoint (expected {STATE_DIR}/.metadata and {HF_DIR}/config.json, "
+            "as in OUTPUT_DIR/checkpoints/step_NNNNNN)"
+        )
     config = read_hf_config(step_dir / HF_DIR)
     sources = [OutputTensor(name, *source[:3]) for name, source in weight_sources(step_dir).items()]
     outputs = converted(sources, tune_to_hf, config, dtype)
@@ -99,28 +90,19 @@ def verify(hf_dir: Path, prompt: str = VERIFY_PROMPT) -> float:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise SystemExit("verify needs transformers: pip install transformers (or the project's [dev] extra)") from e
-    from ref_tuning.models import llama_from_hf_config, sheared_llama_tokenizer
+    from ref_tuning.models import sheared_llama_tokenizer
+    from ref_tuning.scoring import load_reference
 
-    config, tensors = read_hf_checkpoint(hf_dir)
+    ours = load_reference(hf_dir, torch.device("cpu"), torch.float32)  # checks the weights against config.json
     if (hf_dir / "tokenizer.model").is_file():
         ids = sheared_llama_tokenizer(str(hf_dir / "tokenizer.model")).encode(prompt, add_eos=False)
     else:  # no tokenizer: any fixed ids will do for comparing two implementations
-        ids = [1 + (i * 7919) % (config["vocab_size"] - 1) for i in range(32)]
+        ids = [1 + (i * 7919) % (read_hf_config(hf_dir)["vocab_size"] - 1) for i in range(32)]
     tokens = torch.tensor([ids])
-
-    # One model in memory at a time: the 2.7B model takes 10.8 GB in float32.
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = hf_model(tokens).logits
-    del hf_model
-    with torch.device("meta"):
-        ours = llama_from_hf_config(config)
-    ours.load_state_dict(hf_to_tune({k: t.float() for k, t in tensors.items()}, config), strict=True, assign=True)
-    for m in ours.modules():
-        if hasattr(m, "rope_init"):  # RoPE buffers are not in the state dict
-            m.rope_init()
-    with torch.no_grad():
-        got = ours.eval()(tokens)
+        got = ours(tokens)
+        del ours  # one model in memory at a time: the 2.7B model takes 10.8 GB in float32
+        expected = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(tokens).logits
     return (got - expected).abs().max().item()
 
 
@@ -144,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
 
     command("hf-to-tune", "HF directory -> torchtune state-dict file", "SRC_DIR", "OUT.pt")
     command("tune-to-hf", "torchtune state-dict file -> HF directory", "SRC.pt", "OUT_DIR").add_argument(
-        "--config", type=Path, required=True, help="HF directory whose config.json and tokenizer to use")
+        "--config", type=Path, required=True, help="HF directory whose config.json and tokenizer to use"
+    )
     command("hf-to-hf", "re-cast or re-shard an HF directory", "SRC_DIR", "OUT_DIR")
     command("step-to-hf", "training step checkpoint -> HF directory", "OUTPUT_DIR/checkpoints/step_NNNNNN", "OUT_DIR")
     p = sub.add_parser("verify", help="compare transformers' and our logits on a fixed prompt")
@@ -153,14 +136,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "verify":
             diff = verify(args.hf_dir)
             ok = diff <= args.atol
-            print(f"{args.hf_dir}: max |logits(transformers) - logits(torchtune)| = {diff:.3e} "
-                  f"({'OK' if ok else 'MISMATCH'}, tolerance {args.atol:g})")  # fmt: skip
+            print(
+                f"{args.hf_dir}: max |logits(transformers) - logits(torchtune)| = {diff:.3e} "
+                f"({'OK' if ok else 'MISMATCH'}, tolerance {args.atol:g})"
+            )
             return 0 if ok else 1
         dtype = DTYPES.get(args.dtype)
         config = [args.config] if args.command == "tune-to-hf" else []
@@ -169,8 +154,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             out = hf_to_tune_file(args.src, args.out, dtype, args.overwrite)
         else:
             to_hf = {"tune-to-hf": tune_to_hf_dir, "hf-to-hf": hf_to_hf_dir, "step-to-hf": step_to_hf_dir}[args.command]
-            out = to_hf(args.src, args.out, *config, dtype=dtype, max_shard_size=args.max_shard_size,
-                          safetensors=args.safetensors, overwrite=args.overwrite, progress=not args.no_progress)
+            options = dict(
+                max_shard_size=args.max_shard_size, safetensors=args.safetensors, progress=not args.no_progress
+            )
+            out = to_hf(args.src, args.out, *config, dtype=dtype, overwrite=args.overwrite, **options)
     except (CheckpointError, ValueError, OSError) as e:  # OSError: a full disk, a missing or unwritable path
         print(f"error: {e}", file=sys.stderr)
         return 2
