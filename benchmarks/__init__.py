@@ -185,7 +185,6 @@ def table(results: List[Result]) -> str:
     return "\n".join(rows)
 
 
-
 def check_disk(workdir: Path, needed: int) -> None:
     free = shutil.disk_usage(workdir).free
     if free < needed + 2 * GB:
@@ -200,6 +199,13 @@ def positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
+
+def add_subcommand(sub, name: str, help: str, doc: str, workdir: Path, workdir_help: str) -> argparse.ArgumentParser:
+    """A benchmark's subcommand: its module docstring as the description, and its --workdir option."""
+    p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = workdir.relative_to(PROJECT_ROOT)
+    p.add_argument("--workdir", type=Path, default=workdir, help=workdir_help.format(default=default))
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:

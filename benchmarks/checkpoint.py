@@ -82,8 +82,13 @@ TINY_DIMS = dict(num_heads=4, num_kv_heads=4, embed_dim=64, intermediate_dim=176
 FULL_DIMS = dict(vocab_size=32_000, num_layers=32, num_heads=20, num_kv_heads=20, embed_dim=2560, intermediate_dim=6912)
 # What a --writer may set, and torch's defaults: FileSystemWriter's options; torch.save's crc32
 # (`torch.serialization.set_crc32_options`; DCP's default format is one torch.save per tensor).
-TORCH_DEFAULTS = {"thread_count": 1, "sync_files": True, "single_file_per_rank": True,
-                  "per_thread_copy_ahead": 10_000_000, "crc32": True}  # fmt: skip
+TORCH_DEFAULTS = {
+    "thread_count": 1,
+    "sync_files": True,
+    "single_file_per_rank": True,
+    "per_thread_copy_ahead": 10_000_000,
+    "crc32": True,
+}
 
 
 def n_params(num_layers: int, tiny: bool = False) -> int:
@@ -103,8 +108,9 @@ def parse_writer(text: str) -> Dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in TORCH_DEFAULTS:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {', '.join(TORCH_DEFAULTS)}, "
-                                             f"or 'defaults'; got {item!r}")  # fmt: skip
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=VALUE with KEY one of {', '.join(TORCH_DEFAULTS)}, or 'defaults'; got {item!r}"
+            )
         if isinstance(TORCH_DEFAULTS[key], bool):
             if value.strip().lower() not in ("true", "false"):
                 raise argparse.ArgumentTypeError(f"{key}: expected true or false, got {value!r}")
@@ -184,8 +190,13 @@ def build(num_layers: int, tiny: bool, seed: int):
     with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
         model = llama2(**dict(SHEARED_LLAMA_2_7B, num_layers=num_layers, **(TINY_DIMS if tiny else {})))
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-    training.shard_model(model=model, shard_conditions=[training.get_shard_conditions], cpu_offload=False,
-                         reshard_after_forward=True, dp_mesh=mesh)  # fmt: skip
+    training.shard_model(
+        model=model,
+        shard_conditions=[training.get_shard_conditions],
+        cpu_offload=False,
+        reshard_after_forward=True,
+        dp_mesh=mesh,
+    )
     model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(1000 * seed + rank)
     with torch.no_grad():
@@ -254,29 +265,44 @@ def verify_new(path: Path, model, optimizer, num_layers: int, tiny: bool) -> Dic
                 else:
                     value.fill_(7.0)
     expected = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    before = _mismatches(expected, {"model": get_model_state_dict(fresh_model),
-                                    "optimizer": get_optimizer_state_dict(fresh_model, fresh_optimizer)})  # fmt: skip
-    state = {"model": get_model_state_dict(fresh_model),
-             "optimizer": get_optimizer_state_dict(fresh_model, fresh_optimizer)}  # fmt: skip
+    before = _mismatches(
+        expected,
+        {
+            "model": get_model_state_dict(fresh_model),
+            "optimizer": get_optimizer_state_dict(fresh_model, fresh_optimizer),
+        },
+    )
+    state = {
+        "model": get_model_state_dict(fresh_model),
+        "optimizer": get_optimizer_state_dict(fresh_model, fresh_optimizer),
+    }
     dcp.load(state, checkpoint_id=Path(path) / "state")
     set_model_state_dict(fresh_model, state["model"])
     set_optimizer_state_dict(fresh_model, fresh_optimizer, optim_state_dict=state["optimizer"])
-    loaded = {"model": get_model_state_dict(fresh_model),
-              "optimizer": get_optimizer_state_dict(fresh_model, fresh_optimizer)}  # fmt: skip
+    loaded = {
+        "model": get_model_state_dict(fresh_model),
+        "optimizer": get_optimizer_state_dict(fresh_model, fresh_optimizer),
+    }
     after = _mismatches(expected, loaded)
     n_tensors = len(loaded["model"]) + sum(len(s) for s in loaded["optimizer"]["state"].values())
     counts = torch.tensor([len(after), len(before) == 0], dtype=torch.int64)
     dist.all_reduce(counts)
-    return {"mismatches": int(counts[0]), "fresh_was_identical": bool(counts[1]), "tensors_per_rank": n_tensors,
-            "first_mismatches": after[:5]}  # fmt: skip
+    return {
+        "mismatches": int(counts[0]),
+        "fresh_was_identical": bool(counts[1]),
+        "tensors_per_rank": n_tensors,
+        "first_mismatches": after[:5],
+    }
 
 
 def dd_direct(workdir: Path, count: int) -> float:
     """Seconds for `dd if=/dev/zero bs=64M count=COUNT oflag=direct` into `workdir/ddtest`."""
     target = workdir / "ddtest"
     start = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", f"bs={DD_BLOCK}", f"count={count}", "oflag=direct",
-                    "status=none"], check=True)  # fmt: skip
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", f"bs={DD_BLOCK}", f"count={count}", "oflag=direct", "status=none"],
+        check=True,
+    )
     wall = time.perf_counter() - start
     target.unlink()
     os.sync()
@@ -361,8 +387,12 @@ def worker(args: argparse.Namespace) -> int:
     for options in writers:
         full = dict(TORCH_DEFAULTS, **options)
         methods.append((writer_label(options), lambda out, o=full: new_save(out, model, optimizer, **o)))
-    results: Dict[str, Any] = {"params": n, "dd": [], "today_phases": [],
-                               "methods": {label: {"walls": [], "bytes": []} for label, _ in methods}}  # fmt: skip
+    results: Dict[str, Any] = {
+        "params": n,
+        "dd": [],
+        "today_phases": [],
+        "methods": {label: {"walls": [], "bytes": []} for label, _ in methods},
+    }
     for r in range(1, args.repeats + 1):
         if is_rank_zero:
             wall = dd_direct(workdir, args.dd_count)
@@ -382,8 +412,10 @@ def worker(args: argparse.Namespace) -> int:
             if is_rank_zero:
                 if phases:
                     results["today_phases"].append(phases)
-                    log(f"repeat {r}/{args.repeats}: {label} phases on rank 0: "
-                        + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))  # fmt: skip
+                    log(
+                        f"repeat {r}/{args.repeats}: {label} phases on rank 0: "
+                        + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+                    )
                 size = dir_bytes(out)
                 results["methods"][label]["walls"].append(wall)
                 results["methods"][label]["bytes"].append(size)
@@ -428,8 +460,10 @@ def report(results: Dict[str, Any], dd_bytes: int) -> str:
     base = statistics.median(results["methods"]["today"]["walls"])
     for label, m in results["methods"].items():
         wall, size = statistics.median(m["walls"]), statistics.median(m["bytes"])
-        rows.append(f"| {label} | {wall:.2f} | {size / GB:.2f} | {size / GB / wall:.2f} | {wall / base:.2f} | "
-                    f"{wall / (size / dd_rate):.2f} |")  # fmt: skip
+        rows.append(
+            f"| {label} | {wall:.2f} | {size / GB:.2f} | {size / GB / wall:.2f} | {wall / base:.2f} | "
+            f"{wall / (size / dd_rate):.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -445,10 +479,26 @@ def bench_checkpoint(args: argparse.Namespace) -> int:
     logs.mkdir(exist_ok=True)
     log, result = logs / "worker.log", workdir / "result.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "benchmarks.checkpoint", "--worker", "--workdir", str(workdir), "--result", str(result),
-           "--num-layers", str(args.num_layers), "--repeats", str(args.repeats),
-           "--dd-count", str(dd_count)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "benchmarks.checkpoint",
+        "--worker",
+        "--workdir",
+        str(workdir),
+        "--result",
+        str(result),
+        "--num-layers",
+        str(args.num_layers),
+        "--repeats",
+        str(args.repeats),
+        "--dd-count",
+        str(dd_count),
+    ]
     cmd += ["--tiny"] * args.tiny + ["--verify"] * args.verify
     for options in args.writer or []:
         cmd += ["--writer", writer_spec(options)]
@@ -457,8 +507,14 @@ def bench_checkpoint(args: argparse.Namespace) -> int:
     peak = state_bytes + 2 * params + args.nproc * 6 * GB // 10 + GB // 4
     wait_for_memory(peak, lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=dict(os.environ, **WORKER_ENV), stdin=subprocess.DEVNULL,
-                            stdout=f, stderr=subprocess.STDOUT).returncode  # fmt: skip
+        rc = subprocess.run(
+            cmd,
+            cwd=PROJECT_ROOT,
+            env=dict(os.environ, **WORKER_ENV),
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        ).returncode
     if rc != 0 or not result.is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         print(f"[bench] the worker failed (exit {rc}); last lines of {log}:\n{tail}", file=sys.stderr)
@@ -467,12 +523,16 @@ def bench_checkpoint(args: argparse.Namespace) -> int:
     dd_bytes = dd_count * DD_BLOCK
     print("## checkpoint benchmark\n")
     print("\n".join(machine))
-    print(f"- model: Sheared-LLaMA-2.7B shape, {args.num_layers} layers{' (tiny widths)' if args.tiny else ''}, "
-          f"{results['params']:,} parameters, bf16, AdamW state after one step; "
-          f"{args.nproc} processes, gloo, CPU")  # fmt: skip
+    print(
+        f"- model: Sheared-LLaMA-2.7B shape, {args.num_layers} layers{' (tiny widths)' if args.tiny else ''}, "
+        f"{results['params']:,} parameters, bf16, AdamW state after one step; "
+        f"{args.nproc} processes, gloo, CPU"
+    )
     dd_wall = statistics.median(results["dd"])
-    print(f"- dd if=/dev/zero bs=64M count={dd_count} oflag=direct: {dd_bytes / GB:.2f} GB in "
-          f"{dd_wall:.2f} s (median), {dd_bytes / GB / dd_wall:.2f} GB/s")  # fmt: skip
+    print(
+        f"- dd if=/dev/zero bs=64M count={dd_count} oflag=direct: {dd_bytes / GB:.2f} GB in "
+        f"{dd_wall:.2f} s (median), {dd_bytes / GB / dd_wall:.2f} GB/s"
+    )
     print(f"- {args.repeats} repeats, methods interleaved, medians; outputs deleted and os.sync() after each run\n")
     print(report(results, dd_bytes))
     print(f"\n- peak RSS per process: {', '.join(f'{b / GB:.2f} GB' for b in results['peak_rss'])}")
@@ -482,35 +542,45 @@ def bench_checkpoint(args: argparse.Namespace) -> int:
     if "verify" in results:
         v = results["verify"]
         ok = v["mismatches"] == 0 and not v["fresh_was_identical"]
-        print(f"- verify: new_save's checkpoint ({writer_spec(NEW_SAVE_OPTIONS)}), loaded into a fresh model "
-              f"with dcp.load: "
-              f"{'bit-identical' if ok else 'MISMATCH ' + str(v['first_mismatches'])} "
-              f"({v['tensors_per_rank']} tensors per rank)")  # fmt: skip
+        print(
+            f"- verify: new_save's checkpoint ({writer_spec(NEW_SAVE_OPTIONS)}), loaded into a fresh model "
+            f"with dcp.load: "
+            f"{'bit-identical' if ok else 'MISMATCH ' + str(v['first_mismatches'])} "
+            f"({v['tensors_per_rank']} tensors per rank)"
+        )
         if not ok:
             return 1
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("checkpoint", help="step checkpoint: gather + HF write vs sharded DCP write",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "checkpoint",
+        help="step checkpoint: gather + HF write vs sharded DCP write",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common(p)
     p.add_argument("--nproc", type=positive, default=2, help="processes (default 2)")
-    p.add_argument("--verify", action="store_true",
-                   help="after timing, load new_save's checkpoint into a fresh model and check it bit "
-                        "for bit")  # fmt: skip
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after timing, load new_save's checkpoint into a fresh model and check it bit for bit",
+    )
     p.set_defaults(func=bench_checkpoint)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"outputs (needs about 17 GB free at full size; "
-                        f"default {DEFAULT_WORKDIR.relative_to(PROJECT_ROOT)})")  # fmt: skip
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="outputs; about 17 GB free at full size")
     p.add_argument("--repeats", type=positive, default=3, help="runs of each method (default 3)")
     p.add_argument("--num-layers", type=positive, default=32, help="layers (default 32: the full 2.7B model)")
-    p.add_argument("--writer", type=parse_writer, action="append",
-                   help=f"one `new` row: KEY=VALUE,... over torch's defaults, KEY among {', '.join(TORCH_DEFAULTS)}, "
-                        f"or 'defaults'; repeatable (default: {' '.join(DEFAULT_WRITERS)})")  # fmt: skip
+    p.add_argument(
+        "--writer",
+        type=parse_writer,
+        action="append",
+        help=f"one `new` row: KEY=VALUE,... over torch's defaults, KEY among {', '.join(TORCH_DEFAULTS)}, "
+        f"or 'defaults'; repeatable (default: {' '.join(DEFAULT_WRITERS)})",
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # narrow layers, for tests
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import List
 
 from benchmarks import (
+    add_subcommand,
     GB,
     PROJECT_ROOT,
     Method,
@@ -156,7 +157,9 @@ def weight_files(src: Path) -> List[str]:
 
 
 # Every file of SRC copied by dd with O_DIRECT writes (dd drops O_DIRECT for a file's last, partial block).
-DD_DIRECT_SCRIPT = 'mkdir "$2" && for f in "$1"/*; do dd if="$f" of="$2/${f##*/}" bs=32M oflag=direct status=none || exit 1; done'
+DD_DIRECT_SCRIPT = (
+    'mkdir "$2" && for f in "$1"/*; do dd if="$f" of="$2/${f##*/}" bs=32M oflag=direct status=none || exit 1; done'
+)
 
 
 def convert_methods(src: Path, workdir: Path) -> List[Method]:
@@ -205,16 +208,24 @@ def bench_convert(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="checkpoint conversion vs cp -r and torchtune's checkpointer",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--src", type=Path,
-                   help="HF directory to convert (default: a random Sheared-LLaMA-2.7B in --workdir)")  # fmt: skip
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"generated source and outputs; needs 2x the source's size free, 6x with --keep "
-                        f"(default {DEFAULT_WORKDIR.relative_to(PROJECT_ROOT)})")  # fmt: skip
+    p = add_subcommand(
+        sub,
+        "convert",
+        "checkpoint conversion vs cp -r and torchtune's checkpointer",
+        __doc__,
+        DEFAULT_WORKDIR,
+        "generated source and outputs; needs 2x the source's size free, 6x with --keep (default {default})",
+    )
+    p.add_argument(
+        "--src", type=Path, help="HF directory to convert (default: a random Sheared-LLaMA-2.7B in --workdir)"
+    )
     p.add_argument("--repeats", type=positive, default=3, help="runs of each method (default 3)")
-    p.add_argument("--layers", type=positive, default=32,
-                   help="layers of the generated source (default 32: 10.8 GB; 2 layers make 1.3 GB)")  # fmt: skip
+    p.add_argument(
+        "--layers",
+        type=positive,
+        default=32,
+        help="layers of the generated source (default 32: 10.8 GB; 2 layers make 1.3 GB)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the last repeat's outputs")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # narrow layers, for tests
     p.set_defaults(func=bench_convert)

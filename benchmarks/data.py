@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 from benchmarks import (
+    add_subcommand,
     GB,
     PROJECT_ROOT,
     Method,
@@ -292,11 +293,19 @@ def write_metadata(path: Path, plan: Plan, names: List[str]) -> Dict[str, Any]:
             f.write(b"" if p == 0 else b",\n")
             f.write(
                 f'    {json.dumps(name)}: {{\n      "difficulty": {int(plan.difficulty[p])},\n'.encode()
-                + b'      "correct_indices": ' + _int_list(range(start, mid)) + b",\n"
-                + b'      "incorrect_indices": ' + _int_list(range(mid, stop)) + b",\n"
-                + b'      "correct_token_lengths": ' + _int_list(solution[start:mid]) + b",\n"
-                + b'      "incorrect_token_lengths": ' + _int_list(solution[mid:stop]) + b"\n    }"
-            )  # fmt: skip
+                + b'      "correct_indices": '
+                + _int_list(range(start, mid))
+                + b",\n"
+                + b'      "incorrect_indices": '
+                + _int_list(range(mid, stop))
+                + b",\n"
+                + b'      "correct_token_lengths": '
+                + _int_list(solution[start:mid])
+                + b",\n"
+                + b'      "incorrect_token_lengths": '
+                + _int_list(solution[mid:stop])
+                + b"\n    }"
+            )
         f.write(b'\n  },\n  "stats": ' + json.dumps(stats, indent=2).replace("\n", "\n  ").encode() + b"\n}")
     return stats
 
@@ -349,8 +358,11 @@ def ensure_split(data_dir: Path, lines: int, tokenizer: Path, spare_bytes: int =
     tokens = int(plan.solution.sum() + plan.prompt[plan.line_problem].sum())
     estimate = int(tokens * bytes_per_word) + lines * (LINE_OVERHEAD + METADATA_PER_LINE)
     check_disk(data_dir, estimate + spare_bytes)
-    print(f"[bench] writing a synthetic split of {lines:,} lines (~{estimate / GB:.1f} GB) to {data_dir}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"[bench] writing a synthetic split of {lines:,} lines (~{estimate / GB:.1f} GB) to {data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     names = _problem_names(plan, words, rng)
     _atomic_write(data_dir / JSONL, lambda tmp: write_jsonl(tmp, plan, names, text))
     stats = _atomic_write(data_dir / METADATA, lambda tmp: write_metadata(tmp, plan, names))
@@ -407,9 +419,16 @@ def ours(data_dir: str, cache_dir: str, tokenizer: str, n_samples: int, seed: in
     from ref_tuning.models import sheared_llama_tokenizer
 
     return codecontests_dataset(
-        sheared_llama_tokenizer(tokenizer), data_dir=data_dir, split="train", n_samples=n_samples,
-        correct_ratio=1.0, seed=seed, max_seq_len=max_seq_len, cache_dir=cache_dir, packed=packed,
-    )  # fmt: skip
+        sheared_llama_tokenizer(tokenizer),
+        data_dir=data_dir,
+        split="train",
+        n_samples=n_samples,
+        correct_ratio=1.0,
+        seed=seed,
+        max_seq_len=max_seq_len,
+        cache_dir=cache_dir,
+        packed=packed,
+    )
 
 
 def run_earlier(data_dir: str, tokenizer: str, n_samples: str, seed: str, max_seq_len: str) -> None:
@@ -525,19 +544,30 @@ def fill_report(
         fill = fill_ratio(lengths, packs, max_len)
         lines.append(f"| {label} at {max_len} | {len(packs):,} | {len(packs) * max_len:,} | {total:,} | {fill:.3f} |")
     rows = max(sum(n > max_len // 2 for n in lengths), -(-total // max_len))
-    lines.append(f"| bound: the fewest rows any packing needs | {rows:,} | {rows * max_len:,} | {total:,} "
-                 f"| {total / (rows * max_len):.3f} |")
+    lines.append(
+        f"| bound: the fewest rows any packing needs | {rows:,} | {rows * max_len:,} | {total:,} "
+        f"| {total / (rows * max_len):.3f} |"
+    )
     print("\n".join(lines))
 
 
 def run_fill_report(workdir: Path, tokenizer: Path, args: argparse.Namespace) -> Tuple[str, int]:
     """The fill table from a child (it imports torch), and its exit code; its stderr goes to a log."""
-    cmd = _child("fill_report", workdir / "data", workdir / "cache", tokenizer, args.n_samples, args.seed,
-                 args.max_seq_len, args.batch_size)  # fmt: skip
+    cmd = _child(
+        "fill_report",
+        workdir / "data",
+        workdir / "cache",
+        tokenizer,
+        args.n_samples,
+        args.seed,
+        args.max_seq_len,
+        args.batch_size,
+    )
     log = workdir / "logs" / "fill.log"
     with open(log, "w") as err:
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                              text=True)  # fmt: skip
+        proc = subprocess.run(
+            cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True
+        )
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         return f"FAILED (exit {proc.returncode}); last lines of {log}:\n{tail}", proc.returncode
@@ -569,8 +599,10 @@ def bench_data(args: argparse.Namespace) -> int:
     spare = cache_estimate(args.lines, args.n_samples)
     info = make_split(workdir / "data", args.lines, tokenizer, spare)
     if args.n_samples > info["correct"]:
-        raise SystemExit(f"--n-samples {args.n_samples}: the split has only {info['correct']} correct lines; "
-                         "lower it or raise --lines")  # fmt: skip
+        raise SystemExit(
+            f"--n-samples {args.n_samples}: the split has only {info['correct']} correct lines; "
+            "lower it or raise --lines"
+        )
     remove(workdir / "cache")
     check_disk(workdir, spare)
     logs = workdir / "logs"
@@ -581,13 +613,17 @@ def bench_data(args: argparse.Namespace) -> int:
     sizes = info["bytes"]
     print("## data benchmark\n")
     print("\n".join(machine))
-    print(f"- data: {workdir / 'data'}, synthetic: {JSONL} {sizes[JSONL] / GB:.2f} GB with {info['lines']:,} "
-          f"lines ({info['correct']:,} correct, {info['problems']:,} problems), "
-          f"{METADATA} {sizes[METADATA] / GB:.3f} GB")  # fmt: skip
+    print(
+        f"- data: {workdir / 'data'}, synthetic: {JSONL} {sizes[JSONL] / GB:.2f} GB with {info['lines']:,} "
+        f"lines ({info['correct']:,} correct, {info['problems']:,} problems), "
+        f"{METADATA} {sizes[METADATA] / GB:.3f} GB"
+    )
     print(f"- drawn: {args.n_samples:,} correct samples (seed {args.seed}), kept if <= {args.max_seq_len} tokens")
     print(f"- launcher RSS (counted in every child's peak): {launcher_rss_kib() * 1024 / GB:.3f} GB")
-    print(f"- {args.repeats} repeats, methods interleaved; the data and the cache dropped from the page cache "
-          "before every run")  # fmt: skip
+    print(
+        f"- {args.repeats} repeats, methods interleaved; the data and the cache dropped from the page cache "
+        "before every run"
+    )
     print("- built (last run): " + "; ".join(f"{m.label}: {child_count(logs / f'{m.out.name}.log')}" for m in methods))
     print()
     print(table(results))
@@ -596,20 +632,28 @@ def bench_data(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="dataset building and packing vs the earlier full scan",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"synthetic split, cache and logs; ~5 KB a line plus the cache "
-                        f"(default {DEFAULT_WORKDIR.relative_to(PROJECT_ROOT)})")  # fmt: skip
-    p.add_argument("--lines", type=positive, default=REAL_LINES,
-                   help=f"lines of the synthetic train.jsonl (default {REAL_LINES}: ~18.5 GB, as real)")  # fmt: skip
+    p = add_subcommand(
+        sub,
+        "data",
+        "dataset building and packing vs the earlier full scan",
+        __doc__,
+        DEFAULT_WORKDIR,
+        "synthetic split, cache and logs; ~5 KB a line plus the cache (default {default})",
+    )
+    p.add_argument(
+        "--lines", type=positive, default=REAL_LINES, help=f"synthetic lines (default {REAL_LINES}: ~18.5 GB)"
+    )
     p.add_argument("--n-samples", type=positive, default=200_000, help="correct samples drawn (default 200000)")
     p.add_argument("--repeats", type=positive, default=3, help="runs of each method (default 3)")
-    p.add_argument("--tokenizer", type=Path,
-                   help=f"the LLaMA-2 tokenizer.model (default ${TOKENIZER_ENV} or "
-                        f"{DEFAULT_TOKENIZER.relative_to(PROJECT_ROOT.parent)} beside the checkout)")  # fmt: skip
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help=f"the LLaMA-2 tokenizer.model (default ${TOKENIZER_ENV} or "
+        f"{DEFAULT_TOKENIZER.relative_to(PROJECT_ROOT.parent)} beside the checkout)",
+    )
     p.add_argument("--max-seq-len", type=positive, default=2048, help="longest sample kept, in tokens (default 2048)")
-    p.add_argument("--batch-size", type=positive, default=4,
-                   help="batch of the padded layout in the packing report (default 4)")  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=positive, default=4, help="batch of the padded layout in the packing report (default 4)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the draw and of the shuffled batches (default 0)")
     p.set_defaults(func=bench_data)

@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
-from benchmarks import GB, PROJECT_ROOT, descendants, machine_lines, positive
+from benchmarks import GB, PROJECT_ROOT, add_subcommand, descendants, machine_lines, positive
 from benchmarks.data import default_tokenizer, make_split
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "gpu"
@@ -127,8 +127,17 @@ SPECS = [
 BY_KEY = {s.key: s for s in SPECS}
 PRODUCTION = "ours-unpacked"
 # The order runs start in: what matters most first, so that a short budget drops the least.
-RUN_ORDER = ["scoring", "ours-unpacked", "ours-packed", "stock", "ours-bf16", "ours-noac", "stock-unpacked",
-             "resume", "ours-compile"]  # fmt: skip
+RUN_ORDER = [
+    "scoring",
+    "ours-unpacked",
+    "ours-packed",
+    "stock",
+    "ours-bf16",
+    "ours-noac",
+    "stock-unpacked",
+    "resume",
+    "ours-compile",
+]
 CHECKS = ("resume", "scoring")
 
 
@@ -175,8 +184,12 @@ def _worker_preflight(_: Dict[str, Any]) -> Dict[str, Any]:
 
     import torch
 
-    info: Dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__,
-                            "cuda": torch.cuda.is_available(), "gpus": torch.cuda.device_count()}  # fmt: skip
+    info: Dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "gpus": torch.cuda.device_count(),
+    }
     info["gpu_name"] = torch.cuda.get_device_name(0) if info["gpus"] else None
     try:
         import torchtune._cli.tune  # noqa: F401  (imports kagglehub and huggingface_hub for `tune download`)
@@ -268,14 +281,19 @@ def _worker_scoring(args: Dict[str, Any]) -> Dict[str, Any]:
 
     device = torch.device(args["device"])
     tok = sheared_llama_tokenizer(args["tokenizer"])
-    ds = codecontests_dataset(tok, args["data"], split="train", n_samples=args["n_samples"], correct_ratio=1.0,
-                              seed=42, max_seq_len=2048)  # fmt: skip
+    ds = codecontests_dataset(
+        tok, args["data"], split="train", n_samples=args["n_samples"], correct_ratio=1.0, seed=42, max_seq_len=2048
+    )
     order = sorted(range(len(ds)), key=lambda i: -int(ds.lengths[i]))  # as recipes/ref_score.py orders its share
     ours: Dict[str, List[torch.Tensor]] = {}
     hf: Dict[str, List[torch.Tensor]] = {}
-    result: Dict[str, Any] = {"samples": len(ds), "device": str(device), "seconds": {},
-                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                              "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}  # fmt: skip
+    result: Dict[str, Any] = {
+        "samples": len(ds),
+        "device": str(device),
+        "seconds": {},
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
 
     def diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> Dict[str, float]:
         d = torch.cat([(x - y).abs() for x, y in zip(a, b)])
@@ -302,7 +320,9 @@ def _worker_scoring(args: Dict[str, Any]) -> Dict[str, Any]:
         with torch.no_grad():
             for i in order:
                 sample = ds[i]
-                logits = model(torch.tensor([sample["tokens"]], device=device)).logits[0, :-1].float()  # no mask, as Rho-1
+                logits = (
+                    model(torch.tensor([sample["tokens"]], device=device)).logits[0, :-1].float()
+                )  # no mask, as Rho-1
                 labels = torch.tensor(sample["labels"][1:], device=device)
                 keep = labels != -100
                 hf[name].append(F.cross_entropy(logits[keep], labels[keep], reduction="none").cpu())
@@ -319,8 +339,12 @@ def _worker_scoring(args: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-WORKERS = {"preflight": _worker_preflight, "checkpoint": _worker_checkpoint, "stock_config": _worker_stock_config,
-           "scoring": _worker_scoring}  # fmt: skip
+WORKERS = {
+    "preflight": _worker_preflight,
+    "checkpoint": _worker_checkpoint,
+    "stock_config": _worker_stock_config,
+    "scoring": _worker_scoring,
+}
 
 
 def worker_main(argv: List[str]) -> None:
@@ -344,19 +368,33 @@ def _say(*lines: str) -> None:
 OWN_GROUP: Dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
+def _popen(cmd: List[str], out) -> subprocess.Popen:
+    """A child in a process group of its own, its output into the open file `out`."""
+    return subprocess.Popen(
+        cmd,
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=child_env(),
+        **OWN_GROUP,
+    )
+
+
 def child_env() -> Dict[str, str]:
     return dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
-def run_worker(name: str, args: Dict[str, Any], log: Path, timeout: Optional[float]) -> Tuple[Optional[Dict[str, Any]], str]:
+def run_worker(
+    name: str, args: Dict[str, Any], log: Path, timeout: Optional[float]
+) -> Tuple[Optional[Dict[str, Any]], str]:
     """A worker in a child; its result (or None) and its output."""
     result = log.with_suffix(".result.json")
     result.unlink(missing_ok=True)
     args = dict(args, result=str(result))  # a worker may write partial results there itself
     cmd = [sys.executable, "-m", "benchmarks.gpu", name, json.dumps(args), str(result)]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                env=child_env(), **OWN_GROUP)  # fmt: skip
+        proc = _popen(cmd, f)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -500,9 +538,11 @@ class Bench:
         self.info.update(info)
         if info["tune_cli"] is not True:
             self.launcher = "torchrun"
-            self.notes.append(f"`tune`'s CLI does not import here ({info['tune_cli']}): the recipes were launched by "
-                              "`python -m torch.distributed.run --nproc_per_node N -m recipes.ref_finetune`, "
-                              "the same launch (README, Several nodes)")  # fmt: skip
+            self.notes.append(
+                f"`tune`'s CLI does not import here ({info['tune_cli']}): the recipes were launched by "
+                "`python -m torch.distributed.run --nproc_per_node N -m recipes.ref_finetune`, "
+                "the same launch (README, Several nodes)"
+            )
         _say(f"preflight: {json.dumps(info)}")
 
     def nproc(self) -> int:
@@ -513,8 +553,10 @@ class Bench:
         n = int(self.info.get("gpus") or 0)  # torch.cuda.device_count(), in the preflight child
         if n < 1:
             listed = count_gpus()
-            raise SystemExit(f"torch sees no GPU (nvidia-smi lists {listed if listed is not None else 'none'}): "
-                             "run with --tiny for the CPU pipeline")  # fmt: skip
+            raise SystemExit(
+                f"torch sees no GPU (nvidia-smi lists {listed if listed is not None else 'none'}): "
+                "run with --tiny for the CPU pipeline"
+            )
         return n
 
     def assets(self, nproc: int) -> Dict[str, Any]:
@@ -530,50 +572,98 @@ class Bench:
         _say(f"split: {info['lines']:,} lines in {self.workdir / 'data'} ({time.perf_counter() - start:.1f} s)")
         model = self.workdir / ("model-tiny" if self.tiny else "model")
         start = time.perf_counter()
-        result, output = run_worker("checkpoint", {"out": str(model), "tiny": self.tiny, "tokenizer": str(tokenizer)},
-                                    self.logs / "checkpoint.log", self.remaining())  # fmt: skip
+        result, output = run_worker(
+            "checkpoint",
+            {"out": str(model), "tiny": self.tiny, "tokenizer": str(tokenizer)},
+            self.logs / "checkpoint.log",
+            self.remaining(),
+        )
         self._save_child("checkpoint", output)
         if result is None:
             raise SystemExit(f"writing the random checkpoint failed:\n{_tail(output, 30)}")
         size = sum(p.stat().st_size for p in model.iterdir() if p.is_file())
         what = "reused" if result["reused"] else f"written in {time.perf_counter() - start:.1f} s"
         _say(f"checkpoint: {model} ({size / GB:.2f} GB) {what}")
-        return {"data": self.workdir / "data", "model": model, "tokenizer": tokenizer, "lines": info["lines"],
-                "n_samples": n_samples, "checkpoint_bytes": size}  # fmt: skip
+        return {
+            "data": self.workdir / "data",
+            "model": model,
+            "tokenizer": tokenizer,
+            "lines": info["lines"],
+            "n_samples": n_samples,
+            "checkpoint_bytes": size,
+        }
 
     def overrides(self, spec: Spec, out: Path, assets: Dict[str, Any], steps: int) -> List[str]:
         precision = "fp32" if self.tiny else spec.precision
         ov = [
-            f"output_dir={out}", f"experiment=bench-{spec.key}", f"tokenizer.path={assets['tokenizer']}",
-            f"checkpointer.checkpoint_dir={assets['model']}", f"dataset.data_dir={assets['data']}",
-            f"dataset.n_samples={assets['n_samples']}", f"dataset.packed={str(spec.packed).lower()}",
-            "dataset_val=null", "epochs=1", f"max_steps_per_epoch={steps}", "save_every_n_steps=null",
-            "gradient_accumulation_steps=1", f"batch_size={self.args.batch_size}", f"precision={precision}",
-            f"enable_activation_checkpointing={str(spec.ac).lower()}", f"compile={str(spec.compile).lower()}",
-        ]  # fmt: skip
+            f"output_dir={out}",
+            f"experiment=bench-{spec.key}",
+            f"tokenizer.path={assets['tokenizer']}",
+            f"checkpointer.checkpoint_dir={assets['model']}",
+            f"dataset.data_dir={assets['data']}",
+            f"dataset.n_samples={assets['n_samples']}",
+            f"dataset.packed={str(spec.packed).lower()}",
+            "dataset_val=null",
+            "epochs=1",
+            f"max_steps_per_epoch={steps}",
+            "save_every_n_steps=null",
+            "gradient_accumulation_steps=1",
+            f"batch_size={self.args.batch_size}",
+            f"precision={precision}",
+            f"enable_activation_checkpointing={str(spec.ac).lower()}",
+            f"compile={str(spec.compile).lower()}",
+        ]
         if self.args.peak_tflops:
             ov.append(f"peak_tflops={self.args.peak_tflops}")
         if self.tiny:
             d = self.dims
             ov += [
-                "device=cpu", "model._component_=ref_tuning.models.tiny_sheared_llama",
-                f"model.vocab_size={d['vocab_size']}", f"model.num_layers={d['num_layers']}",
-                f"model.num_heads={d['num_heads']}", f"model.num_kv_heads={d['num_kv_heads']}",
-                f"model.embed_dim={d['embed_dim']}", f"model.intermediate_dim={d['intermediate_dim']}",
+                "device=cpu",
+                "model._component_=ref_tuning.models.tiny_sheared_llama",
+                f"model.vocab_size={d['vocab_size']}",
+                f"model.num_layers={d['num_layers']}",
+                f"model.num_heads={d['num_heads']}",
+                f"model.num_kv_heads={d['num_kv_heads']}",
+                f"model.embed_dim={d['embed_dim']}",
+                f"model.intermediate_dim={d['intermediate_dim']}",
                 "model.max_seq_len=2048",
                 "loss._component_=torch.nn.CrossEntropyLoss",  # as configs/tiny_cpu.yaml: chunked CE breaks gloo
                 "optimizer.fused=false",
-            ]  # fmt: skip
+            ]
         return ov
 
     def launch_command(self, nproc: int, module_path: str, config: str, overrides: List[str]) -> List[str]:
         port = str(free_port())
         if self.launcher == "tune":
-            return [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", str(nproc),
-                    "--master_port", port, module_path, "--config", config, *overrides]  # fmt: skip
+            return [
+                sys.executable,
+                "-m",
+                "torchtune._cli.tune",
+                "run",
+                "--nproc_per_node",
+                str(nproc),
+                "--master_port",
+                port,
+                module_path,
+                "--config",
+                config,
+                *overrides,
+            ]
         module = module_path.removesuffix(".py").replace("/", ".")
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
-                "-m", module, "--config", config, *overrides]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            port,
+            "-m",
+            module,
+            "--config",
+            config,
+            *overrides,
+        ]
 
     def run_recipe(self, name: str, cmd: List[str], out: Path, last_step: int, finish: bool) -> Run:
         """Run one recipe child, watching its metric log: stopped after step `last_step` unless `finish`,
@@ -584,8 +674,7 @@ class Bench:
         _say(f"{name}: {' '.join(cmd)}")
         with open(log, "w") as f:
             start = time.monotonic()
-            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    env=child_env(), **OWN_GROUP)  # fmt: skip
+            proc = _popen(cmd, f)
             try:
                 while True:
                     rc = proc.poll()
@@ -617,8 +706,11 @@ class Bench:
         run.log = log.read_text(errors="replace")
         self._save_child(name, run.log, metrics=metric_text(out) if (out / "logs").is_dir() else "")
         status = "ok" if run.ok else "FAILED"
-        _say(f"{name}: {status}, {len(run.steps)} steps, {run.wall:.1f} s to the last step, {run.total:.1f} s in all"
-             + (f" (stopped {run.stopped})" if run.stopped else "") + f", exit {run.rc}")  # fmt: skip
+        _say(
+            f"{name}: {status}, {len(run.steps)} steps, {run.wall:.1f} s to the last step, {run.total:.1f} s in all"
+            + (f" (stopped {run.stopped})" if run.stopped else "")
+            + f", exit {run.rc}"
+        )
         if not run.ok:
             _say(f"{name}: last lines of {log}:", _tail(run.log, 20))
         elif not run.stopped.startswith("over the budget"):
@@ -634,9 +726,12 @@ class Bench:
         else:
             path = self.workdir / "runs" / f"{spec.key}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
-            result, output = run_worker("stock_config", {"overrides": ours_ov, "out": str(out), "path": str(path),
-                                                         "packed": spec.packed},
-                                        self.logs / f"{spec.key}-config.log", self.remaining())  # fmt: skip
+            result, output = run_worker(
+                "stock_config",
+                {"overrides": ours_ov, "out": str(out), "path": str(path), "packed": spec.packed},
+                self.logs / f"{spec.key}-config.log",
+                self.remaining(),
+            )
             if result is None:
                 self._save_child(f"{spec.key}-config", output)
                 run = Run(spec.key, rc=1, wall=0.0, total=0.0, log=output)
@@ -647,8 +742,11 @@ class Bench:
         if finish and run.ok:
             final = re.search(r"HF checkpoint written to (\S+)", run.log)
             if final and run.total and run.wall:
-                self.checks["final_checkpoint"] = {"method": spec.key, "seconds": round(run.total - run.wall, 1),
-                                                   "path": final.group(1)}  # fmt: skip
+                self.checks["final_checkpoint"] = {
+                    "method": spec.key,
+                    "seconds": round(run.total - run.wall, 1),
+                    "path": final.group(1),
+                }
         shutil.rmtree(out, ignore_errors=True)
         return run
 
@@ -665,16 +763,19 @@ class Bench:
         else:
             return {"skipped": f"needs {need / GB:.1f} GB free for a step checkpoint, {free / GB:.1f} GB free"}
         if precision != ("fp32" if self.tiny else spec.precision):
-            self.notes.append(f"resume check in {precision}: {free / GB:.1f} GB free is too little for a "
-                              f"{spec.precision} step checkpoint ({CHECKPOINT_BYTES[spec.precision] * self.n_params / GB:.1f} GB)")  # fmt: skip
+            self.notes.append(
+                f"resume check in {precision}: {free / GB:.1f} GB free is too little for a "
+                f"{spec.precision} step checkpoint ({CHECKPOINT_BYTES[spec.precision] * self.n_params / GB:.1f} GB)"
+            )
         first, second = self.workdir / "runs" / "resume-a", self.workdir / "runs" / "resume-b"
         for d in (first, second):
             shutil.rmtree(d, ignore_errors=True)
         ov = self.overrides(spec, first, assets, last)
         ov = [o for o in ov if not o.startswith(("save_every_n_steps=", "precision="))]
         ov += [f"save_every_n_steps={every}", f"precision={precision}"]
-        run_a = self.run_recipe("resume-a", self.launch_command(nproc, "recipes/ref_finetune.py", CONFIG, ov), first,
-                                last, finish=False)  # fmt: skip
+        run_a = self.run_recipe(
+            "resume-a", self.launch_command(nproc, "recipes/ref_finetune.py", CONFIG, ov), first, last, finish=False
+        )
         result: Dict[str, Any] = {"every": every, "steps": last, "precision": precision, "run_a": _run_summary(run_a)}
         saved = re.search(r"checkpoint written to (\S+) in ([\d.]+) ?s\b", run_a.log)
         if saved:
@@ -695,8 +796,9 @@ class Bench:
         for name in ("checkpoint_final", "checkpoint_best", "logs"):
             shutil.rmtree(second / name, ignore_errors=True)
         ov_b = [o.replace(f"output_dir={first}", f"output_dir={second}") for o in ov] + ["resume_from_checkpoint=true"]
-        run_b = self.run_recipe("resume-b", self.launch_command(nproc, "recipes/ref_finetune.py", CONFIG, ov_b), second,
-                                last, finish=False)  # fmt: skip
+        run_b = self.run_recipe(
+            "resume-b", self.launch_command(nproc, "recipes/ref_finetune.py", CONFIG, ov_b), second, last, finish=False
+        )
         result["run_b"] = _run_summary(run_b)
         resumed = re.search(r"resumed from (\S+) \(step (\d+)", run_b.log)
         result["resumed_from_step"] = int(resumed.group(2)) if resumed else None
@@ -715,8 +817,13 @@ class Bench:
         return result
 
     def scoring_check(self, assets: Dict[str, Any]) -> Dict[str, Any]:
-        args = {"model": str(assets["model"]), "tokenizer": str(assets["tokenizer"]), "data": str(assets["data"]),
-                "n_samples": 5 if self.tiny else SCORE_SAMPLES, "device": "cpu" if self.tiny else "cuda"}  # fmt: skip
+        args = {
+            "model": str(assets["model"]),
+            "tokenizer": str(assets["tokenizer"]),
+            "data": str(assets["data"]),
+            "n_samples": 5 if self.tiny else SCORE_SAMPLES,
+            "device": "cpu" if self.tiny else "cuda",
+        }
         start = time.monotonic()
         result, output = run_worker("scoring", args, self.logs / "scoring.log", self.remaining())
         self._save_child("scoring", output)
@@ -750,32 +857,49 @@ class Bench:
                 continue
             # Non-padding over trained tokens of the samples our run consumed (per step, weighted by the
             # step's trained tokens: the pooled ratio, sum of all tokens over sum of trained tokens).
-            pairs = [(s["all_tokens_per_second_per_gpu"] / s["tokens_per_second_per_gpu"], s.get("tokens", 1.0))
-                     for s in peer.run.steps if s.get("tokens_per_second_per_gpu") and "all_tokens_per_second_per_gpu" in s]  # fmt: skip
+            pairs = [
+                (s["all_tokens_per_second_per_gpu"] / s["tokens_per_second_per_gpu"], s.get("tokens", 1.0))
+                for s in peer.run.steps
+                if s.get("tokens_per_second_per_gpu") and "all_tokens_per_second_per_gpu" in s
+            ]
             if pairs and peer.nonpad:
                 row.nonpad = row.trained * sum(r * w for r, w in pairs) / sum(w for _, w in pairs)
                 row.mfu = peer.mfu * row.nonpad / peer.nonpad if peer.mfu is not None else None
                 row.derived = True
                 self.peer_of[row.spec.key] = peer.spec.key
         for row in self.rows.values():
-            stock = next((r for r in self.rows.values() if r.spec.recipe == "stock" and r.spec.packed == row.spec.packed
-                          and r.trained), None)  # fmt: skip
+            stock = next(
+                (
+                    r
+                    for r in self.rows.values()
+                    if r.spec.recipe == "stock" and r.spec.packed == row.spec.packed and r.trained
+                ),
+                None,
+            )
             if stock is not None and row.trained is not None:
                 row.vs_stock = row.trained / stock.trained
 
     def _ours_peer(self, spec: Spec) -> Optional[Row]:
         """Our run of the stock run's layout: same precision, AC and packing if run, else the nearest."""
-        ours = [r for r in self.rows.values() if r.spec.recipe == "ours" and r.trained is not None and not r.spec.compile]
-        for match in (lambda s: (s.precision, s.ac, s.packed) == (spec.precision, spec.ac, spec.packed),
-                      lambda s: (s.ac, s.packed) == (spec.ac, spec.packed), lambda s: s.packed == spec.packed):  # fmt: skip
+        ours = [
+            r for r in self.rows.values() if r.spec.recipe == "ours" and r.trained is not None and not r.spec.compile
+        ]
+        for match in (
+            lambda s: (s.precision, s.ac, s.packed) == (spec.precision, spec.ac, spec.packed),
+            lambda s: (s.ac, s.packed) == (spec.ac, spec.packed),
+            lambda s: s.packed == spec.packed,
+        ):
             found = [r for r in ours if match(r.spec)]
             if found:
                 return found[0]
         return None
 
     def table(self) -> str:
-        rows = ["| method | steps | trained tok/s/GPU | non-padding tok/s/GPU | MFU | peak alloc GiB | peak reserved GiB "
-                "| wall s | x stock-same-layout |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        rows = [
+            "| method | steps | trained tok/s/GPU | non-padding tok/s/GPU | MFU | peak alloc GiB | peak reserved GiB "
+            "| wall s | x stock-same-layout |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for spec in SPECS:
             row = self.rows.get(spec.key)
             if row is None:
@@ -799,8 +923,11 @@ class Bench:
 
     def memory_table(self, nproc: int) -> List[str]:
         """Per-GPU memory on 4 GPUs, derived from the measured peaks (state sharded 4 ways)."""
-        measured = [r for r in (self.rows.get(s.key) for s in SPECS) if r and r.spec.recipe == "ours"
-                    and not r.spec.compile and r.peak_alloc is not None]  # fmt: skip
+        measured = [
+            r
+            for r in (self.rows.get(s.key) for s in SPECS)
+            if r and r.spec.recipe == "ours" and not r.spec.compile and r.peak_alloc is not None
+        ]
         if not measured:
             return ["No CUDA memory peaks were measured (CPU run, or no method finished): no estimate."]
         lines = [
@@ -824,8 +951,10 @@ class Bench:
             for card in CARDS_GIB.values():
                 spare = card - CARD_RESERVE_GIB - reserved
                 fits.append(f"yes ({spare:.1f} GiB spare)" if spare >= 0 else f"no ({-spare:.1f} GiB short)")
-            lines.append(f"| {row.spec.label} | {row.peak_alloc:.2f} / {row.peak_reserved:.2f} | {saved:.2f} | "
-                         f"{alloc:.2f} / {reserved:.2f} | {fits[0]} | {fits[1]} |")  # fmt: skip
+            lines.append(
+                f"| {row.spec.label} | {row.peak_alloc:.2f} / {row.peak_reserved:.2f} | {saved:.2f} | "
+                f"{alloc:.2f} / {reserved:.2f} | {fits[0]} | {fits[1]} |"
+            )
         return lines
 
     def check_lines(self) -> List[str]:
@@ -837,27 +966,39 @@ class Bench:
             if "skipped" in resume:
                 lines.append(f"- {resume['skipped']}")
             else:
-                lines.append(f"- production method ({resume['precision']}), `save_every_n_steps={resume['every']}`, "
-                             f"run to step {resume['steps']}, then resumed from step {resume.get('resumed_from_step')} "
-                             f"in a copy holding only that checkpoint")  # fmt: skip
+                lines.append(
+                    f"- production method ({resume['precision']}), `save_every_n_steps={resume['every']}`, "
+                    f"run to step {resume['steps']}, then resumed from step {resume.get('resumed_from_step')} "
+                    f"in a copy holding only that checkpoint"
+                )
                 if "max_abs_loss_diff" in resume:
-                    lines.append(f"- max |loss difference| over steps {resume['compared_steps'][0]}.."
-                                 f"{resume['compared_steps'][-1]}: {resume['max_abs_loss_diff']:.3g}")  # fmt: skip
+                    lines.append(
+                        f"- max |loss difference| over steps {resume['compared_steps'][0]}.."
+                        f"{resume['compared_steps'][-1]}: {resume['max_abs_loss_diff']:.3g}"
+                    )
                 if "error" in resume:
                     lines.append(f"- FAILED: {resume['error']}")
                 if "checkpoint_seconds" in resume:
                     size = f" ({resume['checkpoint_bytes'] / GB:.1f} GB)" if "checkpoint_bytes" in resume else ""
-                    lines.append(f"- step checkpoint{size} written in {resume['checkpoint_seconds']:.1f} s (recipe's log)")
+                    lines.append(
+                        f"- step checkpoint{size} written in {resume['checkpoint_seconds']:.1f} s (recipe's log)"
+                    )
                 a, b = resume.get("run_a"), resume.get("run_b")
                 if a and b and a.get("first_step_s") and b.get("first_step_s"):
-                    lines.append(f"- start to first step: {a['first_step_s']:.1f} s fresh, {b['first_step_s']:.1f} s "
-                                 "resumed (reading the step checkpoint)")  # fmt: skip
+                    lines.append(
+                        f"- start to first step: {a['first_step_s']:.1f} s fresh, {b['first_step_s']:.1f} s "
+                        "resumed (reading the step checkpoint)"
+                    )
             lines.append("")
         final = self.checks.get("final_checkpoint")
         if final:
-            lines += ["### checkpoint_final", "",
-                      f"- {final['method']}: from its last step's log line to its exit (gather to rank 0, bf16 HF "
-                      f"`.bin` write, shutdown): {final['seconds']:.1f} s", ""]  # fmt: skip
+            lines += [
+                "### checkpoint_final",
+                "",
+                f"- {final['method']}: from its last step's log line to its exit (gather to rank 0, bf16 HF "
+                f"`.bin` write, shutdown): {final['seconds']:.1f} s",
+                "",
+            ]
         scoring = self.checks.get("scoring")
         if scoring is not None:
             lines.append("### Scoring check: ref_tuning.scoring against transformers")
@@ -868,19 +1009,25 @@ class Bench:
                 lines += ["- FAILED:", "", "```", scoring.get("error", "?"), "```"]
             else:
                 loss = scoring.get("mean_loss_fp32", scoring.get("mean_loss_bf16"))
-                lines.append(f"- {scoring['samples']} samples, {scoring.get('tokens', 0):,} response tokens, on "
-                             f"{scoring['gpu'] or scoring['device']}; ours batched {SCORE_BATCH} (right-padded, as "
-                             "recipes/ref_score.py), transformers one sample at a time (no attention mask, as Rho-1); "
-                             f"mean loss {loss:.3f}; seconds {scoring.get('seconds')}")  # fmt: skip
+                lines.append(
+                    f"- {scoring['samples']} samples, {scoring.get('tokens', 0):,} response tokens, on "
+                    f"{scoring['gpu'] or scoring['device']}; ours batched {SCORE_BATCH} (right-padded, as "
+                    "recipes/ref_score.py), transformers one sample at a time (no attention mask, as Rho-1); "
+                    f"mean loss {loss:.3f}; seconds {scoring.get('seconds')}"
+                )
                 lines.append("")
                 lines.append("| per-token losses | max abs diff | mean abs diff |")
                 lines.append("| --- | ---: | ---: |")
-                for key, label in (("bf16_ours_vs_transformers", "bf16: ours vs transformers"),
-                                   ("fp32_ours_vs_transformers", "fp32: ours vs transformers"),
-                                   ("bf16_ours_vs_fp32_ours", "ours: bf16 vs fp32 (bf16's own error, for scale)"),
-                                   ("bf16_transformers_vs_fp32_transformers", "transformers: bf16 vs fp32")):  # fmt: skip
+                for key, label in (
+                    ("bf16_ours_vs_transformers", "bf16: ours vs transformers"),
+                    ("fp32_ours_vs_transformers", "fp32: ours vs transformers"),
+                    ("bf16_ours_vs_fp32_ours", "ours: bf16 vs fp32 (bf16's own error, for scale)"),
+                    ("bf16_transformers_vs_fp32_transformers", "transformers: bf16 vs fp32"),
+                ):
                     d = scoring.get(key)
-                    lines.append(f"| {label} | {d['max']:.3g} | {d['mean']:.3g} |" if d else f"| {label} | not reached | |")
+                    lines.append(
+                        f"| {label} | {d['max']:.3g} | {d['mean']:.3g} |" if d else f"| {label} | not reached | |"
+                    )
                 if "error" in scoring:
                     lines += ["", "- INCOMPLETE:", "", "```", scoring["error"], "```"]
             lines.append("")
@@ -891,26 +1038,41 @@ class Bench:
         head = ["## gpu benchmark" + ("" if final else " (in progress)"), ""]
         head += machine_lines(self.workdir)
         if self.info:
-            head.append(f"- device: {self.info.get('gpus')} x {self.info.get('gpu_name') or 'no GPU'}; torch "
-                        f"{self.info.get('torch')}, torchtune {self.info.get('torchtune')}, torchao "
-                        f"{self.info.get('torchao')}, transformers {self.info.get('transformers')}; launched by "
-                        f"`{'tune run' if self.launcher == 'tune' else 'torchrun'}`")  # fmt: skip
+            head.append(
+                f"- device: {self.info.get('gpus')} x {self.info.get('gpu_name') or 'no GPU'}; torch "
+                f"{self.info.get('torch')}, torchtune {self.info.get('torchtune')}, torchao "
+                f"{self.info.get('torchao')}, transformers {self.info.get('transformers')}; launched by "
+                f"`{'tune run' if self.launcher == 'tune' else 'torchrun'}`"
+            )
         if assets:
-            model = "the demo's tiny shape, LLaMA-2 vocabulary, fp32 for every method (CPU)" if self.tiny else (
-                "random Sheared-LLaMA-2.7B (bf16 checkpoint)")  # fmt: skip
-            head.append(f"- model: {model}, {self.n_params:,} parameters; {nproc} process(es), batch "
-                        f"{self.args.batch_size} x 2048 per process, gradient accumulation 1, {self.args.steps} steps "
-                        f"of one epoch; medians over the steps after the first {self.args.skip}")  # fmt: skip
-            head.append(f"- data: synthetic CodeContests-like split, {assets['lines']:,} lines; "
-                        f"dataset.n_samples={assets['n_samples']} (the same samples for every method)")  # fmt: skip
-        head.append(f"- elapsed {self.elapsed():.0f} s" + (f" of a {self.args.budget_s:.0f} s budget" if self.args.budget_s else ""))
+            model = (
+                "the demo's tiny shape, LLaMA-2 vocabulary, fp32 for every method (CPU)"
+                if self.tiny
+                else ("random Sheared-LLaMA-2.7B (bf16 checkpoint)")
+            )
+            head.append(
+                f"- model: {model}, {self.n_params:,} parameters; {nproc} process(es), batch "
+                f"{self.args.batch_size} x 2048 per process, gradient accumulation 1, {self.args.steps} steps "
+                f"of one epoch; medians over the steps after the first {self.args.skip}"
+            )
+            head.append(
+                f"- data: synthetic CodeContests-like split, {assets['lines']:,} lines; "
+                f"dataset.n_samples={assets['n_samples']} (the same samples for every method)"
+            )
+        head.append(
+            f"- elapsed {self.elapsed():.0f} s"
+            + (f" of a {self.args.budget_s:.0f} s budget" if self.args.budget_s else "")
+        )
         body = ["", self.table(), ""]
-        body.append("`*` derived from our run of the same layout (" + ", ".join(
-            f"{k} from {v}" for k, v in self.peer_of.items()) + "): non-padding rate = the stock "
+        body.append(
+            "`*` derived from our run of the same layout ("
+            + ", ".join(f"{k} from {v}" for k, v in self.peer_of.items())
+            + "): non-padding rate = the stock "
             "run's trained rate x the non-padding/trained token ratio of the samples our run trained on (the same "
             "draw); MFU = ours x the ratio of the non-padding rates. MFU counts 6 FLOPs a weight a token plus attention (PaLM), no recomputation. "
             "`wall s`: the child's start (imports, data, model load) to its last step's log line. Peaks: the largest "
-            "per-step CUDA peaks (torch's allocator), GiB.")  # fmt: skip
+            "per-step CUDA peaks (torch's allocator), GiB."
+        )
         body += [""] + [f"- {n}" for n in self.notes] + ([""] if self.notes else [])
         body += self.check_lines()
         body += ["### Memory on 4 GPUs (derived)", ""] + self.memory_table(nproc) + [""]
@@ -927,13 +1089,24 @@ class Bench:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "bench_gpu.md").write_text(text + "\n")
             data = {
-                "info": self.info, "nproc": nproc, "args": {k: str(v) for k, v in vars(self.args).items() if k != "func"},
-                "assets": {k: str(v) for k, v in (assets or {}).items()}, "params": self.n_params,
-                "rows": {k: {**{f: v for f, v in asdict(r).items() if f not in ("spec", "run")},
-                             "label": r.spec.label, "run": _run_summary(r.run) if r.run else None}
-                         for k, r in self.rows.items()},
-                "checks": self.checks, "notes": self.notes, "elapsed": self.elapsed(), "final": final,
-            }  # fmt: skip
+                "info": self.info,
+                "nproc": nproc,
+                "args": {k: str(v) for k, v in vars(self.args).items() if k != "func"},
+                "assets": {k: str(v) for k, v in (assets or {}).items()},
+                "params": self.n_params,
+                "rows": {
+                    k: {
+                        **{f: v for f, v in asdict(r).items() if f not in ("spec", "run")},
+                        "label": r.spec.label,
+                        "run": _run_summary(r.run) if r.run else None,
+                    }
+                    for k, r in self.rows.items()
+                },
+                "checks": self.checks,
+                "notes": self.notes,
+                "elapsed": self.elapsed(),
+                "final": final,
+            }
             (self.out / "bench_gpu.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         return text
 
@@ -943,7 +1116,9 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         data = output.encode(errors="replace")
         if len(data) > TAIL_BYTES:
-            output = f"[... {len(data) - TAIL_BYTES} bytes left out ...]\n" + data[-TAIL_BYTES:].decode(errors="replace")
+            output = f"[... {len(data) - TAIL_BYTES} bytes left out ...]\n" + data[-TAIL_BYTES:].decode(
+                errors="replace"
+            )
         with open(self.out / "children.log", "a") as f:
             f.write(f"\n===== {name} ({self.elapsed():.0f} s) =====\n{output}\n")
         if metrics:
@@ -952,8 +1127,15 @@ class Bench:
 
 
 def _run_summary(run: Run) -> Dict[str, Any]:
-    return {"rc": run.rc, "wall": run.wall, "total": run.total, "first_step_s": run.first_step_s, "steps": len(run.steps),
-            "stopped": run.stopped, "losses": [s["loss"] for s in run.steps]}  # fmt: skip
+    return {
+        "rc": run.rc,
+        "wall": run.wall,
+        "total": run.total,
+        "first_step_s": run.first_step_s,
+        "steps": len(run.steps),
+        "stopped": run.stopped,
+        "losses": [s["loss"] for s in run.steps],
+    }
 
 
 def _median(steps: List[Dict[str, float]], key: str) -> Optional[float]:
@@ -1064,8 +1246,10 @@ def bench_gpu(args: argparse.Namespace) -> int:
     bench.preflight()
     nproc = bench.nproc()
     assets = bench.assets(nproc)
-    _say(f"{nproc} process(es); {args.steps} steps; methods {', '.join(args.methods)}; checks {', '.join(args.checks) or 'none'}"
-         + (f"; budget {args.budget_s:.0f} s ({bench.remaining():.0f} s left)" if args.budget_s else ""))  # fmt: skip
+    _say(
+        f"{nproc} process(es); {args.steps} steps; methods {', '.join(args.methods)}; checks {', '.join(args.checks) or 'none'}"
+        + (f"; budget {args.budget_s:.0f} s ({bench.remaining():.0f} s left)" if args.budget_s else "")
+    )
     finished_first = False
     for phase in RUN_ORDER:
         if phase in CHECKS:
@@ -1077,7 +1261,9 @@ def bench_gpu(args: argparse.Namespace) -> int:
                 _say(f"{phase}: {why}")
             else:
                 _say(f"{phase} check ...")
-                bench.checks[phase] = bench.resume_check(assets, nproc) if phase == "resume" else bench.scoring_check(assets)
+                bench.checks[phase] = (
+                    bench.resume_check(assets, nproc) if phase == "resume" else bench.scoring_check(assets)
+                )
         elif phase in args.methods:
             spec = BY_KEY[phase]
             why = bench.can_start(phase)
@@ -1102,28 +1288,48 @@ def bench_gpu(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("gpu", help="the production config on GPUs: variants vs torchtune's recipe, resume and scoring checks",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = add_subcommand(
+        sub,
+        "gpu",
+        "the production config on GPUs: variants vs torchtune's recipe, resume and scoring checks",
+        __doc__,
+        DEFAULT_WORKDIR,
+        "checkpoint, data and runs (default {default}); "
+        "needs ~6 GB, plus a step checkpoint (~33 GB) for the resume check",
+    )
     p.add_argument("--tokenizer", type=Path, help="the LLaMA-2 tokenizer.model (default: as bench data)")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"checkpoint, data and runs (default {DEFAULT_WORKDIR.relative_to(PROJECT_ROOT)}); "
-                        "needs ~6 GB, plus a step checkpoint (~33 GB) for the resume check")  # fmt: skip
     p.add_argument("--out", type=Path, help="where the table, the numbers and every child's output go")
     p.add_argument("--nproc", type=positive, help="processes (GPUs) per run (default: every GPU; 2 with --tiny)")
     p.add_argument("--steps", type=positive, help="optimizer steps per run (default 20; 6 with --tiny)")
     p.add_argument("--skip", type=int, help="first steps left out of the medians (default 5; 2 with --tiny)")
     p.add_argument("--batch-size", type=positive, help="rows of 2048 tokens per process (default 4; 1 with --tiny)")
-    p.add_argument("--methods", type=select_methods,
-                   help=f"comma-separated keys or labels, or 'all' (default: all but stock-unpacked, and with --tiny "
-                        f"but ours-compile too); keys: {', '.join(BY_KEY)}")  # fmt: skip
-    p.add_argument("--checks", type=select_checks, default=list(CHECKS),
-                   help="comma-separated: resume, scoring; or 'none' (default: both)")
-    p.add_argument("--resume-every", type=positive, help="S of the resume check: save at S, compare S+1..2S (default 3; 2 with --tiny)")
+    p.add_argument(
+        "--methods",
+        type=select_methods,
+        help=f"comma-separated keys or labels, or 'all' (default: all but stock-unpacked, and with --tiny "
+        f"but ours-compile too); keys: {', '.join(BY_KEY)}",
+    )
+    p.add_argument(
+        "--checks",
+        type=select_checks,
+        default=list(CHECKS),
+        help="comma-separated: resume, scoring; or 'none' (default: both)",
+    )
+    p.add_argument(
+        "--resume-every",
+        type=positive,
+        help="S of the resume check: save at S, compare S+1..2S (default 3; 2 with --tiny)",
+    )
     p.add_argument("--budget-s", type=float, help="total seconds: later phases are skipped, a child over it stopped")
-    p.add_argument("--peak-tflops", type=float, help="per GPU, dense bf16, for MFU (default: the recipe's known values)")
-    p.add_argument("--no-final", action="store_true",
-                   help="stop every run after its last step (default: the first of ours goes on to write and time "
-                        "checkpoint_final)")  # fmt: skip
+    p.add_argument(
+        "--peak-tflops", type=float, help="per GPU, dense bf16, for MFU (default: the recipe's known values)"
+    )
+    p.add_argument(
+        "--no-final",
+        action="store_true",
+        help="stop every run after its last step (default: the first of ours goes on to write and time "
+        "checkpoint_final)",
+    )
     p.add_argument("--tiny", action="store_true", help="the tiny model on CPU (gloo), fp32: the pipeline's test")
     p.set_defaults(func=bench_gpu)
 

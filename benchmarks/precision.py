@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from benchmarks import PROJECT_ROOT, machine_lines, positive, remove
+from benchmarks import PROJECT_ROOT, add_subcommand, machine_lines, positive, remove
 from benchmarks.data import default_tokenizer, make_split
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "precision"
@@ -85,22 +85,42 @@ ASSETS_VERSION = 1  # bump whenever the base model's recipe changes: it is then 
 
 
 def model_overrides() -> List[str]:
-    return [f"model.vocab_size={VOCAB_SIZE}", f"model.num_layers={MODEL['num_layers']}",
-            f"model.num_heads={MODEL['num_heads']}", f"model.num_kv_heads={MODEL['num_kv_heads']}",
-            f"model.embed_dim={MODEL['embed_dim']}", f"model.intermediate_dim={MODEL['intermediate_dim']}"]  # fmt: skip
-
-
-def run_overrides(tokenizer: Path, data: Path, model: Path, out: Path, steps: int, lr: float, warmup: int,
-                  seed: int, precision: str) -> List[str]:  # fmt: skip
     return [
-        *model_overrides(), f"tokenizer.path={tokenizer}", f"tokenizer.max_seq_len={SEQ_LEN}",
-        f"checkpointer.checkpoint_dir={model}", f"dataset.data_dir={data}", "dataset.long_samples=truncate",
-        f"dataset.n_samples={math.ceil(steps * NPROC * BATCH_SIZE / KEPT_SHARE)}", "dataset_val=null",
-        f"batch_size={BATCH_SIZE}", "gradient_accumulation_steps=1", "epochs=1", f"max_steps_per_epoch={steps}",
-        f"seed={seed}", f"optimizer.lr={lr}", "optimizer.betas=[0.9,0.95]", "optimizer.weight_decay=0.01",
-        f"lr_scheduler.num_warmup_steps={warmup}", "clip_grad_norm=1.0", f"precision={precision}",
-        "output_dtype=fp32", f"output_dir={out}",
-    ]  # fmt: skip
+        f"model.vocab_size={VOCAB_SIZE}",
+        f"model.num_layers={MODEL['num_layers']}",
+        f"model.num_heads={MODEL['num_heads']}",
+        f"model.num_kv_heads={MODEL['num_kv_heads']}",
+        f"model.embed_dim={MODEL['embed_dim']}",
+        f"model.intermediate_dim={MODEL['intermediate_dim']}",
+    ]
+
+
+def run_overrides(
+    tokenizer: Path, data: Path, model: Path, out: Path, steps: int, lr: float, warmup: int, seed: int, precision: str
+) -> List[str]:
+    return [
+        *model_overrides(),
+        f"tokenizer.path={tokenizer}",
+        f"tokenizer.max_seq_len={SEQ_LEN}",
+        f"checkpointer.checkpoint_dir={model}",
+        f"dataset.data_dir={data}",
+        "dataset.long_samples=truncate",
+        f"dataset.n_samples={math.ceil(steps * NPROC * BATCH_SIZE / KEPT_SHARE)}",
+        "dataset_val=null",
+        f"batch_size={BATCH_SIZE}",
+        "gradient_accumulation_steps=1",
+        "epochs=1",
+        f"max_steps_per_epoch={steps}",
+        f"seed={seed}",
+        f"optimizer.lr={lr}",
+        "optimizer.betas=[0.9,0.95]",
+        "optimizer.weight_decay=0.01",
+        f"lr_scheduler.num_warmup_steps={warmup}",
+        "clip_grad_norm=1.0",
+        f"precision={precision}",
+        "output_dtype=fp32",
+        f"output_dir={out}",
+    ]
 
 
 def warmup_steps(steps: int) -> int:
@@ -146,8 +166,11 @@ def step_weights(step_dir: Path) -> Dict[str, Any]:
 
     state = step_dir / "state"
     meta = dcp.FileSystemReader(state).read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in meta.items()
-               if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}  # fmt: skip
+    tensors = {
+        key: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in meta.items()
+        if key.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
     dcp.load(tensors, storage_reader=dcp.FileSystemReader(state), no_dist=True)
     return {key.removeprefix("model."): t for key, t in tensors.items()}
 
@@ -180,8 +203,15 @@ def analyse(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     base = Path(spec["base"])
     tokenizer = sheared_llama_tokenizer(spec["tokenizer"])
-    val = codecontests_dataset(tokenizer, spec["data_val"], split="train", n_samples=VAL_SAMPLES, seed=0,
-                               max_seq_len=SEQ_LEN, long_samples="truncate")  # fmt: skip
+    val = codecontests_dataset(
+        tokenizer,
+        spec["data_val"],
+        split="train",
+        n_samples=VAL_SAMPLES,
+        seed=0,
+        max_seq_len=SEQ_LEN,
+        long_samples="truncate",
+    )
     samples = [val[i] for i in range(len(val))]
     result: Dict[str, Any] = {
         "val_samples": len(samples),
@@ -276,25 +306,36 @@ def make_assets(workdir: Path, tokenizer: Path, logs: Path) -> Dict[str, Path]:
     data_val = workdir / "data_val"
     make_split(data_val, VAL_LINES, tokenizer, spare_bytes=0)
     base = workdir / "base"
-    params = {"version": ASSETS_VERSION, "model": MODEL, "vocab_size": VOCAB_SIZE, "seq_len": SEQ_LEN,
-              "pretrain_steps": PRETRAIN_STEPS, "pretrain_lr": PRETRAIN_LR,
-              "data": json.loads((data / "synthetic.json").read_text())["params"]}  # fmt: skip
+    params = {
+        "version": ASSETS_VERSION,
+        "model": MODEL,
+        "vocab_size": VOCAB_SIZE,
+        "seq_len": SEQ_LEN,
+        "pretrain_steps": PRETRAIN_STEPS,
+        "pretrain_lr": PRETRAIN_LR,
+        "data": json.loads((data / "synthetic.json").read_text())["params"],
+    }
     marker = workdir / "base.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == params and (base / "config.json").is_file()):
         remove(marker)
         init, pretrain = workdir / "init", workdir / "pretrain"
         for path in (init, pretrain, base):
             remove(path)
-        print(f"[bench] writing the model and pretraining it for {PRETRAIN_STEPS} steps (fp32, lr {PRETRAIN_LR})",
-              file=sys.stderr, flush=True)  # fmt: skip
-        subprocess.run(_child("write_init_model", init, tokenizer), cwd=PROJECT_ROOT,
-                       check=True)  # fmt: skip
-        overrides = run_overrides(tokenizer, data, init, pretrain, PRETRAIN_STEPS, PRETRAIN_LR,
-                                  warmup_steps(PRETRAIN_STEPS), 1, "fp32") + ["save_every_n_steps=null"]  # fmt: skip
+        print(
+            f"[bench] writing the model and pretraining it for {PRETRAIN_STEPS} steps (fp32, lr {PRETRAIN_LR})",
+            file=sys.stderr,
+            flush=True,
+        )
+        subprocess.run(_child("write_init_model", init, tokenizer), cwd=PROJECT_ROOT, check=True)
+        overrides = run_overrides(
+            tokenizer, data, init, pretrain, PRETRAIN_STEPS, PRETRAIN_LR, warmup_steps(PRETRAIN_STEPS), 1, "fp32"
+        ) + ["save_every_n_steps=null"]
         wall, rc = run_pruned(tune_run_command(NPROC, overrides), logs / "pretrain.log", None, set())
         if rc != 0 or logged_steps(pretrain) != list(range(1, PRETRAIN_STEPS + 1)):
-            raise SystemExit(f"pretraining failed (exit {rc}); last lines of {logs / 'pretrain.log'}:\n"
-                             f"{_tail(logs / 'pretrain.log')}")  # fmt: skip
+            raise SystemExit(
+                f"pretraining failed (exit {rc}); last lines of {logs / 'pretrain.log'}:\n"
+                f"{_tail(logs / 'pretrain.log')}"
+            )
         (pretrain / "checkpoint_final").rename(base)
         for path in (init, pretrain):
             remove(path)
@@ -332,7 +373,8 @@ def report(result: Dict[str, Any], steps: int, probes: List[int], walls: Dict[st
     lines = rows + [
         "",
         f"bf16_mixed: improvement {mixed:.4f} against fp32's {imp32:.4f}, {100 * gap:.2f}% apart: "
-        + ("within 2%" if gap <= 0.02 else "NOT within 2%") + ".",
+        + ("within 2%" if gap <= 0.02 else "NOT within 2%")
+        + ".",
         f"bf16: improvement {bf16:.4f}, {100 * (imp32 - bf16) / imp32:.1f}% short of fp32's." if imp32 else "",
         f"(The base model rounded to bf16, where pure bf16 starts: val loss {result['val_before_bf16']:.4f}; "
         f"bf16's improvement from there: {result['val_before_bf16'] - result['modes']['bf16']['val_end']:.4f}.)",
@@ -363,53 +405,80 @@ def bench_precision(args: argparse.Namespace) -> int:
     for mode in MODES:
         out = workdir / "runs" / mode
         remove(out)
-        overrides = run_overrides(tokenizer, assets["data"], assets["base"], out, steps, LR, warmup_steps(steps), 0,
-                                  mode) + ["save_every_n_steps=1", f"keep_last_n_checkpoints={steps}"]  # fmt: skip
+        overrides = run_overrides(
+            tokenizer, assets["data"], assets["base"], out, steps, LR, warmup_steps(steps), 0, mode
+        ) + ["save_every_n_steps=1", f"keep_last_n_checkpoints={steps}"]
         print(f"[bench] {mode}: {steps} steps ...", file=sys.stderr, flush=True)
         log = logs / f"{mode}.log"
         walls[mode], rc = run_pruned(tune_run_command(NPROC, overrides), log, out / "checkpoints", keep)
         done = logged_steps(out)
         if rc != 0 or done != list(range(1, steps + 1)):
-            raise SystemExit(f"{mode} failed (exit {rc}, steps logged {done[-1:] or 'none'} of {steps}); "
-                             f"last lines of {log}:\n{_tail(log)}")  # fmt: skip
+            raise SystemExit(
+                f"{mode} failed (exit {rc}, steps logged {done[-1:] or 'none'} of {steps}); "
+                f"last lines of {log}:\n{_tail(log)}"
+            )
         print(f"[bench]   {walls[mode]:.0f} s", file=sys.stderr, flush=True)
         runs[mode] = out
     spec = workdir / "analysis.json"
-    spec.write_text(json.dumps({"base": str(assets["base"]), "tokenizer": str(tokenizer),
-                                "data_val": str(assets["data_val"]), "probe_steps": probes,
-                                "runs": {mode: str(out) for mode, out in runs.items()}}))  # fmt: skip
+    spec.write_text(
+        json.dumps(
+            {
+                "base": str(assets["base"]),
+                "tokenizer": str(tokenizer),
+                "data_val": str(assets["data_val"]),
+                "probe_steps": probes,
+                "runs": {mode: str(out) for mode, out in runs.items()},
+            }
+        )
+    )
     print("[bench] validation losses and updates ...", file=sys.stderr, flush=True)
-    analysis = subprocess.run(_child("analyse", spec), cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True)  # fmt: skip
+    analysis = subprocess.run(
+        _child("analyse", spec), cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
     if analysis.returncode != 0:
         raise SystemExit(f"the analysis failed (exit {analysis.returncode}):\n{analysis.stderr[-3000:]}")
     result = json.loads(analysis.stdout.strip().splitlines()[-1])
     for out in runs.values():  # the step checkpoints are only needed for the analysis
         remove(out / "checkpoints")
     total = time.perf_counter() - start
-    n_params = VOCAB_SIZE * MODEL["embed_dim"] * 2 + MODEL["embed_dim"] + MODEL["num_layers"] * (
-        4 * MODEL["embed_dim"] ** 2 + 3 * MODEL["embed_dim"] * MODEL["intermediate_dim"] + 2 * MODEL["embed_dim"])
+    n_params = (
+        VOCAB_SIZE * MODEL["embed_dim"] * 2
+        + MODEL["embed_dim"]
+        + MODEL["num_layers"]
+        * (4 * MODEL["embed_dim"] ** 2 + 3 * MODEL["embed_dim"] * MODEL["intermediate_dim"] + 2 * MODEL["embed_dim"])
+    )
     print("## precision benchmark\n")
     print("\n".join(machine))
-    print(f"- model: tiny LLaMA-2 family, vocabulary 32,000, width {MODEL['embed_dim']}, {MODEL['num_layers']} layers, "
-          f"{n_params:,} parameters; base: pretrained {PRETRAIN_STEPS} steps in fp32 at lr {PRETRAIN_LR:g} "
-          f"({assets['base']})")  # fmt: skip
-    print(f"- data: synthetic CodeContests-like split ({TRAIN_LINES:,} lines, {assets['data']}), rows of {SEQ_LEN} "
-          f"tokens (longer samples truncated); validation: {result['val_samples']} held-out samples, "
-          f"{result['val_tokens']:,} response tokens ({assets['data_val']}), fp32 evaluation")  # fmt: skip
-    print(f"- training: {NPROC} processes on CPU (gloo), batch {BATCH_SIZE} row per process, {steps} steps; AdamW "
-          f"lr {LR:g}, betas 0.9/0.95, weight decay 0.01, cosine with {warmup_steps(steps)} warmup steps, clip 1.0; "
-          f"output_dtype=fp32; total wall {total:.0f} s\n")  # fmt: skip
+    print(
+        f"- model: tiny LLaMA-2 family, vocabulary 32,000, width {MODEL['embed_dim']}, {MODEL['num_layers']} layers, "
+        f"{n_params:,} parameters; base: pretrained {PRETRAIN_STEPS} steps in fp32 at lr {PRETRAIN_LR:g} "
+        f"({assets['base']})"
+    )
+    print(
+        f"- data: synthetic CodeContests-like split ({TRAIN_LINES:,} lines, {assets['data']}), rows of {SEQ_LEN} "
+        f"tokens (longer samples truncated); validation: {result['val_samples']} held-out samples, "
+        f"{result['val_tokens']:,} response tokens ({assets['data_val']}), fp32 evaluation"
+    )
+    print(
+        f"- training: {NPROC} processes on CPU (gloo), batch {BATCH_SIZE} row per process, {steps} steps; AdamW "
+        f"lr {LR:g}, betas 0.9/0.95, weight decay 0.01, cosine with {warmup_steps(steps)} warmup steps, clip 1.0; "
+        f"output_dtype=fp32; total wall {total:.0f} s\n"
+    )
     print("\n".join(report(result, steps, probes, walls)))
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("precision", help="fp32 vs bf16_mixed vs pure bf16: updates and validation loss",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--steps", type=positive, default=DEFAULT_STEPS,
-                   help=f"optimizer steps of each run (default {DEFAULT_STEPS})")  # fmt: skip
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"data, base model, runs and logs (default {DEFAULT_WORKDIR.relative_to(PROJECT_ROOT)})")
+    p = add_subcommand(
+        sub,
+        "precision",
+        "fp32 vs bf16_mixed vs pure bf16: updates and validation loss",
+        __doc__,
+        DEFAULT_WORKDIR,
+        "data, base model, runs and logs (default {default})",
+    )
+    p.add_argument(
+        "--steps", type=positive, default=DEFAULT_STEPS, help=f"optimizer steps of each run (default {DEFAULT_STEPS})"
+    )
     p.add_argument("--tokenizer", type=Path, help="the LLaMA-2 tokenizer.model (default: as bench data)")
     p.set_defaults(func=bench_precision)

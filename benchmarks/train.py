@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Tuple
 
 from torchtune.training.metric_logging import DiskLogger
 
-from benchmarks import PROJECT_ROOT, machine_lines, positive, run_child
+from benchmarks import PROJECT_ROOT, add_subcommand, machine_lines, positive, run_child
 from benchmarks.data import default_tokenizer, make_split
 
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "train"
@@ -70,20 +70,31 @@ def make_assets(workdir: Path, tokenizer: Path) -> Dict[str, Path]:
     info = make_split(data, SPLIT_LINES, tokenizer, spare_bytes=0)
     model = workdir / "model"
     if not (model / "config.json").is_file():
-        code = ("import sys; from pathlib import Path; from ref_tuning.demo import write_tiny_checkpoint; "
-                "write_tiny_checkpoint(Path(sys.argv[1]), 32000, Path(sys.argv[2]))")  # fmt: skip
+        code = (
+            "import sys; from pathlib import Path; from ref_tuning.demo import write_tiny_checkpoint; "
+            "write_tiny_checkpoint(Path(sys.argv[1]), 32000, Path(sys.argv[2]))"
+        )
         subprocess.run([sys.executable, "-c", code, str(model), str(tokenizer)], cwd=PROJECT_ROOT, check=True)
     return {"data": data, "model": model, "tokenizer": tokenizer, "lines": info["lines"]}
 
 
 def our_overrides(assets: Dict[str, Any], out: Path, n_samples: int, batch_size: int, packed: bool) -> List[str]:
     return [
-        "model.vocab_size=32000", f"tokenizer.path={assets['tokenizer']}", f"checkpointer.checkpoint_dir={assets['model']}",
-        f"dataset.data_dir={assets['data']}", f"dataset.n_samples={n_samples}", f"dataset.packed={str(packed).lower()}",
-        "dataset_val=null", f"batch_size={batch_size}", "epochs=1", "seed=0", "save_every_n_steps=null",
-        "lr_scheduler.num_warmup_steps=2", f"output_dir={out}",
+        "model.vocab_size=32000",
+        f"tokenizer.path={assets['tokenizer']}",
+        f"checkpointer.checkpoint_dir={assets['model']}",
+        f"dataset.data_dir={assets['data']}",
+        f"dataset.n_samples={n_samples}",
+        f"dataset.packed={str(packed).lower()}",
+        "dataset_val=null",
+        f"batch_size={batch_size}",
+        "epochs=1",
+        "seed=0",
+        "save_every_n_steps=null",
+        "lr_scheduler.num_warmup_steps=2",
+        f"output_dir={out}",
         "metric_logger._component_=benchmarks.train.TimedDiskLogger",
-    ]  # fmt: skip
+    ]
 
 
 def stock_config_file(assets: Dict[str, Any], out: Path, n_samples: int, batch_size: int, packed: bool) -> Path:
@@ -93,8 +104,10 @@ def stock_config_file(assets: Dict[str, Any], out: Path, n_samples: int, batch_s
     from tests.stock_recipe import stock_config
     from ref_tuning.demo import TINY_CONFIG
 
-    cfg = OmegaConf.merge(OmegaConf.load(PROJECT_ROOT / TINY_CONFIG),
-                          OmegaConf.from_dotlist(our_overrides(assets, out, n_samples, batch_size, False)))  # fmt: skip
+    cfg = OmegaConf.merge(
+        OmegaConf.load(PROJECT_ROOT / TINY_CONFIG),
+        OmegaConf.from_dotlist(our_overrides(assets, out, n_samples, batch_size, False)),
+    )
     stock = stock_config(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), str(out))
     stock.metric_logger._component_ = "benchmarks.train.TimedDiskLogger"
     if packed:
@@ -106,7 +119,9 @@ def stock_config_file(assets: Dict[str, Any], out: Path, n_samples: int, batch_s
     return path
 
 
-def commands(assets: Dict[str, Any], workdir: Path, n_samples: int, batch_size: int, nproc: int) -> Dict[str, List[str]]:
+def commands(
+    assets: Dict[str, Any], workdir: Path, n_samples: int, batch_size: int, nproc: int
+) -> Dict[str, List[str]]:
     from ref_tuning.demo import tune_run_command
 
     runs = {}
@@ -149,9 +164,14 @@ def token_ratio(assets: Dict[str, Any], n_samples: int) -> Tuple[float, int]:
         "sheared_llama_tokenizer; ds = codecontests_dataset(sheared_llama_tokenizer(sys.argv[1]), sys.argv[2], "
         "n_samples=int(sys.argv[3]), seed=0); t = [ds[i] for i in range(len(ds))]; "
         "print(json.dumps([sum(len(s['tokens']) for s in t), sum(sum(x != -100 for x in s['labels'][1:]) for s in t), len(t)]))"
-    )  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, str(assets["tokenizer"]), str(assets["data"]), str(n_samples)],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(assets["tokenizer"]), str(assets["data"]), str(n_samples)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     total, trained, kept = json.loads(out.strip().splitlines()[-1])
     return total / trained, kept
 
@@ -178,20 +198,29 @@ def bench_train(args: argparse.Namespace) -> int:
                 raise SystemExit(f"{label} failed (exit {rc}); see {workdir / 'logs' / f'{out.name}.log'}")
             rate, steps[label] = trained_tokens_per_second(out, args.nproc)
             rates[label].append(rate)
-            print(f"[bench]   {wall:.1f} s in all, {steps[label]} steps, {rate:.0f} trained tokens/s per process",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[bench]   {wall:.1f} s in all, {steps[label]} steps, {rate:.0f} trained tokens/s per process",
+                file=sys.stderr,
+                flush=True,
+            )
     ratio, kept = token_ratio(assets, args.n_samples)
     median = {label: statistics.median(v) for label, v in rates.items()}
     print("## train benchmark\n")
     print("\n".join(machine))
-    print(f"- data: {assets['data']} (synthetic, {assets['lines']:,} lines, CodeContests-like lengths); "
-          f"{args.n_samples} samples drawn, {kept} kept (<= 2048 tokens); all/trained tokens {ratio:.3f}")  # fmt: skip
-    print(f"- model: the demo's tiny shape, LLaMA-2 vocabulary (32,000), fp32; {args.nproc} processes on CPU (gloo), "
-          f"batch_size {args.batch_size} rows per process, one epoch; {args.repeats} repeats, medians\n")  # fmt: skip
-    rows = ["| method | steps | trained tokens/s per process | non-padding tokens/s per process | vs stock, same layout |",
-            "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    print(
+        f"- data: {assets['data']} (synthetic, {assets['lines']:,} lines, CodeContests-like lengths); "
+        f"{args.n_samples} samples drawn, {kept} kept (<= 2048 tokens); all/trained tokens {ratio:.3f}"
+    )
+    print(
+        f"- model: the demo's tiny shape, LLaMA-2 vocabulary (32,000), fp32; {args.nproc} processes on CPU (gloo), "
+        f"batch_size {args.batch_size} rows per process, one epoch; {args.repeats} repeats, medians\n"
+    )
+    rows = [
+        "| method | steps | trained tokens/s per process | non-padding tokens/s per process | vs stock, same layout |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for label in METHODS:
-        peer = "stock" + label[label.index(","):]
+        peer = "stock" + label[label.index(",") :]
         vs = f"{median[label] / median[peer]:.2f}"
         rows.append(f"| {label} | {steps[label]} | {median[label]:.0f} | {median[label] * ratio:.0f} | {vs} |")
     print("\n".join(rows))
@@ -200,10 +229,14 @@ def bench_train(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="training throughput vs torchtune's full_finetune_distributed",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"data, model and runs (default {DEFAULT_WORKDIR.relative_to(PROJECT_ROOT)})")  # fmt: skip
+    p = add_subcommand(
+        sub,
+        "train",
+        "training throughput vs torchtune's full_finetune_distributed",
+        __doc__,
+        DEFAULT_WORKDIR,
+        "data, model and runs (default {default})",
+    )
     p.add_argument("--n-samples", type=positive, default=96, help="samples drawn (default 96)")
     p.add_argument("--repeats", type=positive, default=3, help="runs of each method (default 3)")
     p.add_argument("--nproc", type=positive, default=2, help="processes per run (default 2)")

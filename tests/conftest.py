@@ -27,8 +27,17 @@ LLAMA_TOKENIZER = Path(
 TINY_CONFIG = "configs/tiny_cpu.yaml"
 # 32 samples, 2 per process and micro-batch, 2 micro-batches a step, 2 processes: 4 optimizer steps an
 # epoch, 8 in 2 epochs.
-RUN = ["batch_size=2", "gradient_accumulation_steps=2", "dataset.n_samples=32", "epochs=2", "seed=0",
-       "lr_scheduler.num_warmup_steps=2", "save_every_n_steps=2", "keep_last_n_checkpoints=2", "val_batch_size=2"]  # fmt: skip
+RUN = [
+    "batch_size=2",
+    "gradient_accumulation_steps=2",
+    "dataset.n_samples=32",
+    "epochs=2",
+    "seed=0",
+    "lr_scheduler.num_warmup_steps=2",
+    "save_every_n_steps=2",
+    "keep_last_n_checkpoints=2",
+    "val_batch_size=2",
+]
 STEPS = 8
 
 
@@ -73,13 +82,24 @@ def tune_command(nproc: int, recipe: str, config: str, args: List[str]) -> List[
     return [tune, "run", "--standalone", "--nproc_per_node", str(nproc), recipe, "--config", config, *args]
 
 
-def tune(args: List[str], nproc: int = 2, env: Optional[Dict[str, str]] = None,
-         watch: Optional[Callable[[subprocess.Popen], None]] = None, recipe: str = "recipes/ref_finetune.py",
-         config: str = TINY_CONFIG) -> subprocess.CompletedProcess:  # fmt: skip
+def tune(
+    args: List[str],
+    nproc: int = 2,
+    env: Optional[Dict[str, str]] = None,
+    watch: Optional[Callable[[subprocess.Popen], None]] = None,
+    recipe: str = "recipes/ref_finetune.py",
+    config: str = TINY_CONFIG,
+) -> subprocess.CompletedProcess:
     """`tune run` from the project root; `watch(process)`, if given, acts on the run while it runs."""
-    proc = subprocess.Popen(tune_command(nproc, recipe, config, args), cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})),
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        tune_command(nproc, recipe, config, args),
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        start_new_session=True,
+    )
     if watch is not None:
         watch(proc)
     stdout, stderr = proc.communicate(timeout=600)
@@ -118,7 +138,9 @@ def run_in_process(entry: str, args: List[str]) -> Tuple[int, str]:
             if entry in ("train", "score"):
                 from recipes import ref_finetune, ref_score
 
-                recipe, config = (ref_finetune, TINY_CONFIG) if entry == "train" else (ref_score, "configs/ref_score.yaml")
+                recipe, config = (
+                    (ref_finetune, TINY_CONFIG) if entry == "train" else (ref_score, "configs/ref_score.yaml")
+                )
                 sys.argv = [entry, "--config", str(PROJECT_ROOT / config), *args]
                 recipe.recipe_main()
                 code = 0

@@ -26,7 +26,9 @@ def stock_config(ours: DictConfig, output_dir: str) -> DictConfig:
     """The stock recipe's config for the run that `ours` (one of our configs, resolved) describes."""
     checkpoint_dir = Path(ours.checkpointer.checkpoint_dir)
     index = checkpoint_dir / "pytorch_model.bin.index.json"
-    files: List[str] = sorted(set(OmegaConf.load(index).weight_map.values())) if index.is_file() else ["pytorch_model.bin"]
+    files: List[str] = (
+        sorted(set(OmegaConf.load(index).weight_map.values())) if index.is_file() else ["pytorch_model.bin"]
+    )
     cfg: Dict[str, Any] = {
         "output_dir": output_dir,
         "model": OmegaConf.to_container(ours.model),
@@ -58,7 +60,10 @@ def stock_config(ours: DictConfig, output_dir: str) -> DictConfig:
         "enable_activation_checkpointing": ours.enable_activation_checkpointing,
         "enable_activation_offloading": False,
         "fsdp_reshard_after_forward": ours.fsdp_reshard_after_forward,
-        "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": f"{output_dir}/logs"},
+        "metric_logger": {
+            "_component_": "torchtune.training.metric_logging.DiskLogger",
+            "log_dir": f"{output_dir}/logs",
+        },
         "log_every_n_steps": 1,
         "log_peak_memory_stats": False,
         "profiler": {"_component_": "torchtune.training.setup_torch_profiler", "enabled": False},

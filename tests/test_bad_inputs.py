@@ -20,9 +20,25 @@ from conftest import run_in_process
 from ref_tuning.demo import make_demo_assets, read_problems, write_tiny_checkpoint
 from ref_tuning.scoring import ScoreStore
 
-TRAIN = ["batch_size=2", "dataset.n_samples=16", "epochs=1", "seed=0", "save_every_n_steps=2",
-         "keep_last_n_checkpoints=2", "val_batch_size=2", "dataset_val.n_samples=6", "lr_scheduler.num_warmup_steps=2"]  # fmt: skip
-SCORE = ["device=cpu", "dtype=fp32", "store_dtype=float32", "dataset.split=valid", "dataset.n_samples=6", "batch_size=3"]
+TRAIN = [
+    "batch_size=2",
+    "dataset.n_samples=16",
+    "epochs=1",
+    "seed=0",
+    "save_every_n_steps=2",
+    "keep_last_n_checkpoints=2",
+    "val_batch_size=2",
+    "dataset_val.n_samples=6",
+    "lr_scheduler.num_warmup_steps=2",
+]
+SCORE = [
+    "device=cpu",
+    "dtype=fp32",
+    "store_dtype=float32",
+    "dataset.split=valid",
+    "dataset.n_samples=6",
+    "batch_size=3",
+]
 LOG_FILES = ("logs", "torchtune_config.yaml")  # a failed run's own log
 
 
@@ -42,7 +58,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     w = make_demo_assets(root / "demo")
     w["root"] = root
-    w["gpt2"] = _copy(w["model"], root / "gpt2", lambda c: dict(c, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    w["gpt2"] = _copy(
+        w["model"], root / "gpt2", lambda c: dict(c, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    )
     w["wide"] = write_tiny_checkpoint(root / "wide", 2 * w["vocab_size"], w["tokenizer"], seed=1)
     w["narrow"] = write_tiny_checkpoint(root / "narrow", w["vocab_size"] // 2, w["tokenizer"], seed=1)
     w["no_shard"] = shutil.copytree(w["model"], root / "no_shard")
@@ -91,9 +109,15 @@ def _copy(src: Path, dst: Path, edit: Callable[[dict], dict]) -> Path:
 
 
 def _train_args(w, output_dir: Path, *extra: str) -> List[str]:
-    return [f"tokenizer.path={w['tokenizer']}", f"checkpointer.checkpoint_dir={w['model']}",
-            f"dataset.data_dir={w['data']}", f"dataset_val.data_dir={w['data']}", f"output_dir={output_dir}",
-            *TRAIN, *extra]  # fmt: skip
+    return [
+        f"tokenizer.path={w['tokenizer']}",
+        f"checkpointer.checkpoint_dir={w['model']}",
+        f"dataset.data_dir={w['data']}",
+        f"dataset_val.data_dir={w['data']}",
+        f"output_dir={output_dir}",
+        *TRAIN,
+        *extra,
+    ]
 
 
 def _score_args(w, output_dir: Path, *extra: str) -> List[str]:
@@ -132,9 +156,17 @@ CASES = {
     "unknown builder": Case("train", train("dataset._component_=ref_tuning.data.nope"), "dataset._component_"),
     "unknown builder argument": Case("train", train("dataset.n_sample=3"), "'dataset.n_sample'"),
     "batch larger than the data": Case("train", train("batch_size=8", "dataset.n_samples=4"), "batch_size"),
-    **({} if importlib.util.find_spec("tensorboard") else {  # TensorBoardLogger without its package
-        "metric logger without its package": Case("train", train(
-            "metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger"), "pip install tensorboard")}),
+    **(
+        {}
+        if importlib.util.find_spec("tensorboard")
+        else {  # TensorBoardLogger without its package
+            "metric logger without its package": Case(
+                "train",
+                train("metric_logger._component_=torchtune.training.metric_logging.TensorBoardLogger"),
+                "pip install tensorboard",
+            )
+        }
+    ),
     # Training: files
     "model of another vocabulary": Case("train", train("model.vocab_size=512"), "vocab_size"),
     "tokenizer is a directory": Case("train", train("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
@@ -155,12 +187,15 @@ CASES = {
     "fresh run over a finished one": Case("train", train(out="finished"), "holds a finished run"),
     "fresh run over an unfinished one": Case("train", train(out="unfinished"), "holds an unfinished run"),
     "resume a finished run": Case("train", train("resume_from_checkpoint=true", out="finished"), "nothing to resume"),
-    "resume with another batch": Case("train", train("resume_from_checkpoint=true", "batch_size=4", out="unfinished"),
-                                      "in batch_size"),  # fmt: skip
-    "resume with another draw": Case("train", train("resume_from_checkpoint=true", "dataset.n_samples=12",
-                                                    out="unfinished"), "in dataset.n_samples"),  # fmt: skip
-    "resume and start over": Case("train", train("resume_from_checkpoint=true", "start_over=true", out="unfinished"),
-                                  "choose one"),  # fmt: skip
+    "resume with another batch": Case(
+        "train", train("resume_from_checkpoint=true", "batch_size=4", out="unfinished"), "in batch_size"
+    ),
+    "resume with another draw": Case(
+        "train", train("resume_from_checkpoint=true", "dataset.n_samples=12", out="unfinished"), "in dataset.n_samples"
+    ),
+    "resume and start over": Case(
+        "train", train("resume_from_checkpoint=true", "start_over=true", out="unfinished"), "choose one"
+    ),
     "damaged step checkpoint": Case("train", train("resume_from_checkpoint=true", out="damaged_step"), "step_000006"),
     # Scoring
     "score: unknown key": Case("score", score("bogus=1"), "'bogus'"),
@@ -173,43 +208,67 @@ CASES = {
     "score: store of another draw": Case("score", score("dataset.seed=7", out="store"), "holds scores of another run"),
     "score: tokenizer is a directory": Case("score", score("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
     # Conversion
-    "convert: output contains the source": Case("convert", cli("hf-to-hf", "{model}", "{root}/demo", "--overwrite"),
-                                                "contains the input"),  # fmt: skip
+    "convert: output contains the source": Case(
+        "convert", cli("hf-to-hf", "{model}", "{root}/demo", "--overwrite"), "contains the input"
+    ),
     "convert: output inside the source": Case("convert", cli("hf-to-hf", "{model}", "{model}/out"), "lies inside"),
     "convert: config of another architecture": Case("convert", cli("hf-to-hf", "{gpt2}", "{root}/out"), "gpt2"),
     "convert: missing source": Case("convert", cli("hf-to-hf", "{root}/nowhere", "{root}/out"), "nowhere"),
     "convert: missing shard": Case("convert", cli("hf-to-hf", "{no_shard}", "{root}/out"), "no_shard"),
     "convert: existing output": Case("convert", cli("hf-to-hf", "{model}", "{wide}"), "--overwrite"),
-    "convert: HF folder as tune source": Case("convert", cli("tune-to-hf", "{model}", "{root}/out", "--config",
-                                                             "{model}"), "tune-to-hf"),  # fmt: skip
+    "convert: HF folder as tune source": Case(
+        "convert", cli("tune-to-hf", "{model}", "{root}/out", "--config", "{model}"), "tune-to-hf"
+    ),
     "convert: not a step checkpoint": Case("convert", cli("step-to-hf", "{model}", "{root}/out"), "step"),
     # Preparation
-    "prepare: output is the raw folder": Case("prepare", cli("{root}/raw", "{root}/raw", "--tokenizer", "{tokenizer}",
-                                                             "--splits", "train", "--overwrite"), "raw"),  # fmt: skip
-    "prepare: max-seq-len 0": Case("prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{tokenizer}",
-                                                  "--max-seq-len", "0"), "--max-seq-len"),  # fmt: skip
-    "prepare: missing tokenizer": Case("prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{root}/nowhere.model"),
-                                       "nowhere.model"),  # fmt: skip
-    "prepare: no raw files": Case("prepare", cli("{root}/raw_empty", "{root}/out", "--tokenizer", "{tokenizer}"),
-                                  "raw_empty"),  # fmt: skip
-    "prepare: existing output": Case("prepare", cli("{root}/raw", "{root}/prepared", "--tokenizer", "{tokenizer}",
-                                                    "--splits", "train"), "prepared/train.jsonl"),  # fmt: skip
-    "prepare: no solutions field": Case("prepare", cli("{root}/raw_no_solutions", "{root}/out", "--tokenizer",
-                                                       "{tokenizer}", "--splits", "train"), "train.jsonl:2"),  # fmt: skip
+    "prepare: output is the raw folder": Case(
+        "prepare",
+        cli("{root}/raw", "{root}/raw", "--tokenizer", "{tokenizer}", "--splits", "train", "--overwrite"),
+        "raw",
+    ),
+    "prepare: max-seq-len 0": Case(
+        "prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{tokenizer}", "--max-seq-len", "0"), "--max-seq-len"
+    ),
+    "prepare: missing tokenizer": Case(
+        "prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{root}/nowhere.model"), "nowhere.model"
+    ),
+    "prepare: no raw files": Case(
+        "prepare", cli("{root}/raw_empty", "{root}/out", "--tokenizer", "{tokenizer}"), "raw_empty"
+    ),
+    "prepare: existing output": Case(
+        "prepare",
+        cli("{root}/raw", "{root}/prepared", "--tokenizer", "{tokenizer}", "--splits", "train"),
+        "prepared/train.jsonl",
+    ),
+    "prepare: no solutions field": Case(
+        "prepare",
+        cli("{root}/raw_no_solutions", "{root}/out", "--tokenizer", "{tokenizer}", "--splits", "train"),
+        "train.jsonl:2",
+    ),
     # Report and preview
-    "report: different vocabularies": Case("report", cli("{model}", "{wide}", "--data-dir", "{data}", "--out",
-                                                         "{root}/out", "--no-progress"), "vocab_size"),  # fmt: skip
-    "report: tokenizer beyond the vocabulary": Case("report", cli("{narrow}", "{narrow}", "--data-dir", "{data}",
-                                                                  "--out", "{root}/out", "--no-progress"), "tokenizer"),  # fmt: skip
-    "report: missing model": Case("report", cli("{model}", "{root}/nowhere", "--data-dir", "{data}", "--out",
-                                                "{root}/out"), "nowhere"),  # fmt: skip
-    "report: output inside a model": Case("report", cli("{model}", "{wide}", "--data-dir", "{data}", "--out",
-                                                        "{model}/report"), "--out"),  # fmt: skip
-    "preview: different vocabularies": Case("preview", cli("{store}", "{wide}", "--out", "{root}/out", "--no-progress"),
-                                            "vocab_size"),  # fmt: skip
-    "preview: not a score store": Case("preview", cli("{model}", "{model}", "--out", "{root}/out"), "not a score store"),
-    "preview: k out of range": Case("preview", cli("{store}", "{model}", "--out", "{root}/out", "--k", "2",
-                                                   "--no-progress"), "--k"),  # fmt: skip
+    "report: different vocabularies": Case(
+        "report", cli("{model}", "{wide}", "--data-dir", "{data}", "--out", "{root}/out", "--no-progress"), "vocab_size"
+    ),
+    "report: tokenizer beyond the vocabulary": Case(
+        "report",
+        cli("{narrow}", "{narrow}", "--data-dir", "{data}", "--out", "{root}/out", "--no-progress"),
+        "tokenizer",
+    ),
+    "report: missing model": Case(
+        "report", cli("{model}", "{root}/nowhere", "--data-dir", "{data}", "--out", "{root}/out"), "nowhere"
+    ),
+    "report: output inside a model": Case(
+        "report", cli("{model}", "{wide}", "--data-dir", "{data}", "--out", "{model}/report"), "--out"
+    ),
+    "preview: different vocabularies": Case(
+        "preview", cli("{store}", "{wide}", "--out", "{root}/out", "--no-progress"), "vocab_size"
+    ),
+    "preview: not a score store": Case(
+        "preview", cli("{model}", "{model}", "--out", "{root}/out"), "not a score store"
+    ),
+    "preview: k out of range": Case(
+        "preview", cli("{store}", "{model}", "--out", "{root}/out", "--k", "2", "--no-progress"), "--k"
+    ),
     "preview: output is the store": Case("preview", cli("{store}", "{model}", "--out", "{store}"), "--out"),
 }
 

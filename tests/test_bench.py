@@ -15,8 +15,12 @@ def test_convert_bench_prints_a_table_of_the_five_methods(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
     labels = [row.split("|")[1].strip() for row in rows]
     assert labels == [
-        "cp -r", "dd oflag=direct", "ours hf-to-hf", "ours hf-to-tune", "torchtune FullModelHFCheckpointer"
-    ]  # fmt: skip
+        "cp -r",
+        "dd oflag=direct",
+        "ours hf-to-hf",
+        "ours hf-to-tune",
+        "torchtune FullModelHFCheckpointer",
+    ]
     for row in rows:
         wall, runs, rss, ratio = (float(re.sub(r"\s.*", "", cell.strip())) for cell in row.split("|")[2:6])
         assert wall > 0 and runs == 1 and rss > 0 and ratio > 0, row
@@ -42,8 +46,23 @@ def test_train_bench_times_steps_from_the_logged_wall_clock(tmp_path):
 
 @pytest.mark.slow
 def test_train_bench_prints_the_four_methods(tmp_path, capsys, llama_tokenizer_path):
-    argv = ["train", "--workdir", str(tmp_path), "--n-samples", "12", "--repeats", "1", "--tokenizer", str(llama_tokenizer_path)]
+    argv = [
+        "train",
+        "--workdir",
+        str(tmp_path),
+        "--n-samples",
+        "12",
+        "--repeats",
+        "1",
+        "--tokenizer",
+        str(llama_tokenizer_path),
+    ]
     assert bench.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
-    assert [row.split("|")[1].strip() for row in rows] == ["stock, unpacked", "ours, unpacked", "stock, packed", "ours, packed"]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "stock, unpacked",
+        "ours, unpacked",
+        "stock, packed",
+        "ours, packed",
+    ]
     assert all(float(row.split("|")[3]) > 0 for row in rows)

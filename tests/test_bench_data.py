@@ -173,10 +173,12 @@ def test_earlier_approach_child_keeps_what_a_direct_computation_keeps(split, lla
     # Some drawn samples are too long, most fit; the word counts tell the same within the boundary's slack.
     assert 0.6 * N_SAMPLES < kept < N_SAMPLES
     by_words = sum(
-        len(json.loads(lines[i])["instruction"].split()) + len(json.loads(lines[i])["output"].split())
-        + bench_data.TEMPLATE_TOKENS <= max_len
+        len(json.loads(lines[i])["instruction"].split())
+        + len(json.loads(lines[i])["output"].split())
+        + bench_data.TEMPLATE_TOKENS
+        <= max_len
         for i in drawn
-    )  # fmt: skip
+    )
     assert abs(by_words - kept) <= 3
 
 
@@ -223,8 +225,19 @@ def _rows(text):
 
 
 def test_data_bench_prints_the_table_and_the_packing_report(tmp_path, capsys, llama_tokenizer_path):
-    argv = ["data", "--workdir", str(tmp_path), "--lines", str(LINES), "--n-samples", str(N_SAMPLES),
-            "--repeats", "1", "--tokenizer", str(llama_tokenizer_path)]  # fmt: skip
+    argv = [
+        "data",
+        "--workdir",
+        str(tmp_path),
+        "--lines",
+        str(LINES),
+        "--n-samples",
+        str(N_SAMPLES),
+        "--repeats",
+        "1",
+        "--tokenizer",
+        str(llama_tokenizer_path),
+    ]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     methods, fills = out.split("### packing")

@@ -35,9 +35,26 @@ def number(cell: str) -> float:
 
 def test_tiny_pipeline_on_cpu(tmp_path, llama_tokenizer_path):
     out = tmp_path / "out"
-    argv = ["gpu", "--tiny", "--tokenizer", str(llama_tokenizer_path), "--workdir", str(tmp_path / "work"),
-            "--out", str(out), "--methods", "ours-packed,stock", "--steps", "4", "--skip", "1",
-            "--resume-every", "2", "--budget-s", "3000"]  # fmt: skip
+    argv = [
+        "gpu",
+        "--tiny",
+        "--tokenizer",
+        str(llama_tokenizer_path),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--methods",
+        "ours-packed,stock",
+        "--steps",
+        "4",
+        "--skip",
+        "1",
+        "--resume-every",
+        "2",
+        "--budget-s",
+        "3000",
+    ]
     assert bench.main(argv) == 0
     text = (out / "bench_gpu.md").read_text()
     rows = {row[0]: row for row in table_rows(text)}
@@ -84,7 +101,14 @@ def test_metric_lines_are_parsed_from_both_recipes():
 
 
 def test_method_selection_and_checks():
-    assert gpu.select_methods("default") == ["ours-unpacked", "ours-packed", "ours-noac", "ours-compile", "ours-bf16", "stock"]
+    assert gpu.select_methods("default") == [
+        "ours-unpacked",
+        "ours-packed",
+        "ours-noac",
+        "ours-compile",
+        "ours-bf16",
+        "stock",
+    ]
     assert gpu.select_methods("all")[-1] == "stock-unpacked"
     assert gpu.select_methods("stock,ours-noac") == ["stock", "ours-noac"]
     # Labels hold commas of their own: matched whole, mixed with keys.
@@ -102,8 +126,15 @@ def test_param_count_and_memory_estimate(tmp_path):
     args = argparse.Namespace(tiny=False, workdir=tmp_path, out=None, budget_s=None, skip=0)
     b = gpu.Bench(args)
     row = gpu.Row(gpu.BY_KEY["ours-packed"], run=gpu.Run("ours-packed", rc=0, wall=1.0, total=1.0))
-    row.run.steps = [{"step": 1.0, "loss": 1.0, "tokens_per_second_per_gpu": 10.0, "peak_memory_alloc": 70.0,
-                      "peak_memory_reserved": 72.0}]  # fmt: skip
+    row.run.steps = [
+        {
+            "step": 1.0,
+            "loss": 1.0,
+            "tokens_per_second_per_gpu": 10.0,
+            "peak_memory_alloc": 70.0,
+            "peak_memory_reserved": 72.0,
+        }
+    ]
     b.rows["ours-packed"] = row
     b.summarize()
     lines = b.memory_table(nproc=1)
@@ -123,12 +154,47 @@ def test_stock_columns_are_derived_from_ours_on_the_same_layout(tmp_path):
         b.rows[key] = gpu.Row(gpu.BY_KEY[key], run=gpu.Run(key, rc=0, wall=9.0, total=9.0, steps=steps))
 
     # Ours, same layout as the stock run (bf16, AC, packed): 1.5 non-padding tokens per trained token, MFU 0.4 at 3000.
-    run("ours-bf16", [{"step": s, "loss": 1.0, "tokens_per_second_per_gpu": 2000.0, "all_tokens_per_second_per_gpu": 3000.0,
-                       "mfu": 0.4, "peak_memory_alloc": 30.0 + s, "peak_memory_reserved": 40.0} for s in (1, 2, 3)])
-    run("ours-packed", [{"step": s, "loss": 1.0, "tokens_per_second_per_gpu": 1000.0, "all_tokens_per_second_per_gpu": 2000.0,
-                         "mfu": 0.3} for s in (1, 2, 3)])  # fmt: skip
-    run("stock", [{"step": s, "loss": 1.0, "tokens_per_second_per_gpu": 1600.0, "peak_memory_alloc": 20.0,
-                   "peak_memory_reserved": 25.0} for s in (1, 2, 3)])  # fmt: skip
+    run(
+        "ours-bf16",
+        [
+            {
+                "step": s,
+                "loss": 1.0,
+                "tokens_per_second_per_gpu": 2000.0,
+                "all_tokens_per_second_per_gpu": 3000.0,
+                "mfu": 0.4,
+                "peak_memory_alloc": 30.0 + s,
+                "peak_memory_reserved": 40.0,
+            }
+            for s in (1, 2, 3)
+        ],
+    )
+    run(
+        "ours-packed",
+        [
+            {
+                "step": s,
+                "loss": 1.0,
+                "tokens_per_second_per_gpu": 1000.0,
+                "all_tokens_per_second_per_gpu": 2000.0,
+                "mfu": 0.3,
+            }
+            for s in (1, 2, 3)
+        ],
+    )
+    run(
+        "stock",
+        [
+            {
+                "step": s,
+                "loss": 1.0,
+                "tokens_per_second_per_gpu": 1600.0,
+                "peak_memory_alloc": 20.0,
+                "peak_memory_reserved": 25.0,
+            }
+            for s in (1, 2, 3)
+        ],
+    )
     b.summarize()
     stock = b.rows["stock"]
     assert b.peer_of == {"stock": "ours-bf16"} and stock.derived
@@ -150,7 +216,9 @@ def test_a_short_budget_skips_phases(tmp_path):
 
 
 def test_the_gpu_launcher_never_imports_torch():
-    code = ("import sys; from benchmarks import gpu; "
-            "gpu.add_parser(__import__('argparse').ArgumentParser().add_subparsers()); "
-            "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    code = (
+        "import sys; from benchmarks import gpu; "
+        "gpu.add_parser(__import__('argparse').ArgumentParser().add_subparsers()); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True)

@@ -17,7 +17,9 @@ from ref_tuning.checkpointing import (
 )
 from ref_tuning.models import hf_llama_config, tiny_sheared_llama
 
-TINY = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64, intermediate_dim=176, max_seq_len=128)
+TINY = dict(
+    vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64, intermediate_dim=176, max_seq_len=128
+)
 
 
 @pytest.fixture()
@@ -144,7 +146,9 @@ def test_only_rank_zero_reads_the_weights(hf_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     assert all(torch.equal(t, weights[k]) for k, t in checkpointer.load_checkpoint()["model"].items())
     placeholders = checkpointer.load_checkpoint(rank_zero_only=True)["model"]
-    assert {k: (t.shape, t.dtype) for k, t in placeholders.items()} == {k: (t.shape, t.dtype) for k, t in weights.items()}
+    assert {k: (t.shape, t.dtype) for k, t in placeholders.items()} == {
+        k: (t.shape, t.dtype) for k, t in weights.items()
+    }
     assert all(t.untyped_storage().nbytes() == t.element_size() for t in placeholders.values())
 
 

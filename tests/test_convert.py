@@ -44,8 +44,9 @@ VOCAB = 512  # with the demo's tiny shape: 2 layers, embed 128, 2.1 MB in fp32
 SHARD1, SHARD2 = "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"
 INDEX = "pytorch_model.bin.index.json"
 # Big enough that the subprocess spends a measurable time writing (about 174 MB in fp32).
-BIG_MODEL = dict(vocab_size=32_000, num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=512,
-                 intermediate_dim=1376, max_seq_len=128)  # fmt: skip
+BIG_MODEL = dict(
+    vocab_size=32_000, num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=512, intermediate_dim=1376, max_seq_len=128
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,9 +354,11 @@ def _convert_then_kill(args: List[str], out: Path, log: Path, kill_at_bytes: int
     tmp_glob = f".{out.name}.tmp-{{pid}}-*"
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ref_tuning.convert", *args], cwd=PROJECT_ROOT,
-            stdout=subprocess.DEVNULL, stderr=log_file,
-        )  # fmt: skip
+            [sys.executable, "-m", "ref_tuning.convert", *args],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
         try:
             deadline, seen = time.monotonic() + 120, False
             while proc.poll() is None:
@@ -484,8 +487,9 @@ def test_death_between_the_two_renames_of_an_overwrite(src, tmp_path, monkeypatc
     monkeypatch.undo()
     assert out.is_dir(), f"{out} is gone; left: {hidden_entries(tmp_path)}"
     now = load_hf_state_dict(out)  # the old version or the new one, complete either way
-    assert_same_tensors(now, old if now[next(iter(now))].dtype == torch.float32 else
-                        {k: v.to(torch.bfloat16) for k, v in old.items()})  # fmt: skip
+    assert_same_tensors(
+        now, old if now[next(iter(now))].dtype == torch.float32 else {k: v.to(torch.bfloat16) for k, v in old.items()}
+    )
 
 
 def test_without_an_atomic_swap_a_death_between_renames_is_repaired_by_the_next_write(src, tmp_path, monkeypatch):
@@ -561,15 +565,22 @@ def test_unexpected_parameter(damaged, tmp_path, capsys):
 def test_shape_that_contradicts_config(damaged, tmp_path, capsys):
     edit_json(damaged / "config.json", lambda c: c.update(intermediate_size=320))
     assert_refused(
-        capsys, damaged, tmp_path, re.escape("'model.layers.0.mlp.down_proj.weight' has shape (128, 352) "
-                                             "but config.json implies (128, 320)"),
-    )  # fmt: skip
+        capsys,
+        damaged,
+        tmp_path,
+        re.escape("'model.layers.0.mlp.down_proj.weight' has shape (128, 352) but config.json implies (128, 320)"),
+    )
 
 
 def test_heads_that_do_not_divide_hidden_size(damaged, tmp_path, capsys):
     edit_json(damaged / "config.json", lambda c: c.update(num_attention_heads=3, num_key_value_heads=3))
-    assert_refused(capsys, damaged, tmp_path, re.escape(str(damaged / "config.json")),
-                   "num_attention_heads=3 does not divide hidden_size=128")  # fmt: skip
+    assert_refused(
+        capsys,
+        damaged,
+        tmp_path,
+        re.escape(str(damaged / "config.json")),
+        "num_attention_heads=3 does not divide hidden_size=128",
+    )
 
 
 def _central_directory(data: bytes) -> Dict[str, int]:
@@ -612,8 +623,17 @@ def _corrupt(kind: str, data: bytes) -> bytes:
 
 # Damage torch.load does not detect, so neither do we: it checks no CRC-32 (a flipped bit in tensor
 # data loads as it is), and a record whose zip entry points at another record's data reads that data.
-@pytest.mark.parametrize("kind", ["truncated", "random_bytes", "data_pkl", "central_directory",
-                                  "central_directory_name", "local_header_offset_past_end"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "truncated",
+        "random_bytes",
+        "data_pkl",
+        "central_directory",
+        "central_directory_name",
+        "local_header_offset_past_end",
+    ],
+)
 def test_corrupt_bin_is_named(damaged, tmp_path, capsys, kind):
     path = damaged / SHARD1
     rewrite_shard(damaged, SHARD1, lambda sd: None)  # as torch.save writes it, like the hub's shards
@@ -665,15 +685,20 @@ def test_a_failed_write_is_an_error_naming_the_file_and_leaves_nothing(src, tmp_
     line naming the file, and leaves no output and no temporary files."""
     out = tmp_path / ("out.pt" if command == "hf-to-tune" else "out")
     limit = 500_000  # bytes per file: less than the weights of `src`
-    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-            "from ref_tuning.convert import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "from ref_tuning.convert import main; sys.exit(main(sys.argv[1:]))"
+    )
     args = [*command.split(), str(src), str(out), "--no-progress"]
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode == 2 and proc.stdout == "" and len(errors) == 1, proc.stderr
-    assert re.fullmatch(r"error: \S*/\.out(\.pt)?\.tmp-\d+-[0-9a-f]+\S*: writing failed \(.+\); [\d.]+ GB free on its "
-                        r"file system", errors[0]), errors[0]  # fmt: skip
+    assert re.fullmatch(
+        r"error: \S*/\.out(\.pt)?\.tmp-\d+-[0-9a-f]+\S*: writing failed \(.+\); [\d.]+ GB free on its "
+        r"file system",
+        errors[0],
+    ), errors[0]
     assert not out.exists() and hidden_entries(tmp_path) == []
 
 
@@ -695,8 +720,11 @@ def test_tune_to_hf_with_an_unknown_parameter(src, tmp_path, capsys):
 def test_an_output_that_is_contains_or_lies_inside_the_source_is_refused(src, tmp_path, capsys, where):
     source = Path(shutil.copytree(src, tmp_path / "models" / "src"))
     before = dir_digest(source)
-    out = {"the source itself": source, "a folder that contains it": tmp_path / "models",
-           "a folder inside it": source / "bf16"}[where]  # fmt: skip
+    out = {
+        "the source itself": source,
+        "a folder that contains it": tmp_path / "models",
+        "a folder inside it": source / "bf16",
+    }[where]
     for command in (["hf-to-hf", source, out, "--dtype", "bf16"], ["hf-to-tune", source, out]):
         rc, _, err = run_main(capsys, *command, "--overwrite", "--no-progress")
         assert rc == 2 and "writing it would destroy the input" in err, err

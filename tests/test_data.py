@@ -86,20 +86,32 @@ def make_rows(n_problems: int, per_problem: int, seed: int = 0) -> List[Dict]:
     for p in range(n_problems):
         for j in range(per_problem):
             output = "".join(f"print({k})\n" for k in range(rng.randint(1, 12)))
-            rows.append({"problem": f"{p}_A. Problem {p}", "difficulty": 1 + p % 20, "correct": rng.random() < 0.5,
-                         "output": output})  # fmt: skip
+            rows.append(
+                {
+                    "problem": f"{p}_A. Problem {p}",
+                    "difficulty": 1 + p % 20,
+                    "correct": rng.random() < 0.5,
+                    "output": output,
+                }
+            )
     return rows
 
 
-def write_split(data_dir: Path, rows: List[Dict], split: str = "train", form: str = "v2",
-                metadata_name: Optional[str] = None) -> Path:  # fmt: skip
+def write_split(
+    data_dir: Path, rows: List[Dict], split: str = "train", form: str = "v2", metadata_name: Optional[str] = None
+) -> Path:
     """`{split}.jsonl` and its metadata, v2 as the project writes it or v1 (without problem ids and map)."""
     with SplitWriter(data_dir, split) as writer:
         for i, row in enumerate(rows):
             kind = "correct" if row["correct"] else "incorrect"
-            record = dict(RECORD, instruction=f"Solve problem {row['problem']}.", output=row["output"],
-                          task_id=f"{row['problem']}_{kind}_{i}", is_correct=row["correct"],
-                          metadata={"source": "code_contests", "difficulty": row["difficulty"], "has_tests": True})  # fmt: skip
+            record = dict(
+                RECORD,
+                instruction=f"Solve problem {row['problem']}.",
+                output=row["output"],
+                task_id=f"{row['problem']}_{kind}_{i}",
+                is_correct=row["correct"],
+                metadata={"source": "code_contests", "difficulty": row["difficulty"], "has_tests": True},
+            )
             writer.add(record, row["problem"])
     if form == "v1":
         edit_metadata(data_dir, _as_v1, split)
@@ -156,14 +168,22 @@ def test_same_seed_same_draw_and_both_metadata_forms_agree(tok, tmp_path):
 def test_difficulty_bins_and_weights_are_applied(tok, data):
     rows = make_rows(30, 6)
     bins = {"easy": [1, 7], "hard": [8, 20]}
-    ds = codecontests_dataset(tok, str(data), n_samples=40, correct_ratio=0.5, seed=1,
-                              difficulty_bins=bins, difficulty_weights={"easy": 3, "hard": 1})  # fmt: skip
+    ds = codecontests_dataset(
+        tok,
+        str(data),
+        n_samples=40,
+        correct_ratio=0.5,
+        seed=1,
+        difficulty_bins=bins,
+        difficulty_weights={"easy": 3, "hard": 1},
+    )
     drawn = drawn_rows(ds, rows)
     assert sum(r["difficulty"] <= 7 for r in drawn) == 30
     assert sum(r["correct"] for r in drawn if r["difficulty"] <= 7) == 15  # the ratio holds within each bin
     # Without weights, bins are drawn in proportion to the lines they hold (7 of 20 difficulties easy).
-    ds = codecontests_dataset(tok, str(data), n_samples=40, correct_ratio=0.5, seed=1,
-                              difficulty_bins={"easy": [1, 7], "mid": [8, 10]})  # fmt: skip
+    ds = codecontests_dataset(
+        tok, str(data), n_samples=40, correct_ratio=0.5, seed=1, difficulty_bins={"easy": [1, 7], "mid": [8, 10]}
+    )
     drawn = drawn_rows(ds, rows)
     assert sum(r["difficulty"] <= 7 for r in drawn) == 28 and all(r["difficulty"] <= 10 for r in drawn)
 
@@ -171,7 +191,11 @@ def test_difficulty_bins_and_weights_are_applied(tok, data):
 @pytest.mark.parametrize(
     "bins, weights, message",
     [
-        ({"easy": [1, 7], "hard": [8, 20]}, {"easy": 1, "hrad": 1}, r"difficulty_weights must give a weight to each of"),
+        (
+            {"easy": [1, 7], "hard": [8, 20]},
+            {"easy": 1, "hrad": 1},
+            r"difficulty_weights must give a weight to each of",
+        ),
         ({"easy": [1, 9], "hard": [8, 20]}, None, r"difficulty_bins overlap"),
         ({"easy": [7, 1]}, None, r"difficulty_bins\.easy must be \[lowest, highest\]"),
         ({"far": [50, 60]}, None, r"difficulty bin 'far' \(difficulty 50\.\.60\) holds no line; difficulties present"),
@@ -180,7 +204,7 @@ def test_difficulty_bins_and_weights_are_applied(tok, data):
         (None, {"easy": 1}, r"difficulty_weights needs difficulty_bins"),
         ({"easy": [1, 7]}, {"easy": -1}, r"difficulty_weights\.easy must be a number >= 0"),
     ],
-)  # fmt: skip
+)
 def test_bad_bins_and_weights_are_named(tok, data, bins, weights, message):
     with pytest.raises(DataError, match=message):
         codecontests_dataset(tok, str(data), n_samples=10, difficulty_bins=bins, difficulty_weights=weights)
@@ -199,13 +223,20 @@ def test_too_few_samples_says_how_many_each_bin_has(tok, data):
     rows = make_rows(30, 6)
     n_easy_correct = sum(r["correct"] and r["difficulty"] <= 7 for r in rows)
     with pytest.raises(DataError) as raised:
-        codecontests_dataset(tok, str(data), n_samples=150, correct_ratio=1.0,
-                             difficulty_bins={"easy": [1, 7], "hard": [8, 20]},
-                             difficulty_weights={"easy": 1, "hard": 0})  # fmt: skip
+        codecontests_dataset(
+            tok,
+            str(data),
+            n_samples=150,
+            correct_ratio=1.0,
+            difficulty_bins={"easy": [1, 7], "hard": [8, 20]},
+            difficulty_weights={"easy": 1, "hard": 0},
+        )
     message = str(raised.value)
     assert f"150 correct from bin 'easy' (difficulty 1..7), which has {n_easy_correct}" in message
     assert "bin 'hard' (difficulty 8..20): " in message and "Lower n_samples" in message
-    with pytest.raises(DataError, match=r"31 correct from the split, which has 30.* with max_per_problem=1: the split: 30 correct"):
+    with pytest.raises(
+        DataError, match=r"31 correct from the split, which has 30.* with max_per_problem=1: the split: 30 correct"
+    ):
         codecontests_dataset(tok, str(data), n_samples=31, correct_ratio=1.0, max_per_problem=1)
 
 
@@ -281,8 +312,15 @@ def _draw_in_process(rank: int, world: int, data: str, cache: str, init_file: st
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     os.environ["LOCAL_RANK"] = str(rank)
     try:
-        ds = codecontests_dataset(sheared_llama_tokenizer(os.environ["TOKENIZER"]), data, n_samples=60,
-                                  correct_ratio=0.5, seed=4, max_per_problem=2, cache_dir=cache)  # fmt: skip
+        ds = codecontests_dataset(
+            sheared_llama_tokenizer(os.environ["TOKENIZER"]),
+            data,
+            n_samples=60,
+            correct_ratio=0.5,
+            seed=4,
+            max_per_problem=2,
+            cache_dir=cache,
+        )
         torch.save({"lines": ds.lines, "lengths": ds.lengths, "first": ds[0]["tokens"]}, f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
@@ -290,8 +328,9 @@ def _draw_in_process(rank: int, world: int, data: str, cache: str, init_file: st
 
 def test_the_draw_does_not_depend_on_the_number_of_ranks(tok, data, tmp_path, demo_tokenizer_path, monkeypatch):
     monkeypatch.setenv("TOKENIZER", str(demo_tokenizer_path))
-    alone = codecontests_dataset(tok, str(data), n_samples=60, correct_ratio=0.5, seed=4, max_per_problem=2,
-                                 cache_dir=str(tmp_path / "alone"))  # fmt: skip
+    alone = codecontests_dataset(
+        tok, str(data), n_samples=60, correct_ratio=0.5, seed=4, max_per_problem=2, cache_dir=str(tmp_path / "alone")
+    )
     args = (2, str(data), str(tmp_path / "two"), str(tmp_path / "init"), str(tmp_path / "out"))
     torch.multiprocessing.spawn(_draw_in_process, args=args, nprocs=2)
     for rank in (0, 1):
@@ -324,8 +363,9 @@ def test_long_samples_truncated_when_asked(tok, data, caplog):
     lengths = _lengths(tok, data, 60)
     limit = sorted(lengths)[30]
     with caplog.at_level(logging.INFO):
-        ds = codecontests_dataset(tok, str(data), n_samples=60, correct_ratio=0.5, max_seq_len=limit,
-                                  long_samples="truncate")  # fmt: skip
+        ds = codecontests_dataset(
+            tok, str(data), n_samples=60, correct_ratio=0.5, max_seq_len=limit, long_samples="truncate"
+        )
     assert len(ds) == 60 and ds.lengths.tolist() == [min(n, limit) for n in lengths]
     n_long = sum(n > limit for n in lengths)
     assert f"({n_long} truncated, 0 dropped" in caplog.text
@@ -363,16 +403,25 @@ def _first_correct(rows) -> int:
     "edit, message",
     [
         (lambda b: b[:-5], r"train\.jsonl:{line}: not valid JSON"),
-        (lambda b: b.replace(b"print", b"pr\xffint", 1), r"train\.jsonl:{line}: not UTF-8 \(invalid start byte at byte \d+\)"),
-        (lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "output"}).encode(),
-         r"train\.jsonl:{line}: field 'output' must be a str, found None"),
-        (lambda b: json.dumps(dict(json.loads(b), is_correct="yes")).encode(),
-         r"train\.jsonl:{line}: field 'is_correct' must be a bool, found 'yes'"),
+        (
+            lambda b: b.replace(b"print", b"pr\xffint", 1),
+            r"train\.jsonl:{line}: not UTF-8 \(invalid start byte at byte \d+\)",
+        ),
+        (
+            lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "output"}).encode(),
+            r"train\.jsonl:{line}: field 'output' must be a str, found None",
+        ),
+        (
+            lambda b: json.dumps(dict(json.loads(b), is_correct="yes")).encode(),
+            r"train\.jsonl:{line}: field 'is_correct' must be a bool, found 'yes'",
+        ),
         (lambda b: b"[1, 2]", r"train\.jsonl:{line}: expected a JSON object, found list"),
-        (lambda b: json.dumps(dict(json.loads(b), is_correct=False)).encode(),
-         r"train\.jsonl:{line}: is_correct=False but train_metadata\.json says True .* does not belong to this file"),
+        (
+            lambda b: json.dumps(dict(json.loads(b), is_correct=False)).encode(),
+            r"train\.jsonl:{line}: is_correct=False but train_metadata\.json says True .* does not belong to this file",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_line_is_named(tok, tmp_path, edit, message):
     rows = make_rows(5, 4)
     data = write_split(tmp_path / "data", rows)
@@ -385,24 +434,35 @@ def test_a_bad_line_is_named(tok, tmp_path, edit, message):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m["metadata"].append({"is_correct": True, "difficulty": 3, "problem_id": "x"}),
-         r"train_metadata\.json: lists 21 entries but .*train\.jsonl has 20 lines"),
-        (lambda m: m["metadata"].pop(),
-         r"train_metadata\.json: lists 19 entries but .*train\.jsonl has 20 lines"),
-        (lambda m: m["metadata"][4].pop("difficulty"),
-         r"train_metadata\.json: metadata\[4\] \(line 5\): expected an integer 'difficulty', found None"),
-        (lambda m: m["metadata"][6].update(is_correct=1),
-         r"train_metadata\.json: metadata\[6\] \(line 7\): expected a boolean 'is_correct', found 1"),
-        (lambda m: m["metadata"][2].pop("problem_id"),
-         r"train_metadata\.json: metadata\[2\] \(line 3\): expected a string 'problem_id'"),
-        (lambda m: m["problem_index_map"]["0_A. Problem 0"]["correct_indices"].append(99),
-         r"train_metadata\.json: problem_index_map\['0_A\. Problem 0'\]\.correct_indices lists line 99, out of range: "
-         r"the split has 20 lines"),
-        (lambda m: m["problem_index_map"]["1_A. Problem 1"]["incorrect_indices"].append(0),
-         r"problem_index_map\['1_A\. Problem 1'\]\.incorrect_indices lists line 0, but metadata\[0\] says"),
+        (
+            lambda m: m["metadata"].append({"is_correct": True, "difficulty": 3, "problem_id": "x"}),
+            r"train_metadata\.json: lists 21 entries but .*train\.jsonl has 20 lines",
+        ),
+        (lambda m: m["metadata"].pop(), r"train_metadata\.json: lists 19 entries but .*train\.jsonl has 20 lines"),
+        (
+            lambda m: m["metadata"][4].pop("difficulty"),
+            r"train_metadata\.json: metadata\[4\] \(line 5\): expected an integer 'difficulty', found None",
+        ),
+        (
+            lambda m: m["metadata"][6].update(is_correct=1),
+            r"train_metadata\.json: metadata\[6\] \(line 7\): expected a boolean 'is_correct', found 1",
+        ),
+        (
+            lambda m: m["metadata"][2].pop("problem_id"),
+            r"train_metadata\.json: metadata\[2\] \(line 3\): expected a string 'problem_id'",
+        ),
+        (
+            lambda m: m["problem_index_map"]["0_A. Problem 0"]["correct_indices"].append(99),
+            r"train_metadata\.json: problem_index_map\['0_A\. Problem 0'\]\.correct_indices lists line 99, out of range: "
+            r"the split has 20 lines",
+        ),
+        (
+            lambda m: m["problem_index_map"]["1_A. Problem 1"]["incorrect_indices"].append(0),
+            r"problem_index_map\['1_A\. Problem 1'\]\.incorrect_indices lists line 0, but metadata\[0\] says",
+        ),
         (lambda m: m.pop("metadata"), r"train_metadata\.json: expected a top-level object with a 'metadata' list"),
     ],
-)  # fmt: skip
+)
 def test_bad_metadata_is_named(tok, tmp_path, edit, message):
     data = write_split(tmp_path / "data", make_rows(5, 4))
     edit_metadata(data, edit)
@@ -416,7 +476,9 @@ def test_metadata_that_is_not_json_and_missing_files_are_named(tok, tmp_path):
     with pytest.raises(DataError, match=r"train_metadata\.json: not valid JSON"):
         codecontests_dataset(tok, str(data), n_samples=1)
     (data / "train_metadata.json").unlink()
-    with pytest.raises(DataError, match=r"train_metadata\.json: not found; expected the metadata file beside train\.jsonl"):
+    with pytest.raises(
+        DataError, match=r"train_metadata\.json: not found; expected the metadata file beside train\.jsonl"
+    ):
         codecontests_dataset(tok, str(data), n_samples=1)
     with pytest.raises(DataError, match=r"test\.jsonl: not found; expected the processed split 'test'"):
         codecontests_dataset(tok, str(data), split="test", n_samples=1)
@@ -450,8 +512,15 @@ def test_parse_record_accepts_a_missing_input(tmp_path):
 def test_batched_token_counts_equal_tokenize_sample(which, tok, request):
     tokenizer = tok if which == "demo" else request.getfixturevalue("llama")
     rows = make_rows(6, 5)
-    records = [dict(RECORD, instruction=f"Solve problem {r['problem']}.", output=r["output"],
-                    input="Input: 1 2\nOutput: 3" if i % 4 == 0 else "") for i, r in enumerate(rows)]  # fmt: skip
+    records = [
+        dict(
+            RECORD,
+            instruction=f"Solve problem {r['problem']}.",
+            output=r["output"],
+            input="Input: 1 2\nOutput: 3" if i % 4 == 0 else "",
+        )
+        for i, r in enumerate(rows)
+    ]
     where = [f"x.jsonl:{i + 1}" for i in range(len(records))]
     one_by_one = token_counts(tokenizer, records, where, threads=1)
     assert token_counts(tokenizer, records, where, threads=2) == one_by_one
@@ -469,7 +538,9 @@ def test_the_line_scan_across_chunk_boundaries(tmp_path, monkeypatch, chunk, new
         path.write_bytes(path.read_bytes().rstrip(b"\n"))
     offsets, problems = index_module._scan_lines(path, with_task_ids=True, progress=False)
     raw = path.read_bytes()
-    assert offsets.tolist() == [0] + [i + 1 for i, b in enumerate(raw) if b == 10] + ([] if newline_at_end else [len(raw)])
+    assert offsets.tolist() == [0] + [i + 1 for i, b in enumerate(raw) if b == 10] + (
+        [] if newline_at_end else [len(raw)]
+    )
     assert problems == [r["problem"] for r in rows]
 
 

@@ -15,8 +15,11 @@ pytestmark = pytest.mark.slow  # the whole demo, end to end: `python -m pytest -
 def _run_demo(root, *args):
     result = subprocess.run(
         [sys.executable, "-m", "ref_tuning.demo", "--root", str(root), *args],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     match = re.search(r"before (\d+\.\d+), after (\d+\.\d+)", result.stdout)
     assert match, result.stdout[-3000:]
@@ -39,8 +42,9 @@ def test_demo_lowers_the_validation_loss_and_reports_both_references(tmp_path):
     before, after = _run_demo(tmp_path / "demo")
     _check_layout(tmp_path / "demo")
     assert after < before
-    report = json.loads((tmp_path / "demo" / "checkpoints" / "ref-tuning" / "tiny-demo" / "report-valid" /
-                         "report.json").read_text())  # fmt: skip
+    report = json.loads(
+        (tmp_path / "demo" / "checkpoints" / "ref-tuning" / "tiny-demo" / "report-valid" / "report.json").read_text()
+    )
     assert report["base"]["correct_samples"] == 40 and report["base"]["incorrect_samples"] == 20
     # The tuned reference's held-out loss beside the base's: tuning on code lowered it.
     assert report["tuned"]["correct_loss"] < report["base"]["correct_loss"]

@@ -25,8 +25,13 @@ def test_mlflow_logger_records_metrics_and_config_of_the_run(assets, tmp_path, m
     uri = f"file:{tmp_path / 'mlruns'}"
     run_dir, disk_dir = tmp_path / "run", tmp_path / "disk"
     # The tiny config's DiskLogger has `log_dir`, which MLFlowLogger does not take: `~` drops it.
-    logger = [f"metric_logger._component_={LOGGER}", "~metric_logger.log_dir", f"metric_logger.tracking_uri={uri}",
-              "metric_logger.experiment_name=ref-tuning-test", "metric_logger.run_name=${experiment}"]  # fmt: skip
+    logger = [
+        f"metric_logger._component_={LOGGER}",
+        "~metric_logger.log_dir",
+        f"metric_logger.tracking_uri={uri}",
+        "metric_logger.experiment_name=ref-tuning-test",
+        "metric_logger.run_name=${experiment}",
+    ]
     for out, extra in ((run_dir, logger), (disk_dir, [])):  # the same run with the default DiskLogger
         code, text = run_in_process("train", overrides(assets, out, *RUN, *extra))
         assert code == 0, text[-3000:]

@@ -36,7 +36,11 @@ def test_state_dict_maps_one_to_one_onto_hf_names():
 def test_a_tokenizer_path_that_is_no_sentencepiece_model_is_a_clear_error(tmp_path):
     (tmp_path / "empty.model").touch()
     (tmp_path / "text.model").write_text("not a model")
-    for path, found in ((tmp_path, "found a directory"), (tmp_path / "empty.model", "found an empty file"),
-                        (tmp_path / "missing.model", "found nothing"), (tmp_path / "text.model", "SentencePiece cannot read it")):  # fmt: skip
+    for path, found in (
+        (tmp_path, "found a directory"),
+        (tmp_path / "empty.model", "found an empty file"),
+        (tmp_path / "missing.model", "found nothing"),
+        (tmp_path / "text.model", "SentencePiece cannot read it"),
+    ):
         with pytest.raises(ValueError, match=f"tokenizer.path {path}: expected a SentencePiece model.*{found}"):
             sheared_llama_tokenizer(str(path))

@@ -78,8 +78,9 @@ def samples(tok, tmp_path):
 
 def test_rows_are_laid_out_as_torchtunes_packed_dataset(tok, samples):
     # torchtune packs in order (without splitting samples across rows): give ours the same packs.
-    reference = PackedDataset([samples[i] for i in range(len(samples))], max_seq_len=ROW, split_across_pack=False,
-                              padding_idx=tok.pad_id)  # fmt: skip
+    reference = PackedDataset(
+        [samples[i] for i in range(len(samples))], max_seq_len=ROW, split_across_pack=False, padding_idx=tok.pad_id
+    )
     ours = PackedCodeContestsDataset(samples, pack_in_order(samples.lengths.tolist(), ROW), ROW, tok.pad_id)
     assert len(ours) == len(reference) > 1
     for p in range(len(ours)):
@@ -114,8 +115,9 @@ def test_packed_per_token_losses_equal_unpacked(tok, samples):
             torch.testing.assert_close(got[trained], expected[i][trained], rtol=0, atol=1e-5)
             compared += int(trained.sum())
             start += n
-    assert compared == sum(sum(label != CROSS_ENTROPY_IGNORE_IDX for label in samples[i]["labels"][1:])
-                           for i in range(len(samples)))
+    assert compared == sum(
+        sum(label != CROSS_ENTROPY_IGNORE_IDX for label in samples[i]["labels"][1:]) for i in range(len(samples))
+    )
 
 
 def test_packed_dataset_from_the_builder(tok, tmp_path, caplog):

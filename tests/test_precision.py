@@ -15,9 +15,18 @@ from ref_tuning.checkpointing import METADATA_FILE, load_hf_state_dict
 STEPS = 8
 # The production schedule's shape at a tiny scale: AdamW lr 2e-5 (betas 0.9/0.95, weight decay 0.01 and
 # clipping at 1.0 come from configs/tiny_cpu.yaml), cosine after one warmup step; 1 row per process.
-RUN = ["optimizer.lr=2e-5", "lr_scheduler.num_warmup_steps=1", "epochs=1", f"max_steps_per_epoch={STEPS}",
-       "dataset.n_samples=64", "batch_size=1", "dataset_val=null", "save_every_n_steps=null", "seed=0",
-       "output_dtype=fp32"]  # fmt: skip
+RUN = [
+    "optimizer.lr=2e-5",
+    "lr_scheduler.num_warmup_steps=1",
+    "epochs=1",
+    f"max_steps_per_epoch={STEPS}",
+    "dataset.n_samples=64",
+    "batch_size=1",
+    "dataset_val=null",
+    "save_every_n_steps=null",
+    "seed=0",
+    "output_dtype=fp32",
+]
 # bf16_mixed's total update against fp32's: what "the same training" means here.
 MIN_COSINE, NORM_RATIO = 0.8, (0.7, 1.4)
 TRAINING_DTYPE = {"fp32": torch.float32, "bf16_mixed": torch.float32, "bf16": torch.bfloat16}
@@ -32,9 +41,17 @@ def updates(assets, tmp_path_factory) -> Dict[str, torch.Tensor]:
     found = {}
     for mode, dtype in TRAINING_DTYPE.items():
         out = root / mode
-        code, text = run_in_process("train", [f"tokenizer.path={assets['tokenizer']}", f"output_dir={out}",
-                                              f"checkpointer.checkpoint_dir={assets['model']}", f"precision={mode}",
-                                              f"dataset.data_dir={assets['data']}", *RUN])  # fmt: skip
+        code, text = run_in_process(
+            "train",
+            [
+                f"tokenizer.path={assets['tokenizer']}",
+                f"output_dir={out}",
+                f"checkpointer.checkpoint_dir={assets['model']}",
+                f"precision={mode}",
+                f"dataset.data_dir={assets['data']}",
+                *RUN,
+            ],
+        )
         assert code == 0, text[-3000:]
         assert json.loads((out / "checkpoint_final" / METADATA_FILE).read_text())["step"] == STEPS
         final = load_hf_state_dict(out / "checkpoint_final")

@@ -55,20 +55,44 @@ def test_parquet_and_jsonl_inputs_give_the_same_files(problems, tmp_path, demo_t
     write_parquet(problems[5:], tmp_path / "raw_pq" / "data" / "train-00001-of-00002.parquet")
     write_jsonl(problems, tmp_path / "raw_jsonl" / "train.jsonl")
     for name in ("raw_pq", "raw_jsonl"):
-        rc, out, err = run(capsys, tmp_path / name, tmp_path / f"out_{name}", "--tokenizer", demo_tokenizer_path,
-                           "--splits", "train", "--max-seq-len", "1024", "--workers", "1")  # fmt: skip
+        rc, out, err = run(
+            capsys,
+            tmp_path / name,
+            tmp_path / f"out_{name}",
+            "--tokenizer",
+            demo_tokenizer_path,
+            "--splits",
+            "train",
+            "--max-seq-len",
+            "1024",
+            "--workers",
+            "1",
+        )
         assert rc == 0, err
     for f in ("train.jsonl", "train_metadata.json"):
         assert (tmp_path / "out_raw_pq" / f).read_bytes() == (tmp_path / "out_raw_jsonl" / f).read_bytes()
-    assert "8 problems, 57 solutions; kept 32 correct and 16 incorrect; skipped 8 in other languages and 1 longer " \
-           "than 1024 tokens" in out  # fmt: skip
+    assert (
+        "8 problems, 57 solutions; kept 32 correct and 16 incorrect; skipped 8 in other languages and 1 longer "
+        "than 1024 tokens" in out
+    )
 
 
 def test_records_languages_and_the_length_filter(problems, tmp_path, demo_tokenizer_path, capsys):
     write_jsonl(problems, tmp_path / "raw" / "train.jsonl")
     out = tmp_path / "out"
-    rc, _, err = run(capsys, tmp_path / "raw", out, "--tokenizer", demo_tokenizer_path, "--splits", "train",
-                     "--max-seq-len", "1024", "--workers", "1")  # fmt: skip
+    rc, _, err = run(
+        capsys,
+        tmp_path / "raw",
+        out,
+        "--tokenizer",
+        demo_tokenizer_path,
+        "--splits",
+        "train",
+        "--max-seq-len",
+        "1024",
+        "--workers",
+        "1",
+    )
     assert rc == 0, err
     tokenizer = sheared_llama_tokenizer(str(demo_tokenizer_path))
     lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
@@ -77,8 +101,13 @@ def test_records_languages_and_the_length_filter(problems, tmp_path, demo_tokeni
     for row in problems:
         for kind, key in (("correct", "solutions"), ("incorrect", "incorrect_solutions")):
             for i, (language, source) in enumerate(zip(row[key]["language"], row[key]["solution"])):
-                record = {"instruction": row["description"], "input": "", "output": source,
-                          "task_id": f"{row['name']}_{kind}_{i}", "is_correct": kind == "correct"}  # fmt: skip
+                record = {
+                    "instruction": row["description"],
+                    "input": "",
+                    "output": source,
+                    "task_id": f"{row['name']}_{kind}_{i}",
+                    "is_correct": kind == "correct",
+                }
                 if language in (1, 3) and len(tokenize_sample(tokenizer, record)[0]) <= 1024:
                     expected.append(record)
     assert [{k: r[k] for k in expected[0]} for r in lines] == expected
@@ -99,8 +128,10 @@ def test_records_languages_and_the_length_filter(problems, tmp_path, demo_tokeni
 def test_the_dataset_uses_the_caches_as_written(problems, tmp_path, demo_tokenizer_path, capsys, monkeypatch):
     write_jsonl(problems, tmp_path / "raw" / "train.jsonl")
     out = tmp_path / "out"
-    assert run(capsys, tmp_path / "raw", out, "--tokenizer", demo_tokenizer_path, "--splits", "train",
-               "--workers", "1")[0] == 0  # fmt: skip
+    assert (
+        run(capsys, tmp_path / "raw", out, "--tokenizer", demo_tokenizer_path, "--splits", "train", "--workers", "1")[0]
+        == 0
+    )
     assert sorted(p.name for p in (out / CACHE_FOLDER).iterdir())[0] == "train.index.pt"
 
     def untouched(*args):
@@ -117,8 +148,17 @@ def test_the_dataset_uses_the_caches_as_written(problems, tmp_path, demo_tokeniz
 def test_output_does_not_depend_on_the_number_of_workers(problems, tmp_path, demo_tokenizer_path, capsys):
     write_jsonl(problems * 3, tmp_path / "raw" / "train.jsonl")
     for workers in (1, 2):
-        rc, _, err = run(capsys, tmp_path / "raw", tmp_path / f"out{workers}", "--tokenizer", demo_tokenizer_path,
-                         "--splits", "train", "--workers", workers)  # fmt: skip
+        rc, _, err = run(
+            capsys,
+            tmp_path / "raw",
+            tmp_path / f"out{workers}",
+            "--tokenizer",
+            demo_tokenizer_path,
+            "--splits",
+            "train",
+            "--workers",
+            workers,
+        )
         assert rc == 0, err
     for f in ("train.jsonl", "train_metadata.json"):
         assert (tmp_path / "out1" / f).read_bytes() == (tmp_path / "out2" / f).read_bytes()
@@ -126,8 +166,17 @@ def test_output_does_not_depend_on_the_number_of_workers(problems, tmp_path, dem
 
 def test_validation_split_files_are_found_under_either_name(problems, tmp_path, demo_tokenizer_path, capsys):
     write_parquet(problems[:2], tmp_path / "raw" / "validation-00000-of-00001.parquet")
-    rc, out, err = run(capsys, tmp_path / "raw", tmp_path / "out", "--tokenizer", demo_tokenizer_path,
-                       "--splits", "valid", "--workers", "1")  # fmt: skip
+    rc, out, err = run(
+        capsys,
+        tmp_path / "raw",
+        tmp_path / "out",
+        "--tokenizer",
+        demo_tokenizer_path,
+        "--splits",
+        "valid",
+        "--workers",
+        "1",
+    )
     assert rc == 0, err
     assert (tmp_path / "out" / "valid.jsonl").is_file() and out.startswith("valid: 2 problems")
 
@@ -140,17 +189,29 @@ def test_validation_split_files_are_found_under_either_name(problems, tmp_path, 
         (lambda rows: rows[4]["solutions"]["language"].pop(), r"train\.jsonl:5: field 'solutions' must be"),
         (lambda rows: rows.insert(3, [1, 2]), r"train\.jsonl:4: expected an object \(one problem\), found list"),
     ],
-)  # fmt: skip
+)
 def test_bad_rows_are_named_and_nothing_is_replaced(problems, tmp_path, demo_tokenizer_path, capsys, damage, message):
     raw = write_jsonl(problems, tmp_path / "raw" / "train.jsonl")
     out = tmp_path / "out"
-    assert run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--splits", "train", "--workers", "1")[0] == 0
+    assert (
+        run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--splits", "train", "--workers", "1")[0] == 0
+    )
     before = (out / "train.jsonl").read_bytes()
     rows = copy.deepcopy(problems)
     damage(rows)
     write_jsonl(rows, raw)
-    rc, _, err = run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--splits", "train",
-                     "--workers", "1", "--overwrite")  # fmt: skip
+    rc, _, err = run(
+        capsys,
+        raw.parent,
+        out,
+        "--tokenizer",
+        demo_tokenizer_path,
+        "--splits",
+        "train",
+        "--workers",
+        "1",
+        "--overwrite",
+    )
     assert rc == 2 and err.startswith("error: ")
     assert re.search(message, err), err
     assert (out / "train.jsonl").read_bytes() == before  # the earlier output is intact
@@ -164,12 +225,25 @@ def test_unusable_arguments_are_clear_errors(problems, tmp_path, demo_tokenizer_
     rc, _, err = run(capsys, raw.parent, tmp_path / "out", "--tokenizer", tmp_path / "nope.model")
     assert rc == 2 and "nope.model: tokenizer not found" in err
     raw.write_text('{"name": "x", \n')
-    rc, _, err = run(capsys, raw.parent, tmp_path / "out", "--tokenizer", demo_tokenizer_path, "--splits", "train",
-                     "--workers", "1")  # fmt: skip
+    rc, _, err = run(
+        capsys, raw.parent, tmp_path / "out", "--tokenizer", demo_tokenizer_path, "--splits", "train", "--workers", "1"
+    )
     assert rc == 2 and "train.jsonl:1: not a valid JSON line" in err
     write_jsonl(problems, raw)
-    assert run(capsys, raw.parent, tmp_path / "out", "--tokenizer", demo_tokenizer_path, "--splits", "train",
-               "--workers", "1")[0] == 0  # fmt: skip
+    assert (
+        run(
+            capsys,
+            raw.parent,
+            tmp_path / "out",
+            "--tokenizer",
+            demo_tokenizer_path,
+            "--splits",
+            "train",
+            "--workers",
+            "1",
+        )[0]
+        == 0
+    )
     rc, _, err = run(capsys, raw.parent, tmp_path / "out", "--tokenizer", demo_tokenizer_path, "--splits", "train")
     assert rc == 2 and "train.jsonl: already exists; pass --overwrite" in err
 
@@ -177,8 +251,18 @@ def test_unusable_arguments_are_clear_errors(problems, tmp_path, demo_tokenizer_
 def test_an_output_folder_that_is_the_raw_folder_is_refused(problems, tmp_path, demo_tokenizer_path, capsys):
     raw = write_jsonl(problems, tmp_path / "raw" / "train.jsonl")
     before = raw.read_bytes()
-    rc, _, err = run(capsys, raw.parent, raw.parent, "--tokenizer", demo_tokenizer_path, "--splits", "train",
-                     "--workers", "1", "--overwrite")  # fmt: skip
+    rc, _, err = run(
+        capsys,
+        raw.parent,
+        raw.parent,
+        "--tokenizer",
+        demo_tokenizer_path,
+        "--splits",
+        "train",
+        "--workers",
+        "1",
+        "--overwrite",
+    )
     assert rc == 2 and "lies inside the input" in err and "writing it would destroy the input" in err, err
     assert raw.read_bytes() == before and sorted(p.name for p in raw.parent.iterdir()) == ["train.jsonl"]
 
@@ -193,7 +277,18 @@ def test_a_problem_without_solutions_field_or_nothing_kept_is_an_error(problems,
     write_jsonl(problems, raw)
     with pytest.raises(SystemExit):  # argparse: "--max-seq-len: expected a positive integer, got 0"
         run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--max-seq-len", "0")
-    rc, _, err = run(capsys, raw.parent, out, "--tokenizer", demo_tokenizer_path, "--splits", "train", "--workers", "1",
-                     "--max-seq-len", "8")  # fmt: skip
+    rc, _, err = run(
+        capsys,
+        raw.parent,
+        out,
+        "--tokenizer",
+        demo_tokenizer_path,
+        "--splits",
+        "train",
+        "--workers",
+        "1",
+        "--max-seq-len",
+        "8",
+    )
     assert rc == 2 and "no solution kept" in err and "longer than --max-seq-len=8); nothing written" in err, err
     assert not out.exists() or not any(out.glob("train*"))

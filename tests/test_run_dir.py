@@ -17,8 +17,11 @@ QUICK = ["dataset_val=null", "epochs=1", "max_steps_per_epoch=4", "save_every_n_
 
 def snapshot(root: Path) -> Dict[str, str]:
     """Every file under `root` and a hash of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def train(assets, output_dir: Path, *extra: str) -> str:
@@ -52,13 +55,16 @@ def test_a_refusal_from_two_processes_is_one_line_from_each_and_keeps_the_run(as
     assert text.count(f"error: RunDirError: output_dir {finished} holds a finished run") == 2, text[-3000:]
     assert "]: Traceback" not in text and "resume_from_checkpoint=true" in text and "start_over=true" in text
     assert {k: v for k, v in snapshot(finished).items() if not k.startswith("logs/")} == {
-        k: v for k, v in before.items() if not k.startswith("logs/")}
+        k: v for k, v in before.items() if not k.startswith("logs/")
+    }
 
 
 def test_a_refused_resume_names_every_difference_and_cadence_may_change(assets, unfinished):
     before = snapshot(unfinished)
-    code, text = run_in_process("train", overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true",
-                                                   "batch_size=1", "dataset.n_samples=12"))  # fmt: skip
+    code, text = run_in_process(
+        "train",
+        overrides(assets, unfinished, *QUICK, "resume_from_checkpoint=true", "batch_size=1", "dataset.n_samples=12"),
+    )
     assert code == 2 and "differs from that of the run" in text and "in batch_size, dataset.n_samples" in text
     assert "batch_size: 2 in the run, 1 now" in text and "dataset.n_samples: 32 in the run, 12 now" in text
     assert snapshot(unfinished) == before

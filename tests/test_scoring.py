@@ -34,16 +34,30 @@ sys.path.insert(0, str(PROJECT_ROOT))  # our `recipes` before torchtune's
 def assets(tmp_path_factory):
     paths = make_demo_assets(tmp_path_factory.mktemp("demo"))
     # A second model of the same shape, to play the policy (or a worse reference).
-    paths["other"] = write_tiny_checkpoint(tmp_path_factory.mktemp("other") / "model", paths["vocab_size"],
-                                           paths["tokenizer"], seed=1)  # fmt: skip
+    paths["other"] = write_tiny_checkpoint(
+        tmp_path_factory.mktemp("other") / "model", paths["vocab_size"], paths["tokenizer"], seed=1
+    )
     return paths
 
 
 def score_command(assets, out: Path, nproc: int, *extra: str):
     tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
-    return [tune, "run", "--nproc_per_node", str(nproc), "recipes/ref_score.py", "--config", "configs/ref_score.yaml",
-            f"model_dir={assets['model']}", f"output_dir={out}", "device=cpu", "dtype=fp32", "store_dtype=float32",
-            f"dataset.data_dir={assets['data']}", *extra]  # fmt: skip
+    return [
+        tune,
+        "run",
+        "--nproc_per_node",
+        str(nproc),
+        "recipes/ref_score.py",
+        "--config",
+        "configs/ref_score.yaml",
+        f"model_dir={assets['model']}",
+        f"output_dir={out}",
+        "device=cpu",
+        "dtype=fp32",
+        "store_dtype=float32",
+        f"dataset.data_dir={assets['data']}",
+        *extra,
+    ]
 
 
 def run(command, **kwargs) -> subprocess.CompletedProcess:
@@ -64,8 +78,11 @@ def dataset_of(store: ScoreStore, assets):
 def valid_store(assets, tmp_path_factory):
     """The base model's scores of 24 samples of the valid split (correct and incorrect), 2 processes."""
     out = tmp_path_factory.mktemp("scores") / "valid"
-    run(score_command(assets, out, 2, "dataset.split=valid", "dataset.n_samples=24", "dataset.correct_ratio=0.5",
-                      "batch_size=3"))  # fmt: skip
+    run(
+        score_command(
+            assets, out, 2, "dataset.split=valid", "dataset.n_samples=24", "dataset.correct_ratio=0.5", "batch_size=3"
+        )
+    )
     return out
 
 
@@ -119,8 +136,13 @@ def test_float16_values_are_the_float32_ones_rounded(assets, tmp_path):
 def test_scoring_resumes_after_a_kill_with_another_number_of_processes(assets, tmp_path):
     out = tmp_path / "store"
     extra = ["dataset.split=train", "dataset.n_samples=96", "dataset.correct_ratio=0.5", "batch_size=1"]
-    proc = subprocess.Popen(score_command(assets, out, 2, *extra), cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        score_command(assets, out, 2, *extra),
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     goal = random.Random(os.getpid()).randint(4, 40)
     deadline = time.monotonic() + 300
     while proc.poll() is None and sum(len(p.read_text().splitlines()) for p in out.glob("part-*.idx")) < goal:
@@ -160,8 +182,17 @@ def test_a_damaged_part_is_found_on_open_and_scored_again(assets, valid_store, t
     lost = next(iter(damaged.damaged))
     with pytest.raises(ScoreError, match=f"{part.name}: the scores of task_id '{lost}' are cut off"):
         damaged.losses(lost)
-    result = run(score_command(assets, store_dir, 1, "dataset.split=valid", "dataset.n_samples=24",
-                               "dataset.correct_ratio=0.5", "batch_size=3"))  # fmt: skip
+    result = run(
+        score_command(
+            assets,
+            store_dir,
+            1,
+            "dataset.split=valid",
+            "dataset.n_samples=24",
+            "dataset.correct_ratio=0.5",
+            "batch_size=3",
+        )
+    )
     assert f"{len(damaged.damaged)} samples' scores are damaged (in {part.name}): scoring them again" in result.stderr
     repaired, reference = ScoreStore(store_dir), ScoreStore(valid_store)
     assert len(repaired) == 24 and not repaired.damaged
@@ -170,9 +201,21 @@ def test_a_damaged_part_is_found_on_open_and_scored_again(assets, valid_store, t
 
 
 def test_a_store_of_another_model_or_data_is_refused(assets, valid_store):
-    result = subprocess.run(score_command(assets, valid_store, 1, "dataset.split=valid", "dataset.n_samples=24",
-                                          "dataset.correct_ratio=0.5", "dataset.seed=7"),
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        score_command(
+            assets,
+            valid_store,
+            1,
+            "dataset.split=valid",
+            "dataset.n_samples=24",
+            "dataset.correct_ratio=0.5",
+            "dataset.seed=7",
+        ),
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert "holds scores of another run (differing in dataset)" in result.stderr
     with pytest.raises(ScoreError, match="not a score store"):
@@ -203,8 +246,15 @@ def test_preview_with_a_policy_directory_or_its_scores(assets, valid_store, tmp_
     assert text.count("### ") == 4 and "⟦" in text
     # The same from the policy's own score store.
     policy_scores = tmp_path / "policy-scores"
-    command = score_command(assets, policy_scores, 1, "dataset.split=valid", "dataset.n_samples=24",
-                            "dataset.correct_ratio=0.5", "batch_size=3")  # fmt: skip
+    command = score_command(
+        assets,
+        policy_scores,
+        1,
+        "dataset.split=valid",
+        "dataset.n_samples=24",
+        "dataset.correct_ratio=0.5",
+        "batch_size=3",
+    )
     command[command.index(f"model_dir={assets['model']}")] = f"model_dir={assets['other']}"
     run(command)
     second = preview_module.preview(valid_store, policy_scores, tmp_path / "p2", k=0.6)
@@ -238,11 +288,15 @@ def test_summary_and_verdict():
 
 def test_the_figure_has_a_panel_for_correct_and_one_for_incorrect_solutions():
     correct = {"c1": True, "c2": True, "i1": False}
-    losses = {"base": {"c1": torch.tensor([1.0, 2.0]), "c2": torch.tensor([2.0]), "i1": torch.tensor([3.0])},
-              "tuned": {"c1": torch.tensor([0.5]), "c2": torch.tensor([1.0]), "i1": torch.tensor([3.5])}}  # fmt: skip
+    losses = {
+        "base": {"c1": torch.tensor([1.0, 2.0]), "c2": torch.tensor([2.0]), "i1": torch.tensor([3.0])},
+        "tuned": {"c1": torch.tensor([0.5]), "c2": torch.tensor([1.0]), "i1": torch.tensor([3.5])},
+    }
     figure = loss_histograms(losses, correct, {name: summarize(x, correct) for name, x in losses.items()})
-    assert [axes.get_title() for axes in figure.axes] == ["correct solutions (AUROC base 1.000, tuned 1.000)",
-                                                         "incorrect solutions (AUROC base 1.000, tuned 1.000)"]  # fmt: skip
+    assert [axes.get_title() for axes in figure.axes] == [
+        "correct solutions (AUROC base 1.000, tuned 1.000)",
+        "incorrect solutions (AUROC base 1.000, tuned 1.000)",
+    ]
     legends = [[t.get_text() for t in axes.get_legend().get_texts()] for axes in figure.axes]
     assert legends == [["base (n=2)", "tuned (n=2)"], ["base (n=1)", "tuned (n=1)"]]
     assert all(axes.get_xlabel() and axes.get_ylabel() for axes in figure.axes)
@@ -250,8 +304,17 @@ def test_the_figure_has_a_panel_for_correct_and_one_for_incorrect_solutions():
 
 def test_report_end_to_end(assets, tmp_path):
     out = tmp_path / "report"
-    results = run_report(assets["model"], assets["other"], out, assets["data"], split="valid", n_samples=30,
-                         correct_ratio=0.5, tokenizer=assets["tokenizer"], progress=False)  # fmt: skip
+    results = run_report(
+        assets["model"],
+        assets["other"],
+        out,
+        assets["data"],
+        split="valid",
+        n_samples=30,
+        correct_ratio=0.5,
+        tokenizer=assets["tokenizer"],
+        progress=False,
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["base"] == results["base"] and report["base"]["correct_samples"] == 15
     text = (out / "report.md").read_text()
@@ -260,8 +323,16 @@ def test_report_end_to_end(assets, tmp_path):
     with Image.open(out / "report.png") as image:
         assert image.format == "PNG" and 800 <= image.size[0] <= 2000 and 300 <= image.size[1] < image.size[0]
     # Against itself a model is never better: the report says so.
-    run_report(assets["model"], assets["model"], tmp_path / "same", assets["data"], n_samples=30, correct_ratio=0.5,
-               tokenizer=assets["tokenizer"], progress=False)  # fmt: skip
+    run_report(
+        assets["model"],
+        assets["model"],
+        tmp_path / "same",
+        assets["data"],
+        n_samples=30,
+        correct_ratio=0.5,
+        tokenizer=assets["tokenizer"],
+        progress=False,
+    )
     assert "The tuned reference is NOT better than the base" in (tmp_path / "same" / "report.md").read_text()
 
 

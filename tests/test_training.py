@@ -22,8 +22,19 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from conftest import (
-    PROJECT_ROOT, STEPS, TINY_CONFIG, logged, ok, overrides, reached, run_in_process, send, tune, when, worker,
-)  # fmt: skip
+    PROJECT_ROOT,
+    STEPS,
+    TINY_CONFIG,
+    logged,
+    ok,
+    overrides,
+    reached,
+    run_in_process,
+    send,
+    tune,
+    when,
+    worker,
+)
 from ref_tuning import convert
 from ref_tuning.checkpointing import METADATA_FILE, HFBinCheckpointer, load_hf_state_dict
 from ref_tuning.data import codecontests_dataset
@@ -80,8 +91,11 @@ def test_rotated_step_checkpoints_and_the_outputs(reference):
 def test_progress_bar_and_summary(reference):
     _, text = reference
     assert re.search(rf"training: 100%.*{STEPS}/{STEPS} .*loss=\d+\.\d+, lr=\S+, tok_s=\d+", text), text[-2000:]
-    assert re.search(rf"done: {STEPS} steps \({STEPS} in this run\), [\d,]+ tokens trained on in \d+ s, best "
-                     r"validation loss", text)  # fmt: skip
+    assert re.search(
+        rf"done: {STEPS} steps \({STEPS} in this run\), [\d,]+ tokens trained on in \d+ s, best "
+        r"validation loss",
+        text,
+    )
 
 
 def test_checkpoint_final_is_what_transformers_loads_and_it_learned(assets, reference, tmp_path):
@@ -102,7 +116,8 @@ def test_checkpoint_final_is_what_transformers_loads_and_it_learned(assets, refe
         torch.testing.assert_close(ours(tokens), hf_model(tokens).logits, atol=1e-5, rtol=1e-5)
     # Training on code lowered the held-out loss.
     assert validation_loss(final, assets["data"], assets["tokenizer"], n_samples=8) < validation_loss(
-        assets["model"], assets["data"], assets["tokenizer"], n_samples=8)
+        assets["model"], assets["data"], assets["tokenizer"], n_samples=8
+    )
 
 
 def test_a_step_checkpoint_converts_to_an_hf_directory_that_transformers_loads(reference, tmp_path):
@@ -126,7 +141,8 @@ def test_validation_metrics_and_the_best_checkpoint(assets, reference):
     assert best["step"] == best_step and best["validation"]["val_loss"] == pytest.approx(best_loss)
     # The recipe's validation loss is the one transformers computes on the written directory.
     assert validation_loss(out / "checkpoint_best", assets["data"], assets["tokenizer"], n_samples=5) == pytest.approx(
-        best_loss, abs=1e-4)
+        best_loss, abs=1e-4
+    )
 
 
 def test_per_step_losses_equal_torchtunes_full_finetune_distributed(assets, reference, tmp_path):
@@ -159,15 +175,17 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_
     assert_bit_identical(final_weights(out), final_weights(ref))
     expected = dict(logged(ref / "logs", "loss"))
     after = [(s, v) for s, v in logged(out / "logs", "loss") if s > 2]
-    assert [s for s, _ in after][-(STEPS - 2):] == list(range(3, STEPS + 1))
+    assert [s for s, _ in after][-(STEPS - 2) :] == list(range(3, STEPS + 1))
     assert all(v == expected[s] for s, v in after), (after, expected)
 
 
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_without_a_traceback(assets, tmp_path):
     out = tmp_path / "run"
     # Ctrl-C reaches the launcher, which passes SIGINT on to the workers.
-    result = tune(overrides(assets, out, "save_every_n_steps=null"),
-                  watch=when(lambda: 3 in dict(logged(out / "logs", "loss")), send(signal.SIGINT, launcher_only=True)))
+    result = tune(
+        overrides(assets, out, "save_every_n_steps=null"),
+        watch=when(lambda: 3 in dict(logged(out / "logs", "loss")), send(signal.SIGINT, launcher_only=True)),
+    )
     text = result.stderr + result.stdout
     assert "SIGINT: stopped after step" in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert "]: Traceback" not in text  # no worker's traceback ("[rank0]: Traceback")
@@ -202,8 +220,14 @@ def _pause(rank: int, seconds: float):
 
 def test_collective_timeouts_a_slow_setup_survives_and_a_hung_rank_is_a_clear_error(assets, tmp_path):
     out = tmp_path / "run"
-    quick = ["dataset_val=null", "save_every_n_steps=null", "epochs=1", "max_steps_per_epoch=3",
-             "timeout_setup_s=120", "timeout_step_s=2"]  # fmt: skip
+    quick = [
+        "dataset_val=null",
+        "save_every_n_steps=null",
+        "epochs=1",
+        "max_steps_per_epoch=3",
+        "timeout_setup_s=120",
+        "timeout_step_s=2",
+    ]
 
     def watch(proc: subprocess.Popen) -> None:
         # Rank 0 stops for 5 s in setup (as when it indexes a first run's data alone) while rank 1 waits
@@ -217,8 +241,11 @@ def test_collective_timeouts_a_slow_setup_survives_and_a_hung_rank_is_a_clear_er
     result = tune(overrides(assets, out, *quick), watch=watch)
     text = result.stdout + result.stderr
     assert result.returncode != 0 and "model built" in text
-    assert re.search(r"after training step \d: a collective waited longer than timeout_step_s=2 s for another "
-                     "process", text), text[-3000:]  # fmt: skip
+    assert re.search(
+        r"after training step \d: a collective waited longer than timeout_step_s=2 s for another "
+        "process",
+        text,
+    ), text[-3000:]
     assert time.monotonic() - start < 120
 
 
@@ -227,19 +254,38 @@ def test_collective_timeouts_a_slow_setup_survives_and_a_hung_rank_is_a_clear_er
 
 
 def test_resume_without_a_checkpoint_starts_from_the_base_model(assets, tmp_path):
-    text = train(assets, tmp_path / "run", "resume_from_checkpoint=true", "epochs=1", "max_steps_per_epoch=1",
-                 "save_every_n_steps=null", "dataset_val=null")  # fmt: skip
+    text = train(
+        assets,
+        tmp_path / "run",
+        "resume_from_checkpoint=true",
+        "epochs=1",
+        "max_steps_per_epoch=1",
+        "save_every_n_steps=null",
+        "dataset_val=null",
+    )
     assert "no checkpoint in" in text
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     out = tmp_path / "run"
     # A learning rate that blows the weights up within a few steps, without gradient clipping.
-    code, text = run_in_process("train", overrides(assets, out, "optimizer.lr=1e30", "clip_grad_norm=null",
-                                                   "save_every_n_steps=1", "lr_scheduler.num_warmup_steps=0"))  # fmt: skip
+    code, text = run_in_process(
+        "train",
+        overrides(
+            assets,
+            out,
+            "optimizer.lr=1e30",
+            "clip_grad_norm=null",
+            "save_every_n_steps=1",
+            "lr_scheduler.num_warmup_steps=0",
+        ),
+    )
     assert code == 2
-    message = re.search(r"NonFiniteError: the (training loss|weights) (is|are) (nan|inf|not finite)[^\n]* at step (\d+)"
-                        r"[^\n]*The last good checkpoint is (\S+)\. ", text)  # fmt: skip
+    message = re.search(
+        r"NonFiniteError: the (training loss|weights) (is|are) (nan|inf|not finite)[^\n]* at step (\d+)"
+        r"[^\n]*The last good checkpoint is (\S+)\. ",
+        text,
+    )
     assert message, text[-3000:]
     step, good = int(message.group(4)), Path(message.group(5))
     # The newest checkpoint is the one named, from before the failing step, and its weights are finite.
@@ -252,15 +298,37 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp
 
 def test_packed_rows_and_sampling_keys_from_the_command_line(assets, tmp_path):
     out = tmp_path / "run"
-    sampling = ["dataset.difficulty_bins={easy: [0, 9], hard: [10, 28]}", "dataset.difficulty_weights={easy: 3, hard: 1}",
-                "dataset.max_per_problem=3", "dataset.correct_ratio=0.75"]  # fmt: skip
-    train(assets, out, "batch_size=1", "gradient_accumulation_steps=1", "dataset.n_samples=48", "dataset.packed=true",
-          "epochs=1", "dataset_val=null", "save_every_n_steps=null", *sampling)  # fmt: skip
+    sampling = [
+        "dataset.difficulty_bins={easy: [0, 9], hard: [10, 28]}",
+        "dataset.difficulty_weights={easy: 3, hard: 1}",
+        "dataset.max_per_problem=3",
+        "dataset.correct_ratio=0.75",
+    ]
+    train(
+        assets,
+        out,
+        "batch_size=1",
+        "gradient_accumulation_steps=1",
+        "dataset.n_samples=48",
+        "dataset.packed=true",
+        "epochs=1",
+        "dataset_val=null",
+        "save_every_n_steps=null",
+        *sampling,
+    )
     # The rows the recipe trained on: the same draw, packed the same way, built here.
-    rows = codecontests_dataset(sheared_llama_tokenizer(str(assets["tokenizer"])), str(assets["data"]),
-                                n_samples=48, seed=0, max_seq_len=2048, packed=True, correct_ratio=0.75,
-                                difficulty_bins={"easy": [0, 9], "hard": [10, 28]},
-                                difficulty_weights={"easy": 3, "hard": 1}, max_per_problem=3)  # fmt: skip
+    rows = codecontests_dataset(
+        sheared_llama_tokenizer(str(assets["tokenizer"])),
+        str(assets["data"]),
+        n_samples=48,
+        seed=0,
+        max_seq_len=2048,
+        packed=True,
+        correct_ratio=0.75,
+        difficulty_bins={"easy": [0, 9], "hard": [10, 28]},
+        difficulty_weights={"easy": 3, "hard": 1},
+        max_per_problem=3,
+    )
     assert len(rows) < 48 / 2
     assert [step for step, _ in logged(out / "logs", "loss")] == list(range(1, len(rows) + 1))
 
@@ -268,11 +336,29 @@ def test_packed_rows_and_sampling_keys_from_the_command_line(assets, tmp_path):
 def test_the_plain_python_form_in_bf16_with_activation_checkpointing(assets, tmp_path):
     # `python recipes/ref_finetune.py` needs the project root ahead of torchtune's own `recipes`.
     out = tmp_path / "run"
-    args = overrides(assets, out, "batch_size=4", "gradient_accumulation_steps=1", "dataset.n_samples=8", "epochs=1",
-                     "dataset_val=null", "save_every_n_steps=null", "precision=bf16", "output_dtype=bf16",
-                     "enable_activation_checkpointing=true")  # fmt: skip
-    ok(subprocess.run([sys.executable, "recipes/ref_finetune.py", "--config", TINY_CONFIG, *args], cwd=PROJECT_ROOT,
-                      capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))))
+    args = overrides(
+        assets,
+        out,
+        "batch_size=4",
+        "gradient_accumulation_steps=1",
+        "dataset.n_samples=8",
+        "epochs=1",
+        "dataset_val=null",
+        "save_every_n_steps=null",
+        "precision=bf16",
+        "output_dtype=bf16",
+        "enable_activation_checkpointing=true",
+    )
+    ok(
+        subprocess.run(
+            [sys.executable, "recipes/ref_finetune.py", "--config", TINY_CONFIG, *args],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
+        )
+    )
     assert [step for step, _ in logged(out / "logs", "loss")] == [1, 2]
     assert json.loads((out / "checkpoint_final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(out / "checkpoint_final", dtype="auto").dtype == torch.bfloat16
