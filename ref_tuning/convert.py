@@ -22,6 +22,7 @@ from ref_tuning.checkpointing import expected_hf_shapes, hf_to_tune, read_hf_che
 from ref_tuning.checkpointing import read_tensor_file, save_hf_dir, save_tensor_file, tensor_sources, tune_to_hf
 from ref_tuning.paths import check_separate
 
+# Not torchtune's get_dtype: importing torchtune costs about 3 s, and most conversions need none of it.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VERIFY_PROMPT = "def solve():\n    n = int(input())\n    print(sum(range(n)))\n"
 
