@@ -216,7 +216,7 @@ class RefFinetuneRecipe:
             model = config.instantiate(cfg.model)
         self._check_against_checkpoint(model)
 
-        # Read by rank 0 alone, one tensor at a time: FSDP scatters the shards from rank 0's copy.
+        # Read by rank 0 alone (memory-mapped, pages read as FSDP scatters them from rank 0's copy).
         # A resumed run reads its weights from the step checkpoint's shards instead, in `_resume`.
         model_state = None if resume else self._checkpointer.load_checkpoint(rank_zero_only=True)[training.MODEL_KEY]
         self._model = self._setup_model(model, model_state, cfg)

@@ -46,11 +46,13 @@ def _unknown_key_message(path: str, key: str, known: Iterable[str]) -> str:
 
 def _check_component(node: DictConfig, path: str, errors: List[str]) -> None:
     if node._component_ is None:  # what `key=null` on the command line makes of a component node
-        return errors.append(f"{path}_component_ is null: '{path[:-1]}' needs a component here")
+        errors.append(f"{path}_component_ is null: '{path[:-1]}' needs a component here")
+        return
     try:
         params = inspect.signature(_get_component_from_path(node._component_)).parameters
     except Exception as e:
-        return errors.append(f"{path}_component_: cannot import '{node._component_}' ({e})")
+        errors.append(f"{path}_component_: cannot import '{node._component_}' ({e})")
+        return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return  # takes **kwargs: the callee itself must reject what it does not know
     for key in node:

@@ -32,17 +32,7 @@ def test_compiled_and_eager_losses_agree_and_the_rates_are_logged(assets, tmp_pa
     everything = dict(logged(eager / "logs", "all_tokens_per_second_per_gpu"))
     mfu = dict(logged(eager / "logs", "mfu"))
     with torch.device("meta"):
-        flops = RefFinetuneRecipe._flops_constants(
-            tiny_sheared_llama(
-                vocab_size=assets["vocab_size"],
-                num_layers=2,
-                num_heads=4,
-                num_kv_heads=4,
-                embed_dim=128,
-                intermediate_dim=352,
-                max_seq_len=2048,
-            )
-        )
+        flops = RefFinetuneRecipe._flops_constants(tiny_sheared_llama(vocab_size=assets["vocab_size"]))
     for step in (1, 2, 3):
         assert 0 < trained[step] < everything[step]  # prompts count as computed, not as trained
         # FLOPs per non-padding token: the weights' share plus attention to 1 .. 2048 earlier positions.
