@@ -158,3 +158,18 @@ def test_metadata_is_written_inside_the_directory(hf_model_dir, tmp_path):
     out = checkpointer.save_checkpoint(checkpointer.load_checkpoint(), name="best", metadata={"step": 7, "x": [1, 2]})
     assert json.loads((out / "ref_tuning.json").read_text()) == {"step": 7, "x": [1, 2]}
     assert sorted(p.name for p in tmp_path.joinpath("out").iterdir()) == ["best"]  # nothing beside it
+
+
+def test_weight_files_are_torch_save_files_written_through(hf_model_dir, tmp_path):
+    """A shard is byte for byte what `torch.save` writes (CRC-32s off), though written through a file that
+    sends its pages to disk as it goes (records named `archive/`, as torch names them in a file object)."""
+    src, _ = hf_model_dir
+    state = load_hf_state_dict(src)
+    out = save_hf_checkpoint(state, tmp_path / "out", hf_llama_config(**TINY))
+    torch.serialization.set_crc32_options(False)
+    try:
+        with open(tmp_path / "plain.bin", "wb") as f:
+            torch.save({k: v.clone() for k, v in state.items()}, f)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert (out / "pytorch_model-00001-of-00001.bin").read_bytes() == (tmp_path / "plain.bin").read_bytes()
