@@ -1,10 +1,15 @@
-"""Full fine-tuning of the Rho-1 reference model (Sheared-LLaMA-2.7B) on CodeContests, with FSDP2.
+"""Fine-tuning of the Rho-1 reference model (Sheared-LLaMA-2.7B) on CodeContests, full or LoRA, with FSDP2.
 
     tune run --nproc_per_node 4 recipes/ref_finetune.py --config configs/ref_tuning.yaml [key=value ...]
 
 torchtune 0.6.1's `full_finetune_distributed` step for step (a test checks the per-step losses are equal), plus
 validation, step checkpoints with an exact mid-epoch resume, a clean stop on SIGTERM, and the HF directories Rho-1
 loads (`checkpoint_best`, `checkpoint_final`). It also runs on CPU with gloo, which is how it is tested.
+
+A LoRA model (`model._component_: ref_tuning.models.lora_sheared_llama_2_7b`) trains only its adapters, over a
+frozen base, as torchtune's `lora_finetune_distributed` does (a test checks the per-step losses are equal); its
+step checkpoints hold only the adapters and their optimizer state, and its outputs are the merged model and,
+beside it, the adapter alone in the PEFT layout (`ref_tuning.lora`).
 """
 
 import math
@@ -32,10 +37,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed, padded_collate_sft
+from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
-from ref_tuning import run_dir
+from ref_tuning import lora, run_dir
 from ref_tuning.checkpointing import CheckpointError
 from ref_tuning.index import DataError
 from ref_tuning.config import BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off
@@ -215,14 +221,20 @@ class RefFinetuneRecipe:
         with training.set_default_dtype(self._param_dtype), torch.device("meta"):
             model = config.instantiate(cfg.model)
         self._check_against_checkpoint(model)
+        self._lora = lora.lora_settings(model)  # None: full fine-tuning
+        if self._lora:
+            set_trainable_params(model, get_adapter_params(model))
 
         # Read by rank 0 alone (memory-mapped, pages read as FSDP scatters them from rank 0's copy).
-        # A resumed run reads its weights from the step checkpoint's shards instead, in `_resume`.
-        model_state = None if resume else self._checkpointer.load_checkpoint(rank_zero_only=True)[training.MODEL_KEY]
+        # A resumed run reads its weights from the step checkpoint's shards instead, in `_resume`; a LoRA
+        # run's step checkpoints hold only the adapters, so it reads the base here either way.
+        load = not resume or self._lora
+        model_state = self._checkpointer.load_checkpoint(rank_zero_only=True)[training.MODEL_KEY] if load else None
         self._model = self._setup_model(model, model_state, cfg)
         del model_state
         self._model_flops = self._flops_constants(self._model)
-        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        trainable = [p for p in self._model.parameters() if p.requires_grad]
+        self._optimizer = config.instantiate(cfg.optimizer, trainable)
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         total_steps = self.total_epochs * self._steps_per_epoch
@@ -262,13 +274,23 @@ class RefFinetuneRecipe:
             model.to_empty(device=self._device)
         with training.set_default_dtype(self._param_dtype), self._device:
             for m in model.modules():
+                if isinstance(m, LoRALinear):  # adapters are not in the base checkpoint: A random, B zero
+                    m.to_empty(device=self._device)
+                    m.initialize_parameters()
                 if hasattr(m, "rope_init"):  # RoPE buffers are not in the state dict
                     m.rope_init()
         if model_state_dict is not None:
-            training.load_from_full_model_state_dict(model, model_state_dict, self._device, strict=True)
+            missing, unexpected = training.load_from_full_model_state_dict(
+                model, model_state_dict, self._device, strict=not self._lora
+            )
+            if [k for k in missing if ".lora_" not in k] or unexpected:  # only a LoRA run's adapters may be missing
+                raise CheckpointError(f"the checkpoint lacks {missing[:3]} or has unexpected {unexpected[:3]}")
         training.validate_no_params_on_meta_device(model)
         n_params = sum(p.numel() for p in model.parameters())
         dtypes = f"{n_params:,} parameters in {self._param_dtype}, computing in {self._compute_dtype}"
+        if self._lora:
+            n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            dtypes += f"; LoRA r={self._lora['r']} on {', '.join(self._lora['target_modules'])}: {n_trained:,} train"
         utils.log_rank_zero(log, f"model built: {dtypes}, sharded over {self.world_size}")
         if self._is_rank_zero and self._device.type == "cuda":  # memory stats raise on CPU
             training.log_memory_stats(training.get_memory_stats(device=self._device))
@@ -294,10 +316,12 @@ class RefFinetuneRecipe:
     @staticmethod
     def _flops_constants(model: torch.nn.Module) -> Dict[str, int]:
         """FLOPs of a training step (forward and backward, no recomputation), as in PaLM's MFU:
-        6 per weight (all but the embedding lookup) per token, and for causal attention 12 * layers
-        * embed_dim per token per position it attends to (QK^T and AV: 4 * dim each, forward)."""
-        weights = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" not in n)
-        return {"per_token": 6 * weights, "per_attended": 12 * len(model.layers) * model.tok_embeddings.embedding_dim}
+        6 per weight (all but the embedding lookup) per token, 4 per frozen one (LoRA's base: no weight
+        gradient), and for causal attention 12 * layers * embed_dim per token per position it attends to
+        (QK^T and AV: 4 * dim each, forward)."""
+        params = [p for n, p in model.named_parameters() if "tok_embeddings" not in n]
+        per_token = sum((6 if p.requires_grad else 4) * p.numel() for p in params)
+        return {"per_token": per_token, "per_attended": 12 * len(model.layers) * model.tok_embeddings.embedding_dim}
 
     def _collate_fn(self, ds: Dataset):
         if getattr(ds, "packed", False):  # rows of max_seq_len with a block-causal mask per sample
@@ -562,24 +586,41 @@ class RefFinetuneRecipe:
     # Checkpoints
 
     def _gathered_model(self) -> Dict[str, torch.Tensor]:
-        """The full weights on rank 0 in `output_dtype` (every rank takes part in the gather)."""
+        """The full weights on rank 0 in `output_dtype` (every rank takes part in the gather), a LoRA
+        model's merged; on rank 0 of a LoRA run, `self._adapter` its adapters."""
         state_dict = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        if self._lora and self._is_rank_zero:
+            state_dict, self._adapter = lora.merge(state_dict, self._lora)
         for name in state_dict:  # one tensor at a time: the fp32 dict and one cast tensor at most
             state_dict[name] = state_dict[name].to(self._output_dtype)
         return state_dict
 
     def _save_output(self, name: str) -> None:
-        """An HF directory for Rho-1, `output_dir/name`, with the step, metrics and config in `ref_tuning.json`."""
+        """An HF directory for Rho-1, `output_dir/name`, with the step, metrics, config and the samples trained
+        on in `ref_tuning.json`; for a LoRA run also the adapter alone, `output_dir/adapter_*` (PEFT layout)."""
         self._check_finite_weights()
         state_dict = self._gathered_model()
         if self._is_rank_zero:
             epoch = self.epoch + (1 if self.steps_in_epoch else 0)  # after the last epoch, `epoch` counts it already
             metadata = {"step": self.global_step, "epoch": epoch, "validation": self._val_metrics}
             metadata["config"] = OmegaConf.to_container(self._cfg, resolve=True)
+            metadata["trained_on"] = self._trained_on()
+            if self._lora:
+                metadata["lora"] = self._lora
+                adapter_dir = self._output_dir / name.replace("checkpoint", "adapter")
+                base = self._cfg.checkpointer.checkpoint_dir
+                lora.save_peft_adapter(self._adapter, adapter_dir, self._checkpointer.config, self._lora, base)
+                del self._adapter
             path = self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=name, metadata=metadata)
             log.info(f"HF checkpoint written to {path} (step {self.global_step})")
         del state_dict
         dist.barrier()
+
+    def _trained_on(self) -> Dict[str, Any]:
+        """The training split and the line of every sample drawn, for the report's memorization section."""
+        ds = self._dataloader.dataset
+        samples = getattr(ds, "samples", ds)  # packed rows hold the samples
+        return {"jsonl": str(Path(samples.jsonl).resolve()), "lines": samples.lines.tolist()}
 
     def save_checkpoint(self) -> Path:
         """A step checkpoint: weights and optimizer (each rank its own shards, in parallel), schedule,

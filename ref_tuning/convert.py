@@ -79,6 +79,11 @@ def step_to_hf_dir(step_dir: Path, out_dir: Path, dtype: torch.dtype | None = No
         )
     config = read_hf_config(step_dir / HF_DIR)
     sources = [OutputTensor(name, *source[:3]) for name, source in weight_sources(step_dir).items()]
+    if any(".lora_" in t.name for t in sources):
+        raise CheckpointError(
+            f"{step_dir}: a LoRA run's step checkpoint holds only its adapters, not a model; use the run's "
+            "checkpoint_final or checkpoint_best (merged), or resume the run to write them"
+        )
     outputs = converted(sources, tune_to_hf, config, dtype)
     check_hf_tensors({t.name: t for t in outputs}, config, step_dir)
     return save_hf_dir(outputs, out_dir, config, step_dir / HF_DIR, **options)

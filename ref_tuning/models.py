@@ -2,10 +2,10 @@
 
 import functools
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
-from torchtune.models.llama2 import llama2
+from torchtune.models.llama2 import llama2, lora_llama2
 from torchtune.models.llama2._tokenizer import Llama2Tokenizer
 from torchtune.modules import TransformerDecoder
 
@@ -30,6 +30,26 @@ def sheared_llama_2_7b() -> TransformerDecoder:
     return llama2(**SHEARED_LLAMA_2_7B)
 
 
+def lora_sheared_llama_2_7b(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int = 16,
+    lora_alpha: float = 32.0,
+    lora_dropout: float = 0.0,
+) -> TransformerDecoder:
+    """Sheared-LLaMA-2.7B with LoRA adapters (torchtune's `lora_llama2`) on `lora_attn_modules` (of q_proj, k_proj,
+    v_proj, output_proj) and, with `apply_lora_to_mlp`, on the MLP; only the adapters train."""
+    return lora_llama2(
+        lora_attn_modules,
+        apply_lora_to_mlp,
+        # lora_llama2 takes no rope_base: it is always LLaMA-2's 10,000, as Sheared-LLaMA's is.
+        **{key: value for key, value in SHEARED_LLAMA_2_7B.items() if key != "rope_base"},
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
+
+
 # The tiny model of the demo, the tests and configs/tiny_cpu.yaml; its vocabulary follows the tokenizer.
 TINY_SHEARED_LLAMA = dict(
     num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128, intermediate_dim=352, max_seq_len=2048
@@ -38,6 +58,11 @@ TINY_SHEARED_LLAMA = dict(
 tiny_sheared_llama = functools.partial(llama2, **TINY_SHEARED_LLAMA)
 tiny_sheared_llama.__doc__ = """A tiny model of the same family (same blocks, fewer and narrower layers): any size
 overridable, `vocab_size` required."""
+
+
+lora_tiny_sheared_llama = functools.partial(lora_llama2, **TINY_SHEARED_LLAMA)
+lora_tiny_sheared_llama.__doc__ = """The tiny model with LoRA adapters: `lora_attn_modules`, `lora_rank`, `lora_alpha` and
+`vocab_size` required, as for `lora_sheared_llama_2_7b`."""
 
 
 def sheared_llama_tokenizer(path: str, max_seq_len: Optional[int] = None) -> Llama2Tokenizer:

@@ -109,8 +109,13 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# What trains: all weights in full fine-tuning, only the adapters of a LoRA model (its base is the base checkpoint).
+_TRAINED = dcp_sd.StateDictOptions(ignore_frozen_params=True)
+
+
 def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    return {"model": dcp_sd.get_model_state_dict(model), "optimizer": dcp_sd.get_optimizer_state_dict(model, optimizer)}
+    model_state = dcp_sd.get_model_state_dict(model, options=_TRAINED)
+    return {"model": model_state, "optimizer": dcp_sd.get_optimizer_state_dict(model, optimizer)}
 
 
 def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -136,7 +141,9 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         )
     state = _sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=path / STATE_DIR)
-    dcp_sd.set_model_state_dict(model, state["model"])
+    dcp_sd.set_model_state_dict(
+        model, state["model"], options=dcp_sd.StateDictOptions(strict=False)
+    )  # frozen: not in it
     dcp_sd.set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
     train_state = torch.load(path / TRAIN_STATE, weights_only=True)
     rank_file = path / f"rank_{_rank()}.pt"

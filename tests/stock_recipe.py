@@ -1,14 +1,18 @@
 """torchtune's own `full_finetune_distributed` recipe, the peer our recipe is measured against, run as
-it ships but for its two CPU guards (shared/docs/TORCHTUNE_NOTES.md):
+it ships but for its CPU guards (shared/docs/TORCHTUNE_NOTES.md):
 
     tune run --nproc_per_node 2 tests/stock_recipe.py --config CONFIG [key=value ...]
 
 On CPU, `training.get_memory_stats` raises and `training.cleanup_before_training` calls
-`torch.cpu.empty_cache`, which does not exist; both are skipped there, nothing else changes.
+`torch.cpu.empty_cache`, which does not exist; both are skipped there; without NCCL, process groups are
+gloo's. Nothing else changes.
+Another of torchtune's recipes runs the same way with REF_TUNING_STOCK_RECIPE set to its name (e.g.
+`lora_finetune_distributed`): `tune run` has no place for it, and the environment reaches every worker.
 `stock_config` makes its config from one of ours: the same model, tokenizer, data, optimizer and
 schedule, with torchtune's `FullModelHFCheckpointer` reading the same HF directory.
 """
 
+import os
 import runpy
 from pathlib import Path
 from typing import Any, Dict, List
@@ -18,7 +22,9 @@ import torchtune
 from omegaconf import DictConfig, OmegaConf
 from torchtune import training
 
-STOCK_RECIPE = Path(torchtune.__file__).resolve().parent.parent / "recipes" / "full_finetune_distributed.py"
+RECIPES_DIR = Path(torchtune.__file__).resolve().parent.parent / "recipes"  # the recipes the torchtune wheel ships
+STOCK_RECIPE = RECIPES_DIR / "full_finetune_distributed.py"
+RECIPE_ENV = "REF_TUNING_STOCK_RECIPE"  # another of them to run, by name
 _NO_MEMORY_STATS = {"peak_memory_active": 0.0, "peak_memory_alloc": 0.0, "peak_memory_reserved": 0.0}
 
 
@@ -82,7 +88,26 @@ def _cleanup_before_training() -> None:
 
 _real_memory_stats, _real_cleanup = training.get_memory_stats, training.cleanup_before_training
 
+
+def stock_recipe(name: str = "") -> Path:
+    """The path of torchtune's recipe `name` (default: full_finetune_distributed)."""
+    path = RECIPES_DIR / f"{name}.py" if name else STOCK_RECIPE
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.name.startswith("_")))
+        raise SystemExit(f"{RECIPE_ENV}={name}: torchtune {torchtune.__version__} ships no such recipe; one of {known}")
+    return path
+
+
+def _init_process_group(backend=None, **kwargs) -> None:
+    # lora_finetune_distributed asks for "cuda:nccl,cpu:gloo" outright; a CPU build of torch has no NCCL.
+    _real_init(backend if torch.distributed.is_nccl_available() else "gloo", **kwargs)
+
+
+_real_init = torch.distributed.init_process_group
+
+
 if __name__ == "__main__":
     training.get_memory_stats = _memory_stats
     training.cleanup_before_training = _cleanup_before_training
-    runpy.run_path(str(STOCK_RECIPE), run_name="__main__")
+    torch.distributed.init_process_group = _init_process_group
+    runpy.run_path(str(stock_recipe(os.environ.get(RECIPE_ENV, ""))), run_name="__main__")

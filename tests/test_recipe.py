@@ -8,7 +8,7 @@ from recipes.ref_finetune import CONFIG_SCHEMA
 from ref_tuning.config import ConfigError, validate_config
 
 
-@pytest.mark.parametrize("config_file", ["configs/ref_tuning.yaml", TINY_CONFIG])
+@pytest.mark.parametrize("config_file", ["configs/ref_tuning.yaml", "configs/ref_tuning_lora.yaml", TINY_CONFIG])
 def test_shipped_configs_are_valid(config_file):
     validate_config(OmegaConf.load(PROJECT_ROOT / config_file), CONFIG_SCHEMA)
 

@@ -1,0 +1,120 @@
+"""LoRA in the same recipe: torchtune's `lora_finetune_distributed` step for step, adapters only in the step
+checkpoints, an exact resume after SIGKILL, and outputs that `transformers` (merged) and `peft` (adapter) load
+with the LoRA model's logits."""
+
+import json
+import signal
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, send, tune, when
+from ref_tuning import convert
+from ref_tuning.checkpointing import METADATA_FILE, CheckpointError, load_hf_state_dict, load_tune_state_dict
+from ref_tuning.models import lora_tiny_sheared_llama
+from ref_tuning.scoring import load_reference
+from ref_tuning.step_checkpoints import load_weights
+from tests.stock_recipe import RECIPE_ENV, stock_config
+
+LORA = dict(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=4, lora_alpha=8.0)
+ARGS = [
+    "model._component_=ref_tuning.models.lora_tiny_sheared_llama",
+    f"model.lora_attn_modules=[{','.join(LORA['lora_attn_modules'])}]",
+    "model.apply_lora_to_mlp=false",  # torchtune's LoRA recipe reads it
+    f"model.lora_rank={LORA['lora_rank']}",
+    f"model.lora_alpha={LORA['lora_alpha']}",
+    "optimizer.lr=1e-3",  # adapters start at zero: a visible change in 8 steps
+    "eval_every_n_steps=4",
+]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def lora_run(assets, tmp_path_factory):
+    """An uninterrupted 2-process LoRA run of STEPS steps."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    ok(tune(overrides(assets, out, *ARGS)))
+    return out
+
+
+def lora_model(assets, step_dir) -> torch.nn.Module:
+    """The LoRA model in torchtune: the base checkpoint's weights and a step checkpoint's adapters."""
+    model = lora_tiny_sheared_llama(vocab_size=assets["vocab_size"], **LORA)
+    adapters = load_weights(step_dir)
+    assert adapters and all(".lora_" in name for name in adapters)  # only what trains is in a step checkpoint
+    model.load_state_dict({**load_tune_state_dict(assets["model"]), **adapters}, strict=True)
+    for m in model.modules():
+        if hasattr(m, "rope_init"):
+            m.rope_init()
+    return model.eval()
+
+
+def test_outputs_give_the_lora_models_logits_merged_and_through_peft(assets, lora_run, monkeypatch):
+    tokens = torch.randint(1, assets["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = lora_model(assets, lora_run / "checkpoints" / f"step_{STEPS:06d}")(tokens)
+        merged = load_reference(lora_run / "checkpoint_final", torch.device("cpu"), torch.float32)(tokens)
+        transformers_merged = AutoModelForCausalLM.from_pretrained(lora_run / "checkpoint_final").eval()(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
+        untuned = base(tokens).logits
+        # peft refuses to load at all beside torchao < 0.16, which torchtune 0.6.1 needs; LoRA uses none of it.
+        monkeypatch.setattr("peft.tuners.lora.torchao.is_torchao_available", lambda: False)
+        from peft import PeftModel
+
+        through_peft = PeftModel.from_pretrained(base, lora_run / "adapter_final").eval()(tokens).logits
+    assert (untuned - expected).abs().max() > 1e-3  # the adapters changed the model
+    for got in (merged, transformers_merged, through_peft):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    meta = json.loads((lora_run / "checkpoint_final" / METADATA_FILE).read_text())
+    assert meta["lora"] == dict(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=sorted(LORA["lora_attn_modules"]))
+    adapter_config = json.loads((lora_run / "adapter_final" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
+    assert adapter_config["base_model_name_or_path"] == str(assets["model"].resolve())
+
+
+def test_validation_and_the_best_checkpoint_work_as_for_full_fine_tuning(lora_run):
+    val = logged(lora_run / "logs", "val_loss")
+    assert [s for s, _ in val] == [4, 8]
+    best = json.loads((lora_run / "checkpoint_best" / METADATA_FILE).read_text())
+    assert best["step"] == min(val, key=lambda sv: sv[1])[0] and (lora_run / "adapter_best").is_dir()
+
+
+def test_a_lora_step_checkpoint_is_refused_by_step_to_hf(lora_run, tmp_path):
+    with pytest.raises(CheckpointError, match="holds only its adapters"):
+        convert.step_to_hf_dir(lora_run / "checkpoints" / f"step_{STEPS:06d}", tmp_path / "hf")
+
+
+def test_per_step_losses_equal_torchtunes_lora_finetune_distributed(assets, lora_run, tmp_path):
+    ours = OmegaConf.merge(
+        OmegaConf.load(PROJECT_ROOT / TINY_CONFIG), OmegaConf.from_dotlist(overrides(assets, lora_run, *ARGS))
+    )
+    stock, config_path = tmp_path / "stock", tmp_path / "stock.yaml"
+    OmegaConf.save(stock_config(OmegaConf.create(OmegaConf.to_container(ours, resolve=True)), str(stock)), config_path)
+    ok(tune([], recipe="tests/stock_recipe.py", config=str(config_path), env={RECIPE_ENV: "lora_finetune_distributed"}))
+    ours_losses, stock_losses = logged(lora_run / "logs", "loss"), logged(stock / "logs", "loss")
+    assert len(ours_losses) == len(stock_losses) == STEPS
+    for (s1, a), (s2, b) in zip(ours_losses, stock_losses):
+        assert s1 == s2 and abs(a - b) <= 1e-5, (s1, a, b)
+
+
+def test_resume_after_sigkill_is_bit_identical(assets, lora_run, tmp_path):
+    out = tmp_path / "run"
+    # The whole run dies the moment step 6's checkpoint is begun: step 4's, adapters only, is the newest.
+    begun = out / "checkpoints" / ".tmp-step_000006"
+    killed = tune(overrides(assets, out, *ARGS), watch=when(begun.exists, send(signal.SIGKILL)))
+    assert killed.returncode != 0 and not (out / "checkpoint_final").exists()
+    ok(tune(overrides(assets, out, *ARGS, "resume_from_checkpoint=true")))
+    outputs = {
+        "checkpoint_final": load_hf_state_dict,
+        "adapter_final": lambda d: load_file(d / "adapter_model.safetensors"),
+    }
+    for name, read in outputs.items():
+        a, b = read(out / name), read(lora_run / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    expected = dict(logged(lora_run / "logs", "loss"))
+    resumed = [(s, v) for s, v in logged(out / "logs", "loss") if s > 4]
+    assert [s for s, _ in resumed][-(STEPS - 4) :] == list(range(5, STEPS + 1))
+    assert all(v == expected[s] for s, v in resumed), (resumed, expected)
