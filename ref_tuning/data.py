@@ -5,6 +5,7 @@ the dataloader asks for them: memory grows with `n_samples`, not with the file, 
 """
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -149,11 +150,46 @@ def _within_cap(problems: torch.Tensor, cap: int) -> torch.Tensor:
     return rank < cap
 
 
+def problem_fold(problem_id: str, folds: int) -> int:
+    """The cross-fitting fold of a problem: sha256 of its id, mod `folds`. Never Python's `hash`, which is salted
+    per process: models trained months apart, and the scoring run, must agree on every problem's fold."""
+    return int.from_bytes(hashlib.sha256(problem_id.encode("utf-8")).digest()[:8], "big") % folds
+
+
+def fold_of_lines(index: SplitIndex, folds: int) -> torch.Tensor:
+    """Each line's fold (int64): its problem's, so that all solutions of a problem share one fold, whatever the
+    seed, the order of the split or the number of ranks. Training drops a fold's lines; scoring splits by them."""
+    return torch.tensor([problem_fold(p, folds) for p in index.problems], dtype=torch.int64)[index.problem.long()]
+
+
+def _check_folds(folds, fold) -> None:
+    if folds is None:
+        if fold is not None:
+            raise DataError(f"fold={fold!r} needs folds (the number of cross-fitting folds, e.g. folds: 2); got null")
+        return
+    if type(folds) is not int or folds < 2:
+        raise DataError(f"folds must be an integer >= 2 (cross-fitting folds) or null for none, got {folds!r}")
+    if type(fold) is not int or not 0 <= fold < folds:
+        raise DataError(
+            f"fold must be the fold held out of this training run, an integer from 0 to {folds - 1} "
+            f"(folds={folds}), got {fold!r}"
+        )
+
+
 def select_lines(
-    index: SplitIndex, n_samples, correct_ratio, difficulty_bins, difficulty_weights, max_per_problem, seed
+    index: SplitIndex,
+    n_samples,
+    correct_ratio,
+    difficulty_bins,
+    difficulty_weights,
+    max_per_problem,
+    seed,
+    folds=None,
+    fold=None,
 ):
     """Sorted line numbers of `n_samples` samples drawn without replacement; arguments as `codecontests_dataset`'s.
     The draw depends on the seed and the index alone: every rank draws the same lines."""
+    _check_folds(folds, fold)
     if type(n_samples) is not int or n_samples <= 0:
         raise DataError(f"n_samples must be a positive integer, got {n_samples!r}")
     if not isinstance(correct_ratio, (int, float)) or not 0.0 <= correct_ratio <= 1.0:
@@ -177,9 +213,20 @@ def select_lines(
             f"{index.jsonl}: difficulty bin {', '.join(empty)} holds no line; difficulties present: "
             f"{sorted(set(index.difficulty.tolist()))}. Fix or drop the bin"
         )
+    # Held-out problems leave before the draw, so bins are weighed by (and drawn from) the other folds alone.
+    held_out = ""
+    if folds is not None:
+        outside = fold_of_lines(index, folds) != fold
+        masks = [mask & outside for mask in masks]
+        sizes = [int(m.sum()) for m in masks]
+        held_out = f" outside the held-out fold {fold} of folds={folds}"
+        log.info(
+            f"{index.jsonl}: fold {fold} of {folds} held out, {int(outside.sum())} of {len(index)} lines drawn from"
+        )
     weights = [w if w is not None else size for (_, _, _, w), size in zip(bins, sizes)]
     if not sum(weights) > 0:
-        raise DataError(f"{index.jsonl}: no line falls in the difficulty_bins {[(n, lo, hi) for n, lo, hi, _ in bins]}")
+        bounds = [(n, lo, hi) for n, lo, hi, _ in bins]
+        raise DataError(f"{index.jsonl}: no line{held_out} falls in the difficulty_bins {bounds}")
 
     generator = torch.Generator().manual_seed(seed)
     chosen, shortfalls, report = [], [], []
@@ -200,7 +247,7 @@ def select_lines(
         cap = f" with max_per_problem={max_per_problem}" if max_per_problem is not None else ""
         raise DataError(
             f"{index.jsonl}: too few samples for n_samples={n_samples}, correct_ratio={correct_ratio}: asked for "
-            f"{'; '.join(shortfalls)}. Available{cap}: {'; '.join(report)}. Lower n_samples, or change "
+            f"{'; '.join(shortfalls)}. Available{cap}{held_out}: {'; '.join(report)}. Lower n_samples, or change "
             "correct_ratio, the bins or their weights"
         )
     return torch.cat(chosen).sort().values
@@ -383,6 +430,8 @@ def codecontests_dataset(
     long_samples: str = "drop",
     packed: bool = False,
     cache_dir: Optional[str] = None,
+    folds: Optional[int] = None,
+    fold: Optional[int] = None,
 ) -> Union[CodeContestsDataset, PackedCodeContestsDataset]:
     """Draw `n_samples` samples of a processed CodeContests split by its metadata.
 
@@ -398,15 +447,19 @@ def codecontests_dataset(
         long_samples: `drop` or `truncate` samples past `max_seq_len`; one whose prompt alone fills it is dropped.
         packed: best-fit pack samples into rows (attention and positions reset at each sample).
         cache_dir: where the index and token-length caches go (default: see `ref_tuning.index`).
+        folds, fold: cross-fitting; every problem is in one of `folds` folds (`problem_fold`), and the draw takes
+            only problems outside `fold`: the reference that scores fold `fold` never saw its problems. null: no folds.
     """
     if long_samples not in LONG_SAMPLES:
         raise DataError(f"long_samples must be one of {LONG_SAMPLES}, got {long_samples!r}")
     if type(max_seq_len) is not int or max_seq_len <= 0:
         raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    _check_folds(folds, fold)  # before the index is built: a mistake in the keys shows at once
     jsonl, metadata = split_files(data_dir, split)
     cache = cache_folder(Path(data_dir), cache_dir)
     index = SplitIndex.open(jsonl, metadata, cache, progress=utils.get_world_size_and_rank()[1] == 0)
-    lines = select_lines(index, n_samples, correct_ratio, difficulty_bins, difficulty_weights, max_per_problem, seed)
+    draw = (n_samples, correct_ratio, difficulty_bins, difficulty_weights, max_per_problem, seed, folds, fold)
+    lines = select_lines(index, *draw)
     total, prompt = measure_lengths(index, lines, tokenizer, cache)
 
     too_long = total > max_seq_len

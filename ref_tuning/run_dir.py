@@ -42,9 +42,9 @@ def identity(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
 
 
 def differences(run: Dict[str, Any], now: Dict[str, Any]) -> List[Tuple[str, str]]:
-    """(key, how it differs) for every key whose value differs."""
-    missing = object()
-    keys = [key for key in sorted(set(run) | set(now)) if run.get(key, missing) != now.get(key, missing)]
+    """(key, how it differs) for every key whose value differs; a key absent on one side counts as null there,
+    so that a key newer than a run, left at its null default, does not stop its resume."""
+    keys = [key for key in sorted(set(run) | set(now)) if run.get(key) != now.get(key)]
     shown = [[repr(d[key]) if key in d else "absent" for d in (run, now)] for key in keys]
     return [(key, f"{a} in the run, {b} now") for key, (a, b) in zip(keys, shown)]
 

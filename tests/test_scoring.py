@@ -24,7 +24,7 @@ from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.report import auroc, loss_histograms, run_report, summarize, verdict
 from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, open_store, score_dataset
 
-from conftest import descendants
+from conftest import descendants, run_in_process
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # our `recipes` before torchtune's
@@ -131,6 +131,43 @@ def test_float16_values_are_the_float32_ones_rounded(assets, tmp_path):
     assert (tmp_path / "float16" / "part-run-00000.bin").stat().st_size * 2 == (
         tmp_path / "float32" / "part-run-00000.bin"
     ).stat().st_size
+
+
+def test_stored_entropies_equal_the_models_predictive_entropy(assets, tmp_path):
+    """store_entropy: each response token's entropy of the model's predictive distribution, beside its loss."""
+    common = [f"model_dir={assets['model']}", f"dataset.data_dir={assets['data']}", "device=cpu", "dtype=fp32"]
+    common += ["dataset.split=valid", "dataset.n_samples=6", "dataset.correct_ratio=0.5", "batch_size=3"]
+    stores = {}
+    for values, entropy in (("float32", "true"), ("float16", "true"), ("float32", "false")):
+        out = tmp_path / f"{values}-{entropy}"
+        code, text = run_in_process(
+            "score", [*common, f"output_dir={out}", f"store_dtype={values}", f"store_entropy={entropy}"]
+        )
+        assert code == 0, text[-3000:]
+        stores[values, entropy] = ScoreStore(out)
+    full, half, plain = stores["float32", "true"], stores["float16", "true"], stores["float32", "false"]
+    assert full.description["store_entropy"] is True and "store_entropy" not in plain.description  # as stores before
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
+    ds = dataset_of(plain, assets)
+    for i in range(len(ds)):
+        sample, task_id = ds[i], ds.record(i)["task_id"]
+        with torch.no_grad():
+            logits = model(torch.tensor([sample["tokens"]])).logits[0, :-1].float()
+        expected = torch.distributions.Categorical(logits=logits[torch.tensor(sample["labels"][1:]) >= 0]).entropy()
+        torch.testing.assert_close(full.entropies(task_id), expected, rtol=0, atol=1e-5)
+        # float16 keeps 11 significant bits: an entropy near ln(1024) = 6.9 is rounded by up to 2**-11 of itself.
+        torch.testing.assert_close(half.entropies(task_id), expected, rtol=2**-11, atol=1e-5)
+        # Beside entropies or not, the losses are the same bits.
+        assert torch.equal(full.losses(task_id), plain.losses(task_id))
+        assert torch.equal(half.losses(task_id), plain.losses(task_id).half().float())
+    sizes = {key: sum(p.stat().st_size for p in store.path.glob("part-*.bin")) for key, store in stores.items()}
+    assert sizes["float32", "true"] == 2 * sizes["float32", "false"] == 2 * sizes["float16", "true"]  # 2 values a token
+    with pytest.raises(ScoreError, match=r"float32-false: holds no entropies \(scored with store_entropy: false\)"):
+        plain.entropies(task_id)
+    # A store is all with entropies or all without: continuing it the other way is refused.
+    out = plain.path
+    code, text = run_in_process("score", [*common, f"output_dir={out}", "store_dtype=float32", "store_entropy=true"])
+    assert code == 2 and "holds scores of another run (differing in store_entropy)" in text, text[-3000:]
 
 
 def test_scoring_resumes_after_a_kill_with_another_number_of_processes(assets, tmp_path):
