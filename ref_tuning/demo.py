@@ -4,8 +4,9 @@
 
 Makes `storage/demo/` laid out like the real storage (a tiny Sheared-LLaMA-family HF checkpoint in two
 `.bin` shards, a tokenizer, a processed CodeContests split from the problems shipped in
-`ref_tuning/demo_data/`), runs the real recipe with `tune run --nproc_per_node 2`, reloads the result
-with `transformers` and prints the validation loss before and after.
+`ref_tuning/demo_data/`), runs the real recipe with `tune run --nproc_per_node 2`, full fine-tuning and then
+LoRA, reloads each result with `transformers`, prints the validation loss before and after, and the report of
+each against the base, memorization section included.
 """
 
 import argparse
@@ -32,6 +33,14 @@ DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 TINY_CONFIG = "configs/tiny_cpu.yaml"
 MAX_SEQ_LEN = TINY_SHEARED_LLAMA["max_seq_len"]
 DEMO_VOCAB_SIZE = 1024
+# The LoRA run: adapters on q/k/v/o as in configs/ref_tuning_lora.yaml, at the tiny model's learning rate.
+LORA_OVERRIDES = [
+    "model._component_=ref_tuning.models.lora_tiny_sheared_llama",
+    "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
+    "model.apply_lora_to_mlp=false",
+    "model.lora_rank=16",
+    "model.lora_alpha=32",
+]
 
 
 def read_problems(split: str) -> List[Dict[str, Any]]:
@@ -186,23 +195,25 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"checkpointer.checkpoint_dir={paths['model']}",
         f"dataset.data_dir={paths['data']}",
         f"dataset_val.data_dir={paths['data']}",
-        f"output_dir={paths['output']}",
         *args.overrides,
     ]
-    command = tune_run_command(args.nproc, overrides)
-    print("running:", " ".join(command), flush=True)
-    subprocess.run(command, cwd=PROJECT_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), check=True)
+    lora_output = paths["output"].with_name(paths["output"].name + "-lora")
+    for kind, output, extra in (("full", paths["output"], []), ("LoRA", lora_output, LORA_OVERRIDES)):
+        command = tune_run_command(args.nproc, [*overrides, f"output_dir={output}", *extra])
+        print(f"running ({kind} fine-tuning):", " ".join(command), flush=True)
+        subprocess.run(command, cwd=PROJECT_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), check=True)
 
-    final = paths["output"] / "checkpoint_final"
-    after = validation_loss(final, paths["data"], paths["tokenizer"])
-    print(
-        f"\nvalidation loss (transformers, {final.relative_to(root)} reloaded): before {before:.4f}, after {after:.4f}"
-    )
-    # The Rho-1 view: held-out correct and incorrect solutions under the base and the tuned reference.
-    report_dir = paths["output"] / "report-valid"
-    options = dict(max_seq_len=MAX_SEQ_LEN, tokenizer=paths["tokenizer"], progress=False)
-    run_report(paths["model"], final, report_dir, paths["data"], "valid", n_samples=60, correct_ratio=2 / 3, **options)
-    print("\n" + (report_dir / "report.md").read_text())
+        final = output / "checkpoint_final"
+        after = validation_loss(final, paths["data"], paths["tokenizer"])
+        print(
+            f"\n{kind}: validation loss (transformers, {final.relative_to(root)} reloaded): before {before:.4f}, "
+            f"after {after:.4f}"
+        )
+        # The Rho-1 view: held-out correct and incorrect solutions, and memorization, base against tuned.
+        report_dir = output / "report-valid"
+        options = dict(max_seq_len=MAX_SEQ_LEN, tokenizer=paths["tokenizer"], progress=False, n_samples=60)
+        run_report(paths["model"], final, report_dir, paths["data"], "valid", correct_ratio=2 / 3, **options)
+        print(f"\n{kind} fine-tuning against the base:\n\n" + (report_dir / "report.md").read_text())
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
 
 

@@ -21,9 +21,10 @@ def _run_demo(root, *args):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    match = re.search(r"before (\d+\.\d+), after (\d+\.\d+)", result.stdout)
-    assert match, result.stdout[-3000:]
-    return float(match.group(1)), float(match.group(2))
+    found = re.findall(r"(full|LoRA): validation loss .* before (\d+\.\d+), after (\d+\.\d+)", result.stdout)
+    assert [kind for kind, *_ in found] == ["full", "LoRA"], result.stdout[-3000:]
+    assert result.stdout.count("## Memorization") == 2, result.stdout[-3000:]
+    return {kind: (float(before), float(after)) for kind, before, after in found}
 
 
 def _check_layout(root):
@@ -39,19 +40,23 @@ def _check_layout(root):
 
 
 def test_demo_lowers_the_validation_loss_and_reports_both_references(tmp_path):
-    before, after = _run_demo(tmp_path / "demo")
+    losses = _run_demo(tmp_path / "demo")
     _check_layout(tmp_path / "demo")
-    assert after < before
-    report = json.loads(
-        (tmp_path / "demo" / "checkpoints" / "ref-tuning" / "tiny-demo" / "report-valid" / "report.json").read_text()
-    )
-    assert report["base"]["correct_samples"] == 40 and report["base"]["incorrect_samples"] == 20
-    # The tuned reference's held-out loss beside the base's: tuning on code lowered it.
-    assert report["tuned"]["correct_loss"] < report["base"]["correct_loss"]
-    assert 0 <= report["tuned"]["auroc"] <= 1 and 0 <= report["base"]["auroc"] <= 1
+    for kind, run in (("full", "tiny-demo"), ("LoRA", "tiny-demo-lora")):
+        before, after = losses[kind]
+        assert after < before, kind
+        report = json.loads(
+            (tmp_path / "demo" / "checkpoints" / "ref-tuning" / run / "report-valid" / "report.json").read_text()
+        )
+        assert report["base"]["correct_samples"] == 40 and report["base"]["incorrect_samples"] == 20
+        # The tuned reference's held-out loss beside the base's: tuning on code lowered it.
+        assert report["tuned"]["correct_loss"] < report["base"]["correct_loss"]
+        assert 0 <= report["tuned"]["auroc"] <= 1 and 0 <= report["base"]["auroc"] <= 1
+        # Memorization measured from what the run trained on: the tuned model's gap beyond the base's.
+        assert report["memorization"]["tuned_minus_base"]["memorized_total"] is not None, kind
 
 
 def test_demo_with_the_real_llama_tokenizer(tmp_path, llama_tokenizer_path):
-    before, after = _run_demo(tmp_path / "demo", "--tokenizer", str(llama_tokenizer_path))
+    losses = _run_demo(tmp_path / "demo", "--tokenizer", str(llama_tokenizer_path))
     _check_layout(tmp_path / "demo")
-    assert after < before
+    assert all(after < before for before, after in losses.values())
