@@ -1,10 +1,9 @@
 """HF checkpoint directories <-> torchtune state dicts, in torch's and safetensors' own file formats.
 
-`HFBinCheckpointer` is a torchtune checkpointer, for our recipe and for torchtune's own (`full_finetune_distributed`,
-`generate`, `eleuther_eval`), which take it in place of their `FullModelHFCheckpointer` with the same config keys.
-Unlike that one, it writes a complete HF model: the hub's file names (`pytorch_model-0000K-of-0000N.bin`), a
-`config.json` with the dtype written, and the tokenizer and generation files. Files are read memory-mapped and
-weights-only (a tensor's bytes are read only when used), written shard by shard (memory: about one shard), and
+`HFBinCheckpointer` is a torchtune checkpointer. Unlike torchtune's `FullModelHFCheckpointer`, it writes
+a complete HF model: the hub's file names (`pytorch_model-0000K-of-0000N.bin`), a `config.json` with the
+dtype written, and the tokenizer and generation files. Files are read memory-mapped and weights-only
+(a tensor's bytes are read only when used), written shard by shard (memory: about one shard), and
 appear under their final name only once complete (`atomic_output`).
 """
 
@@ -154,8 +153,8 @@ def read_tensor_file(path: Path) -> StateDict:
     return tensors
 
 
-def _weights_entry(checkpoint_dir: PathLike) -> Path:
-    """Where an HF directory's weights are listed: its index, or else its single weights file."""
+def _weights_index(checkpoint_dir: PathLike) -> tuple[Path, dict[str, str] | None]:
+    """An HF directory's index and its weight map, or else its single weights file and None."""
     names = (*INDEX_FILES.values(), *SINGLE_FILES.values())  # an index before a single file
     found = [p for p in (Path(checkpoint_dir) / name for name in names) if p.is_file()]
     if not found:
@@ -163,32 +162,24 @@ def _weights_entry(checkpoint_dir: PathLike) -> Path:
             f"{checkpoint_dir}: found no weights; expected {INDEX_FILES['bin']} with its .bin shards, "
             f"{SINGLE_FILES['bin']}, or their safetensors counterparts"
         )
-    return found[0]
-
-
-def _weight_map(index_path: Path) -> dict[str, str]:
+    index_path = found[0]
+    if index_path.suffix != ".json":
+        return index_path, None
     try:
         weight_map = json.loads(index_path.read_text()).get("weight_map")
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{index_path}: not a JSON object with a 'weight_map' ({e})") from e
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' of parameter -> file")
-    return weight_map
-
-
-def hf_weight_files(checkpoint_dir: PathLike) -> list[str]:
-    """The names of the files an HF directory's weights are read from: its index's shards, or its single file."""
-    entry = _weights_entry(checkpoint_dir)
-    return sorted(set(_weight_map(entry).values())) if entry.suffix == ".json" else [entry.name]
+    return index_path, weight_map
 
 
 def load_hf_state_dict(checkpoint_dir: PathLike) -> StateDict:
     """Every tensor of an HF directory (`.bin` or safetensors, sharded or not), memory-mapped, in the
     index's order, checking that the index and the shards agree."""
-    index_path = _weights_entry(checkpoint_dir)
-    if index_path.suffix != ".json":
+    index_path, weight_map = _weights_index(checkpoint_dir)
+    if weight_map is None:
         return read_tensor_file(index_path)
-    weight_map = _weight_map(index_path)
     tensors: StateDict = {}
     for file_name in dict.fromkeys(weight_map.values()):
         path = index_path.parent / file_name
@@ -483,37 +474,24 @@ def save_hf_checkpoint(hf_sd: StateDict, out_dir: PathLike, config: Config, max_
     return save_hf_dir(tensor_sources(hf_sd), out_dir, config, max_shard_size=max_shard_size, overwrite=True)
 
 
-# What torchtune 0.6.1's recipes and `FullModelHFCheckpointer` use, spelled out to keep torchtune unimported.
-MODEL_TYPE = "LLAMA2"  # torchtune's ModelType of the only family this module reads and writes
-RECIPE_STATE_FILE = "recipe_state/recipe_state.pt"  # under output_dir, where resume_from_checkpoint looks
-ADAPTER_KEYS = ("adapter", "adapter_config")  # training.ADAPTER_KEY, training.ADAPTER_CONFIG
+RECIPE_STATE_FILE = "recipe_state/recipe_state.pt"  # under output_dir, where torchtune's recipes resume from
 
 
 class HFBinCheckpointer:
-    """torchtune checkpointer for HF LLaMA directories (Sheared-LLaMA ships as `.bin` shards): loads
-    `checkpoint_dir` and saves complete HF directories of `.bin` shards (safetensors with
-    `safe_serialization`) up to `max_shard_size` (bytes, or as '5GB'). Two ways to call it:
-
-    - recipes/ref_finetune.py: `save_checkpoint(state_dict, name=..., metadata=...)` writes `output_dir/<name>`.
-    - torchtune's recipes (`full_finetune_distributed`, `generate`, `eleuther_eval`), in place of
-      `FullModelHFCheckpointer` and with its config keys: `save_checkpoint(state_dict, epoch, intermediate_checkpoint)`
-      writes `output_dir/epoch_{epoch}` and, for an intermediate checkpoint, the rest of `state_dict` (optimizer,
-      epochs run, seed) to `output_dir/recipe_state/recipe_state.pt`, where their `resume_from_checkpoint` looks.
-      On resume the model is read from the `epoch_{N}` directory that recipe state was saved with, so, unlike
-      with `FullModelHFCheckpointer`, `checkpoint_files` need no editing.
-
-    It writes no LoRA adapters: a state dict holding one is refused, not dropped.
-    """
+    """torchtune checkpointer for HF directories (Sheared-LLaMA ships as `.bin` shards): loads
+    `checkpoint_dir`, saves HF directories `output_dir/<name>` of `.bin` shards up to `max_shard_size`
+    (bytes, or as '5GB'). torchtune's recipes take it in place of `FullModelHFCheckpointer`, with its config
+    keys; they resume from the `epoch_{N}` saved with their recipe state, not from `checkpoint_files`."""
 
     def __init__(
         self,
         checkpoint_dir: str,
         output_dir: str,
         max_shard_size: int | str = "5GB",
-        checkpoint_files: list[str] | dict[str, str] | None = None,
-        model_type: str | None = None,
+        checkpoint_files: list[str] | None = None,
+        model_type: str = "LLAMA2",
         recipe_checkpoint: str | None = None,
-        resume_from_checkpoint: bool = False,
+        resume_from_checkpoint: bool = False,  # should_load_recipe_state's deprecated name
         should_load_recipe_state: bool = False,
         safe_serialization: bool = False,
         adapter_checkpoint: str | None = None,
@@ -523,50 +501,35 @@ class HFBinCheckpointer:
         self._max_shard_size = parse_size(max_shard_size)
         self._safetensors = safe_serialization
         self.config = read_hf_config(self._checkpoint_dir)
-        model_type = getattr(model_type, "name", model_type)  # a torchtune ModelType, or its name
-        if model_type not in (None, MODEL_TYPE):
+        if model_type != "LLAMA2":
             raise CheckpointError(
-                f"checkpointer.model_type: expected {MODEL_TYPE} (HFBinCheckpointer converts LLaMA-family weights "
-                f"only), found {model_type!r}; set model_type: {MODEL_TYPE}, or use torchtune's FullModelHFCheckpointer"
+                f"checkpointer.model_type: expected LLAMA2 (HFBinCheckpointer converts LLaMA weights only), found "
+                f"{model_type!r}; set LLAMA2, or use torchtune's FullModelHFCheckpointer"
             )
-        if checkpoint_files is not None:
-            self._check_files(checkpoint_files)
         if adapter_checkpoint is not None:
             raise CheckpointError(
-                f"checkpointer.adapter_checkpoint: HFBinCheckpointer cannot load LoRA adapters "
-                f"({adapter_checkpoint!r}); remove the key, or use torchtune's FullModelHFCheckpointer"
+                f"checkpointer.adapter_checkpoint={adapter_checkpoint!r}: LoRA adapters are not loaded; remove the key"
             )
-        # torchtune's recipes pass should_load_recipe_state; resume_from_checkpoint is its deprecated name.
-        self._recipe_state: Path | None = None
-        if should_load_recipe_state or resume_from_checkpoint:
-            self._recipe_state = self._output_dir / (recipe_checkpoint or RECIPE_STATE_FILE)
-            if not self._recipe_state.is_file():
+        if checkpoint_files is not None:  # we read checkpoint_dir's own weight files: they must be the ones named
+            entry, weight_map = _weights_index(self._checkpoint_dir)
+            found = sorted(set(weight_map.values())) if weight_map else [entry.name]
+            if sorted(set(checkpoint_files)) != found:
                 raise CheckpointError(
-                    f"{self._recipe_state}: not found; resuming needs the recipe state that an intermediate checkpoint "
-                    "(the end of an epoch before the last) writes. Set checkpointer.recipe_checkpoint to its path "
-                    "relative to output_dir, or start over with resume_from_checkpoint: false"
+                    f"checkpointer.checkpoint_files {sorted(checkpoint_files)} disagree with {self._checkpoint_dir}, "
+                    f"whose weights are {found}; list those, or drop the key (on resume too: keep the base model's)"
                 )
-
-    def _check_files(self, checkpoint_files: list[str] | dict[str, str]) -> None:
-        """torchtune's configs name the weight files; they must be those `checkpoint_dir` holds, as we read those."""
-        if isinstance(checkpoint_files, dict):  # {filename_format, max_filename}, as torchtune accepts
-            from torchtune.training import FormattedCheckpointFiles
-
-            checkpoint_files = FormattedCheckpointFiles.from_dict(checkpoint_files).build_checkpoint_filenames()
-        found = hf_weight_files(self._checkpoint_dir)
-        if sorted(set(checkpoint_files)) != found:
+        resume = should_load_recipe_state or resume_from_checkpoint
+        self._recipe_state = self._output_dir / (recipe_checkpoint or RECIPE_STATE_FILE) if resume else None
+        if resume and not self._recipe_state.is_file():
             raise CheckpointError(
-                f"checkpointer.checkpoint_files {sorted(checkpoint_files)} disagree with {self._checkpoint_dir}, whose "
-                f"weights are {found} ({_weights_entry(self._checkpoint_dir).name}); list those files, or drop "
-                "checkpoint_files: the directory's own are read. On resume, keep the base model's files: the model "
-                "is read from output_dir/epoch_{N} without them"
+                f"{self._recipe_state}: not found; resuming needs the recipe state that an intermediate checkpoint"
+                " writes. Set checkpointer.recipe_checkpoint to it, or resume_from_checkpoint: false"
             )
 
     def load_checkpoint(self, rank_zero_only: bool = False) -> dict[str, Any]:
         """`{"model": torchtune state dict}`, checked against config.json. With `rank_zero_only`, in a
         distributed run only rank 0 reads the weights and the others get placeholders: what torchtune's
-        `load_from_full_model_state_dict` needs to shard a model. When resuming a torchtune recipe, the
-        recipe state too, and the model saved with it."""
+        `load_from_full_model_state_dict` needs to shard a model. Resuming torchtune's recipes, their state too."""
         from torchtune.utils import get_world_size_and_rank
 
         placeholders = rank_zero_only and get_world_size_and_rank()[1] != 0
@@ -576,10 +539,7 @@ class HFBinCheckpointer:
         # torchtune counts epochs_run after an epoch ends, then saves that epoch as epoch_{epochs_run - 1}.
         model_dir = self._output_dir / f"epoch_{state['epochs_run'] - 1}"
         if not model_dir.is_dir():
-            raise CheckpointError(
-                f"{model_dir}: not found; {self._recipe_state} (epochs_run={state['epochs_run']}) was saved with it. "
-                "Restore that directory, or start over with resume_from_checkpoint: false"
-            )
+            raise CheckpointError(f"{model_dir}: not found, but {self._recipe_state} was saved with it; restore it")
         return {**state, MODEL_KEY: load_tune_state_dict(model_dir, self.config, placeholders)}
 
     def save_config(self, out_dir: PathLike) -> None:
@@ -596,36 +556,23 @@ class HFBinCheckpointer:
         intermediate_checkpoint: bool = False,
         adapter_only: bool = False,
         *,
-        name: PathLike | None = None,
+        name: PathLike = "checkpoint_final",
         metadata=None,
     ) -> Path:
-        """Write `state_dict["model"]` (torchtune names) as a complete HF directory and return its path:
-        `output_dir/name` (an absolute `name` is used as it is; default `checkpoint_final`) with `metadata`
-        as `ref_tuning.json` inside it, or torchtune's `output_dir/epoch_{epoch}`. With
-        `intermediate_checkpoint`, the rest of `state_dict` goes to `output_dir/recipe_state/recipe_state.pt`."""
-        adapters = [k for k in ADAPTER_KEYS if k in state_dict]
+        """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
+        absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it; or, for torchtune's
+        recipes, `output_dir/epoch_{epoch}` and, if intermediate, the rest of `state_dict` as RECIPE_STATE_FILE."""
+        adapters = [k for k in ("adapter", "adapter_config") if k in state_dict]  # torchtune's ADAPTER_(CONFIG_)KEY
         if adapter_only or adapters:
             raise CheckpointError(
-                f"HFBinCheckpointer writes whole models only, and this save asks for LoRA adapters "
-                f"(adapter_only={adapter_only}, keys {adapters}); nothing was written. Use torchtune's "
-                "FullModelHFCheckpointer for LoRA recipes"
+                f"HFBinCheckpointer writes whole models only, and this save asks for LoRA adapters (adapter_only="
+                f"{adapter_only}, keys {adapters}); nothing was written. Use FullModelHFCheckpointer for LoRA"
             )
-        if epoch is not None and name is not None:
-            raise TypeError(f"save_checkpoint: pass epoch ({epoch}) or name ({name!r}), not both")
-        if MODEL_KEY not in state_dict:
-            raise CheckpointError(f"save_checkpoint: state_dict has no '{MODEL_KEY}' (found keys {_some(state_dict)})")
-        name = f"epoch_{epoch}" if epoch is not None else name or "checkpoint_final"
         tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
         extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else {}
+        out, side = self._output_dir / (name if epoch is None else f"epoch_{epoch}"), self._checkpoint_dir
         out = save_hf_dir(
-            tensors,
-            self._output_dir / name,
-            self.config,
-            side_files_from=self._checkpoint_dir,
-            max_shard_size=self._max_shard_size,
-            safetensors=self._safetensors,
-            overwrite=True,
-            extra_files=extra,
+            tensors, out, self.config, side, self._max_shard_size, self._safetensors, overwrite=True, extra_files=extra
         )
         if intermediate_checkpoint:  # after the model: the recipe state never names a directory not yet written
             with atomic_output(self._output_dir / RECIPE_STATE_FILE, overwrite=True) as tmp:

@@ -7,11 +7,9 @@ way) or a score store. The excess loss (policy loss minus reference loss) of the
 tokens selects them, as Rho-1 does within a batch. Writes `preview.md` (shares selected by position and by
 difficulty, examples with selected tokens marked `⟦like this⟧`) and `preview.json`.
 
-With `--base BASE_SCORES`, the store of the untuned reference over the same samples, REF_SCORES is the tuned one and
-the preview also says how far tuning changes Rho-1's selection: the overlap of the two top-k sets (Jaccard, and
-the share of the tuned selection also selected with the base), overall, by position and by difficulty, and examples
-of tokens that enter (`⟪selected with the tuned reference only⟫`) and leave (`⟬with the base only⟭`) the
-selection. Only the samples of both stores are previewed then.
+With `--base BASE_SCORES` (the untuned reference's store; REF_SCORES is then the tuned one's), over the samples of
+both stores, the preview also says how far tuning changes the selection: the overlap of the two top-k sets overall,
+by position and by difficulty, and examples of tokens entering (`⟪tuned only⟫`) and leaving (`⟬base only⟭`) it.
 """
 
 import argparse
@@ -64,139 +62,43 @@ def shares(masks: Dict[str, torch.Tensor], difficulty: Dict[str, int]) -> Dict[s
     }
 
 
-def _marked(pieces: List[str], states: List[Any], marks: Dict[Any, str]) -> str:
-    """The pieces with each run of one state formatted by its mark."""
+# Marks by state, tuned + 2 * base: neither, entering (tuned only), leaving (base only), both. Brackets that code
+# does not use; with one reference, base is the selection itself, so its runs are marked ⟦…⟧.
+MARKS = ("{}", "⟪{}⟫", "⟬{}⟭", "⟦{}⟧")
+
+
+def render(pieces: List[str], mask: torch.Tensor, base: Optional[torch.Tensor] = None) -> str:
+    """The response with each run of selected tokens marked ⟦…⟧; given the base's selection, `mask` being the tuned
+    one, runs selected with both are marked ⟦…⟧, entering the selection (tuned only) ⟪…⟫ and leaving it ⟬…⟭."""
+    states = (mask.long() + 2 * (mask if base is None else base).long()).tolist()
     runs = itertools.groupby(zip(pieces, states), key=lambda pair: pair[1])
-    return "".join(marks[state].format("".join(p for p, _ in run)) for state, run in runs)
-
-
-def render(pieces: List[str], mask: torch.Tensor) -> str:
-    """The response with each run of selected tokens marked ⟦…⟧."""
-    return _marked(pieces, mask.tolist(), {True: "⟦{}⟧", False: "{}"})
-
-
-# (selected with the tuned reference, selected with the base): brackets that code does not use, one pair a state.
-CHANGE_MARKS = {(True, True): "⟦{}⟧", (True, False): "⟪{}⟫", (False, True): "⟬{}⟭", (False, False): "{}"}
-
-
-def render_change(pieces: List[str], tuned: torch.Tensor, base: torch.Tensor) -> str:
-    """The response with runs of tokens selected with both references marked ⟦…⟧, entering the selection
-    (with the tuned reference only) ⟪…⟫ and leaving it (with the base only) ⟬…⟭."""
-    return _marked(pieces, list(zip(tuned.tolist(), base.tolist())), CHANGE_MARKS)
-
-
-def _agreement(tokens: int, tuned: int, base: int, both: int, either: int) -> Dict[str, Any]:
-    return {
-        "tokens": tokens,
-        "tuned": tuned,
-        "base": base,
-        "both": both,
-        "entering": tuned - both,
-        "leaving": base - both,
-        "jaccard": both / either if either else 1.0,  # nothing selected with either: the same (empty) selection
-        "tuned_also_base": both / tuned if tuned else None,
-    }
+    return "".join(MARKS[state].format("".join(p for p, _ in run)) for state, run in runs)
 
 
 def overlap(
     tuned: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], difficulty: Dict[str, int]
 ) -> Dict[str, Any]:
-    """How far the selection with the tuned reference agrees with the one with the base, over all tokens and by the
-    groups of `shares`: token counts selected with each, with both, entering (tuned only), leaving (base only), the
-    Jaccard index and the share of the tuned selection also selected with the base."""
-    masks = {
-        "tuned": tuned,
-        "base": base,
-        "both": {n: tuned[n] & base[n] for n in tuned},
-        "either": {n: tuned[n] | base[n] for n in tuned},
-    }
-    tables = {name: shares(m, difficulty) for name, m in masks.items()}
-    counts = {name: sum(int(x.sum()) for x in m.values()) for name, m in masks.items()}
-    result = _agreement(sum(len(x) for x in tuned.values()), **counts)
-    result["by"] = {
-        title: {
-            group: _agreement(n, *(tables[name][title][group][0] for name in masks)) for group, (_, n) in groups.items()
-        }
-        for title, groups in tables["tuned"].items()
-    }
-    return result
+    """How far the selections with the tuned and the base reference agree, overall and by the groups of `shares`:
+    tokens selected with each, with both, entering (tuned only) and leaving (base only), Jaccard, tuned_also_base."""
+    either = {n: tuned[n] | base[n] for n in tuned}
+    tables = [shares(m, difficulty) for m in (tuned, base, {n: tuned[n] & base[n] for n in tuned}, either)]
+
+    def agreement(pairs: List[List[int]]) -> Dict[str, Any]:  # [selected, tokens] with tuned, base, both, either
+        (t, n), (b, _), (tb, _), (e, _) = pairs
+        counts = {"tokens": n, "tuned": t, "base": b, "both": tb, "entering": t - tb, "leaving": b - tb}
+        # Nothing selected with either reference is the same (empty) selection.
+        return counts | {"jaccard": tb / e if e else 1.0, "tuned_also_base": tb / t if t else None}
+
+    by = {title: {g: agreement([t[title][g] for t in tables]) for g in groups} for title, groups in tables[0].items()}
+    # Overall: the sums over the tenths of the solution, which every token falls in (even with no samples).
+    return agreement([[sum(c) for c in zip(*t["position in the solution"].values())] for t in tables]) | {"by": by}
 
 
-def compare(
-    tuned: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], difficulty: Dict[str, int], examples: int
-) -> Dict[str, Any]:
-    """`overlap`, its reading, and the (at most) `examples` samples where the most tokens enter or leave the
-    selection, in sample order among equals."""
-    result = overlap(tuned, base, difficulty)
-    result |= {"samples": len(tuned), "reading": reading(result)}
-    changed = {n: int((tuned[n] ^ base[n]).sum()) for n in tuned}
-    chosen = sorted((n for n in tuned if changed[n]), key=lambda n: -changed[n])[:examples]
-    result["examples"] = [
-        {
-            "task_id": n,
-            "difficulty": difficulty[n],
-            "tokens": len(tuned[n]),
-            "both": int((tuned[n] & base[n]).sum()),
-            "entering": int((tuned[n] & ~base[n]).sum()),
-            "leaving": int((~tuned[n] & base[n]).sum()),
-        }
-        for n in chosen
-    ]
-    return result
-
-
-def reading(agreement: Dict[str, Any]) -> str:
-    """The comparison in one line."""
-    kept = agreement["tuned_also_base"]
-    changed = "" if kept is None else f": {1 - kept:.1%} of the tokens selected with the tuned reference are not "
-    changed += "" if kept is None else "selected with the base"
-    return (
-        "An overlap near 1 means tuning the reference does not change what Rho-1 trains on; here the Jaccard index "
-        f"is {agreement['jaccard']:.3f}{changed}."
-    )
-
-
-def _comparison_lines(comparison: Dict[str, Any], texts: Dict[str, str]) -> List[str]:
-    """The markdown section of the base-against-tuned comparison; `texts`: each example rendered."""
-    c, left_out = comparison, comparison["left_out"]
-    head = (
-        "| {} | tokens | selected with base | with tuned | with both | entering | leaving | Jaccard | tuned also base |"
-    )
-    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-
-    def row(group: str, a: Dict[str, Any]) -> str:
-        kept = "–" if a["tuned_also_base"] is None else f"{a['tuned_also_base']:.3f}"
-        counts = " | ".join(str(a[key]) for key in ("tokens", "base", "tuned", "both", "entering", "leaving"))
-        return f"| {group} | {counts} | {a['jaccard']:.3f} | {kept} |"
-
-    lines = [
-        f"\n## Base against tuned reference: how far tuning changes the selection\n\nbase reference scores: "
-        f"{c['base_scores']}; "
-        f"the {c['samples']} samples scored in both stores ({left_out['tuned only']} scored with the tuned reference "
-        f"only and {left_out['base only']} with the base only are left out). Entering tokens are selected with the "
-        'tuned reference and not with the base, leaving tokens the reverse; "tuned also base" is the share of the '
-        "tuned selection also selected with the base.\n",
-        f"**Reading:** {c['reading']}\n",
-        head.format(""),
-        rule,
-        row("all", c),
-    ]
-    for title, groups in c["by"].items():
-        lines += [f"\n### Overlap by {title}\n", head.format(title), rule]
-        lines += [row(group, a) for group, a in groups.items() if a["tokens"]]
-    legend = (
-        "The samples where tuning changes the most; selected with both references ⟦ ⟧, entering (tuned only) ⟪ ⟫, "
-        "leaving (base only) ⟬ ⟭."
-    )
-    legend = legend if c["examples"] else "No token enters or leaves the selection."
-    lines.append(f"\n### Tokens that enter and leave the selection\n\n{legend}")
-    for e in c["examples"]:
-        lines.append(
-            f"\n#### {e['task_id']} (difficulty {e['difficulty']}, {e['tokens']} tokens: {e['both']} selected with "
-            f"both, {e['entering']} entering, {e['leaving']} leaving)\n"
-        )
-        lines += ["```", texts[e["task_id"]], "```"]
-    return lines
+def _table(head: List[str], rows: List[List[Any]]) -> List[str]:
+    """A markdown table, all columns but the first (numbers; fractions to 3 places, none as –) right-aligned."""
+    cell = lambda v: "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    rule = "| --- |" + " ---: |" * (len(head) - 1)
+    return [f"| {' | '.join(head)} |", rule] + [f"| {' | '.join(map(cell, row))} |" for row in rows]
 
 
 def _check_same_samples(base: ScoreStore, tuned: ScoreStore) -> None:
@@ -204,12 +106,10 @@ def _check_same_samples(base: ScoreStore, tuned: ScoreStore) -> None:
     for key, what in (("dataset", "samples"), ("tokenizer", "tokenizer")):
         a, b = base.description[key], tuned.description[key]
         # Each store names the tokenizer file in its own model directory: one tokenizer at two paths is fine.
-        ignore = {"path"} if key == "tokenizer" else set()
-        differs = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
-        if key == "tokenizer":
-            files = [Path(a["path"]), Path(b["path"])]
-            if all(f.is_file() for f in files) and files[0].read_bytes() != files[1].read_bytes():
-                differs.append(f"path: {files[0]} and {files[1]} are different files")
+        differs = [x for x in sorted(a.keys() | b.keys()) if a.get(x) != b.get(x) and (key, x) != ("tokenizer", "path")]
+        files = [Path(a["path"]), Path(b["path"])] if key == "tokenizer" else []
+        if files and all(f.is_file() for f in files) and files[0].read_bytes() != files[1].read_bytes():
+            differs.append(f"path: {files[0]} and {files[1]} are different files")
         if differs:
             raise ScoreError(
                 f"--base {base.path}: scored other {what} than {tuned.path} ({key} config differs in "
@@ -258,10 +158,9 @@ def preview(
     base_store = ScoreStore(base) if base is not None else None
     if base_store is not None:
         _check_same_samples(base_store, ref_store)
-        in_base = {s.task_id for s in base_store}
-        left_out = {"tuned only": sum(s.task_id not in in_base for s in samples)}
+        in_base, in_ref = {s.task_id for s in base_store}, {s.task_id for s in samples}
+        left_out = {"tuned only": len(in_ref - in_base), "base only": len(in_base - in_ref)}
         samples = [s for s in samples if s.task_id in in_base]
-        left_out["base only"] = len(in_base - {s.task_id for s in samples})
         if not samples:
             raise ScoreError(
                 f"--base {base}: shares no scored sample with {ref} ({len(base_store)} and {len(ref_store)} "
@@ -306,8 +205,8 @@ def preview(
     total, selected = sum(len(m) for m in masks.values()), sum(int(m.sum()) for m in masks.values())
     lines = [
         f"# Excess-loss preview\n\nreference scores{' (tuned)' if base else ''}: {ref}; policy: {policy}; "
-        f"{len(masks)} samples, {total} response tokens; Rho-1 would train on the top {k:.0%} by excess loss (policy loss minus reference "
-        f"loss): {selected} tokens.\n"
+        f"{len(masks)} samples, {total} response tokens; Rho-1 would train on the top {k:.0%} by excess loss "
+        f"(policy loss minus reference loss): {selected} tokens.\n"
     ]
 
     def pieces_of(name: str) -> List[str]:  # only the rendered samples' lines are read again, for their token ids
@@ -315,17 +214,49 @@ def preview(
         pairs = zip(sample["tokens"][1:], sample["labels"][1:])
         return _pieces(tokenizer, [t for t, label in pairs if label != CROSS_ENTROPY_IGNORE_IDX])
 
-    comparison = None
+    result = {"k": k, "samples": len(masks), "tokens": total, "selected": selected, "shares": table}
     if base_store is not None:
         base_masks = select_top(base_excess, k)
-        comparison = compare(masks, base_masks, difficulty, examples) | {"base_scores": str(base), "left_out": left_out}
-        names = [e["task_id"] for e in comparison["examples"]]
-        lines += _comparison_lines(comparison, {n: render_change(pieces_of(n), masks[n], base_masks[n]) for n in names})
-    for title, groups in table.items():
-        lines += [f"\n## Share of tokens selected, by {title}\n| {title} | selected | tokens | share |"]
-        lines += ["| --- | ---: | ---: | ---: |"] + [
-            f"| {g} | {s} | {n} | {s / n:.3f} |" for g, (s, n) in groups.items() if n
+        c = result["base_vs_tuned"] = overlap(masks, base_masks, difficulty)
+        c |= {"samples": len(masks), "examples": [], "left_out": left_out}
+        # Per sample, the tokens selected with neither, entering (tuned only), leaving (base only) and both.
+        states = {n: (masks[n].long() + 2 * base_masks[n].long()).bincount(minlength=4).tolist() for n in masks}
+        changed = {n: s[1] + s[2] for n, s in states.items()}  # the samples that change most first, in sample order
+        chosen = sorted((n for n in masks if changed[n]), key=lambda n: -changed[n])[:examples]
+        reading = f"here the Jaccard index is {c['jaccard']:.3f}"
+        if c["tuned_also_base"] is not None:  # something is selected with the tuned reference
+            reading += f": {1 - c['tuned_also_base']:.1%} of the tokens selected with the tuned reference are not "
+            reading += "selected with the base"
+        columns = "tokens,selected with base,with tuned,with both,entering,leaving,Jaccard,tuned also base".split(",")
+        keys = ("tokens", "base", "tuned", "both", "entering", "leaving", "jaccard", "tuned_also_base")
+        rows = lambda groups: [[g, *(a[x] for x in keys)] for g, a in groups.items() if a["tokens"]]
+        lines += [
+            "\n## Base against tuned reference: how far tuning changes the selection\n\nbase reference scores: "
+            f"{base}; the {c['samples']} samples scored in both stores ({left_out['tuned only']} scored with the tuned "
+            f"reference only and {left_out['base only']} with the base only are left out). Entering tokens are "
+            'selected with the tuned reference and not with the base, leaving tokens the reverse; "tuned also base" '
+            "is the share of the tuned selection also selected with the base.\n",
+            "**Reading:** An overlap near 1 means tuning the reference does not change what Rho-1 trains on; "
+            f"{reading}.\n",
+            *_table(["", *columns], rows({"all": c})),
         ]
+        for title, groups in c["by"].items():
+            lines += [f"\n### Overlap by {title}\n", *_table([title, *columns], rows(groups))]
+        legend = "The samples where tuning changes the most; selected with both references ⟦ ⟧, entering (tuned only) "
+        legend = legend + "⟪ ⟫, leaving (base only) ⟬ ⟭." if chosen else "No token enters or leaves the selection."
+        lines.append(f"\n### Tokens that enter and leave the selection\n\n{legend}")
+        for n in chosen:
+            _, entering, leaving, both = states[n]
+            e = {"task_id": n, "difficulty": difficulty[n], "tokens": len(masks[n]), "both": both}
+            c["examples"].append(e | {"entering": entering, "leaving": leaving})
+            lines.append(
+                f"\n#### {n} (difficulty {difficulty[n]}, {len(masks[n])} tokens: {both} selected with both, "
+                f"{entering} entering, {leaving} leaving)\n"
+            )
+            lines += ["```", render(pieces_of(n), masks[n], base_masks[n]), "```"]
+    for title, groups in table.items():
+        lines.append(f"\n## Share of tokens selected, by {title}")
+        lines += _table([title, "selected", "tokens", "share"], [[g, s, n, s / n] for g, (s, n) in groups.items() if n])
     lines.append("\n## Examples (selected tokens marked ⟦ ⟧)\n")
     for name in list(masks)[:examples]:
         m = masks[name]
@@ -333,9 +264,6 @@ def preview(
         lines += ["```", render(pieces_of(name), m), "```"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "preview.md").write_text("\n".join(lines) + "\n")
-    result = {"k": k, "samples": len(masks), "tokens": total, "selected": selected, "shares": table}
-    if comparison is not None:
-        result["base_vs_tuned"] = comparison
     (out / "preview.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -347,13 +275,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("ref", metavar="REF_SCORES", type=Path, help="the (tuned) reference's score store")
     parser.add_argument("policy", type=Path, help="the policy: an HF directory, or a score store of it")
     parser.add_argument("--out", type=Path, required=True, help="where preview.md and preview.json go")
-    parser.add_argument(
-        "--base",
-        metavar="BASE_SCORES",
-        type=Path,
-        help="the base (untuned) reference's score store over the same samples: also report how far tuning the "
-        "reference changes the selection",
-    )
+    base_help = "the base (untuned) reference's score store: also report how far tuning it changes the selection"
+    parser.add_argument("--base", metavar="BASE_SCORES", type=Path, help=base_help)
     parser.add_argument("--k", type=share, default=0.6, help="share of tokens Rho-1 selects (default 0.6)")
     parser.add_argument("--examples", type=int, default=4, help="samples rendered with their selection")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -6,19 +6,19 @@ Both HF directories score the same samples per token as Rho-1 scores a reference
 of correct and incorrect solutions, the AUROC of telling them apart by mean loss, and a plain verdict),
 `report.json` and `report.png` (histograms of the per-sample mean loss).
 
-Where the tuned directory's `ref_tuning.json` names what it trained on (`trained_on`: the training split's JSONL
-and line numbers), a section measures memorization: the mean loss of (a) correct solutions it trained on,
-(b) correct solutions of those problems that it did not train on, (c) the held-out correct solutions, for both
-models. The base never saw any of them, so its gaps show how the sets differ; the tuned model's gaps beyond
-the base's are what it memorized, and what lowers its losses on exactly the tokens Rho-1 will score.
+Where the tuned directory's `ref_tuning.json` names what it trained on (`trained_on`), a section measures
+memorization: the mean loss of (a) correct solutions it trained on, (b) correct solutions of those problems that it
+did not train on, (c) the held-out correct solutions, for both models. The base never saw any of them, so its gaps
+show how the sets differ; the tuned model's gaps beyond the base's are what it memorized, and what lowers its
+losses on exactly the tokens Rho-1 will score.
 """
 
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy
 import torch
@@ -121,8 +121,7 @@ MEMORIZATION_SETS = {
     "unseen_solution": "(b) seen problem, unseen solution",
     "unseen_problem": "(c) unseen problem",
 }
-# Each gap (name, x, y, heading) is the mean loss of set x minus that of set y: positive where the model does
-# better on y.
+# Each gap (name, x, y, heading) is the mean loss of set x minus set y's: positive where the model does better on y.
 MEMORIZATION_GAPS = (
     ("memorized_solutions", "unseen_solution", "trained", "b − a: memorized solutions"),
     ("memorized_problems", "unseen_problem", "unseen_solution", "c − b: memorized problems"),
@@ -130,26 +129,9 @@ MEMORIZATION_GAPS = (
 )
 
 
-@dataclass
-class TrainedOn:
-    """What the tuned reference trained on, by its `ref_tuning.json`, and the samples (a) and (b) drawn from it."""
-
-    jsonl: Path
-    lines: int  # trained lines
-    problems: Set[str]  # names of the problems of those lines
-    trained: CodeContestsDataset  # (a)
-    unseen_solution: CodeContestsDataset  # (b)
-    unseen_pool: int  # correct lines of those problems not trained on, before the draw: 0 leaves (b) empty
-
-
-def _draw(
-    index: SplitIndex, pool: torch.Tensor, n: int, generator: torch.Generator, tokenizer, cache: Path, max_seq_len: int
-) -> CodeContestsDataset:
-    """Up to `n` lines of `pool`, drawn at random, less those longer than `max_seq_len` (as the held-out draw)."""
-    lines = pool[torch.randperm(len(pool), generator=generator)[:n]].sort().values
-    total, _ = measure_lengths(index, lines, tokenizer, cache)
-    keep = total <= max_seq_len
-    return CodeContestsDataset(index, lines[keep], total[keep], tokenizer, max_seq_len)
+# What the tuned reference trained on: the number of lines, the names of their problems, the samples (a) and (b)
+# drawn from it, and the correct lines of those problems it did not train on, before the draw (0 leaves (b) empty).
+TrainedOn = namedtuple("TrainedOn", "lines problems trained unseen_solution unseen_pool")
 
 
 def trained_on(tuned_dir: Path, tokenizer, n_samples: int, seed: int, max_seq_len: int) -> Union[TrainedOn, str]:
@@ -181,72 +163,82 @@ def trained_on(tuned_dir: Path, tokenizer, n_samples: int, seed: int, max_seq_le
         index = SplitIndex.open(*split_files(jsonl.parent, jsonl.stem), cache)
     except DataError as e:
         return f"{e}: {unknown}."
-    trained = torch.tensor(lines, dtype=torch.int64)
-    if len(trained) and not (0 <= int(trained.min()) and int(trained.max()) < len(index)):
+    bad = next((i for i in lines if not 0 <= i < len(index)), None)
+    if bad is not None:
         return (
-            f"{path}: `trained_on` lists line {int(trained.max())}, but {jsonl} has {len(index)} lines: the file "
-            f"changed since training, {unknown}."
+            f"{path}: `trained_on` lists line {bad}, but {jsonl} has {len(index)} lines: the file changed since "
+            f"training, {unknown}."
         )
+    trained = torch.tensor(lines, dtype=torch.int64)
     problems = index.problem[trained].unique()
-    untrained = torch.ones(len(index), dtype=torch.bool)
-    untrained[trained] = False
-    unseen = (torch.isin(index.problem, problems) & index.is_correct & untrained).nonzero().flatten()
-    generator = torch.Generator().manual_seed(seed)
-    draw = dict(generator=generator, tokenizer=tokenizer, cache=cache, max_seq_len=max_seq_len)
-    return TrainedOn(
-        jsonl,
-        len(trained),
-        {index.problems[p] for p in problems.tolist()},
-        _draw(index, trained[index.is_correct[trained]], n_samples, **draw),
-        _draw(index, unseen, n_samples, **draw),
-        len(unseen),
-    )
-
-
-def _mean(losses: List[torch.Tensor]) -> Optional[float]:
-    """Mean loss per token over all the samples (None for none), as `summarize` weighs them."""
-    return float(torch.cat(losses).double().mean()) if sum(len(x) for x in losses) else None
-
-
-def _minus(x: Optional[float], y: Optional[float]) -> Optional[float]:
-    return None if x is None or y is None else x - y
+    unseen = torch.isin(index.problem, problems) & index.is_correct
+    unseen[trained] = False
+    unseen = unseen.nonzero().flatten()
+    # Up to n_samples lines of each pool, drawn at random, less those longer than max_seq_len (as the held-out draw).
+    generator, drawn = torch.Generator().manual_seed(seed), []
+    for pool in (trained[index.is_correct[trained]], unseen):
+        chosen = pool[torch.randperm(len(pool), generator=generator)[:n_samples]].sort().values
+        total, _ = measure_lengths(index, chosen, tokenizer, cache)
+        keep = total <= max_seq_len
+        drawn.append(CodeContestsDataset(index, chosen[keep], total[keep], tokenizer, max_seq_len))
+    return TrainedOn(len(trained), {index.problems[p] for p in problems.tolist()}, *drawn, len(unseen))
 
 
 def memorization(losses: Dict[str, Dict[str, List[torch.Tensor]]]) -> Dict[str, Dict[str, Optional[float]]]:
-    """Per reference (`losses`: reference -> set -> per-sample losses), the mean loss of each set and the gaps;
-    and `tuned_minus_base` of each."""
+    """Per reference (`losses`: reference -> set -> per-sample losses), the mean loss per token of each set (None for
+    none, weighed as `summarize` does) and the gaps; and `tuned_minus_base` of each."""
+
+    def minus(x, y):
+        return None if x is None or y is None else x - y
+
     out: Dict[str, Dict[str, Optional[float]]] = {}
     for name, by_set in losses.items():
-        means = {key: _mean(by_set[key]) for key in MEMORIZATION_SETS}
-        out[name] = dict(means, **{gap: _minus(means[hi], means[lo]) for gap, hi, lo, _ in MEMORIZATION_GAPS})
-    out["tuned_minus_base"] = {key: _minus(out["tuned"][key], out["base"][key]) for key in out["base"]}
+        tokens = {k: torch.cat(by_set[k]).double() if by_set[k] else torch.zeros(0) for k in MEMORIZATION_SETS}
+        means = {k: float(x.mean()) if len(x) else None for k, x in tokens.items()}
+        out[name] = dict(means, **{gap: minus(means[x], means[y]) for gap, x, y, _ in MEMORIZATION_GAPS})
+    out["tuned_minus_base"] = {key: minus(out["tuned"][key], out["base"][key]) for key in out["base"]}
     return out
 
 
-def memorization_reading(extra: Dict[str, Optional[float]]) -> str:
-    """One line on the tuned model's gaps beyond the base's (`extra`: `tuned_minus_base`)."""
-    total = extra["memorized_total"]
+def memorization_section(trained: TrainedOn, held_out: Path, unseen: List[Dict], n_correct: int, losses: Dict) -> Dict:
+    """What report.json keeps of the memorization measure: `unseen` are (c), of the `n_correct` held-out correct
+    samples of the JSONL `held_out`; `losses`: reference -> set -> per-sample losses."""
+    sets = {"trained": trained.trained.lines.tolist(), "unseen_solution": trained.unseen_solution.lines.tolist()}
+    sets["unseen_problem"] = [info["line"] for info in unseen]
+    notes = [
+        "No problem it trained on has a correct solution it did not train on: (b) is empty, so memorized "
+        "solutions and memorized problems cannot be told apart (c − a gives both)."
+    ] * (not trained.unseen_pool)
+    if n_correct > len(unseen):
+        notes.append(f"{n_correct - len(unseen)} held-out correct solutions are of problems it trained on: not in (c).")
+    result = memorization(losses)
+    extra = result["tuned_minus_base"]  # the tuned model's gaps beyond the base's
+    total, solutions = extra["memorized_total"], extra["memorized_solutions"]
     if total is None:
-        return "Reading: with a set empty, memorization cannot be measured."
-    if extra["memorized_solutions"] is None:
-        gaps = f"{total:+.4f} nats/token between solutions it trained on and problems it never saw"
+        reading = "with a set empty (none drawn, or all over --max-seq-len), memorization cannot be measured"
     else:
         gaps = (
-            f"{extra['memorized_solutions']:+.4f} nats/token between trained and unseen solutions of the same "
-            f"problems (memorized solutions), {extra['memorized_problems']:+.4f} between seen and unseen problems "
-            "(memorized problems)"
+            f"{total:+.4f} nats/token between solutions it trained on and problems it never saw"
+            if solutions is None
+            else f"{solutions:+.4f} nats/token between trained and unseen solutions of the same problems (memorized "
+            f"solutions), {extra['memorized_problems']:+.4f} between seen and unseen problems (memorized problems)"
         )
-    effect = (
-        f"on the tokens it trained on, Rho-1's excess loss comes out about {total:.4f} higher than a reference "
-        "that never saw them would give"
-        if total > 0
-        else "no memorization shows that would raise Rho-1's excess loss on the tokens it trained on"
-    )
-    return f"Reading: the tuned model's gaps beyond the base's (which show how the sets differ): {gaps}; {effect}."
-
-
-def _cell(value: Optional[float], signed: bool) -> str:
-    return "—" if value is None else f"{value:+.4f}" if signed else f"{value:.4f}"
+        effect = (
+            f"on the tokens it trained on, Rho-1's excess loss comes out about {total:.4f} higher than a reference "
+            "that never saw them would give"
+            if total > 0
+            else "no memorization shows that would raise Rho-1's excess loss on the tokens it trained on"
+        )
+        reading = f"the tuned model's gaps beyond the base's (which show how the sets differ): {gaps}; {effect}"
+    return {
+        "trained_on": {"jsonl": str(trained.trained.jsonl), "lines": trained.lines, "problems": len(trained.problems)},
+        "samples": {key: len(lines) for key, lines in sets.items()},
+        **result,
+        "reading": f"Reading: {reading}.",
+        "notes": notes,
+        "held_out": str(held_out),
+        "lines": sets,  # (a) and (b) in trained_on.jsonl, (c) in held_out
+    }
 
 
 def memorization_markdown(section: Dict[str, Any]) -> str:
@@ -254,12 +246,15 @@ def memorization_markdown(section: Dict[str, Any]) -> str:
     if "absent" in section:
         return f"\n## Memorization\n\n{section['absent']}\n"
     n, t = section["samples"], section["trained_on"]
-    gaps = {gap for gap, *_ in MEMORIZATION_GAPS}
     head = ["reference", *MEMORIZATION_SETS.values(), *(heading for *_, heading in MEMORIZATION_GAPS)]
     rows = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
-    for name, label in (("base", "base"), ("tuned", "tuned"), ("tuned_minus_base", "tuned − base")):
-        cells = [_cell(v, name == "tuned_minus_base" or key in gaps) for key, v in section[name].items()]
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name in ("base", "tuned", "tuned_minus_base"):
+        diff = name == "tuned_minus_base"  # gaps and differences are signed
+        cells = [
+            "—" if v is None else f"{v:+.4f}" if diff or key not in MEMORIZATION_SETS else f"{v:.4f}"
+            for key, v in section[name].items()
+        ]
+        rows.append(f"| {'tuned − base' if diff else name} | " + " | ".join(cells) + " |")
     return (
         f"\n## Memorization\n\nThe tuned reference trained on {t['lines']} lines of {t['jsonl']} ({t['problems']} "
         f"problems). Mean loss per response token of correct solutions: (a) {n['trained']} it trained on, "
@@ -269,47 +264,6 @@ def memorization_markdown(section: Dict[str, Any]) -> str:
         + "\n".join(rows)
         + f"\n\n{section['reading']}\n"
     )
-
-
-def unseen_problems(held_out: CodeContestsDataset, data_dir: Path, infos: List[Dict[str, Any]], problems: Set[str]):
-    """(c): the held-out correct samples (their store fields) of problems the reference did not train on."""
-    index = SplitIndex.open(held_out.jsonl, held_out.metadata, cache_folder(Path(data_dir)))  # cached by the draw
-    correct = [info for info in infos if info["is_correct"]]
-    return [info for info in correct if index.problems[int(index.problem[info["line"]])] not in problems]
-
-
-def memorization_section(
-    trained: TrainedOn,
-    held_out: Path,
-    unseen: List[Dict[str, Any]],
-    n_correct: int,
-    losses: Dict[str, Dict[str, List[torch.Tensor]]],
-) -> Dict[str, Any]:
-    """What report.json keeps of the memorization measure: `unseen` are (c), of the `n_correct` held-out correct
-    samples of the JSONL `held_out`; `losses`: reference -> set -> per-sample losses."""
-    sets = {"trained": trained.trained.lines.tolist(), "unseen_solution": trained.unseen_solution.lines.tolist()}
-    sets["unseen_problem"] = [info["line"] for info in unseen]
-    notes = []
-    if not trained.unseen_pool:
-        notes.append(
-            "No problem it trained on has a correct solution it did not train on: (b) is empty, so memorized "
-            "solutions and memorized problems cannot be told apart (c − a gives both)."
-        )
-    if n_correct > len(unseen):
-        notes.append(f"{n_correct - len(unseen)} held-out correct solutions are of problems it trained on: not in (c).")
-    for key, lines in sets.items():
-        if not lines and (key != "unseen_solution" or trained.unseen_pool):
-            notes.append(f"{MEMORIZATION_SETS[key]} has no samples: none to draw, or all longer than --max-seq-len.")
-    result = memorization(losses)
-    return {
-        "trained_on": {"jsonl": str(trained.jsonl), "lines": trained.lines, "problems": len(trained.problems)},
-        "samples": {key: len(lines) for key, lines in sets.items()},
-        **result,
-        "reading": memorization_reading(result["tuned_minus_base"]),
-        "notes": notes,
-        "held_out": str(held_out),
-        "lines": sets,  # (a) and (b) in trained_on.jsonl, (c) in held_out
-    }
 
 
 def run_report(
@@ -339,18 +293,18 @@ def run_report(
     tok = sheared_llama_tokenizer(str(tokenizer))
     check_vocab([base_dir, tuned_dir], tok.vocab_size, str(tokenizer))
     ds = codecontests_dataset(tok, str(data_dir), split, n_samples, correct_ratio, seed=seed, max_seq_len=max_seq_len)
-    seen = trained_on(tuned_dir, tok, n_samples, seed, max_seq_len)  # or why it cannot be known
-    extra = [] if isinstance(seen, str) else [("trained", seen.trained), ("unseen_solution", seen.unseen_solution)]
+    seen = trained_on(tuned_dir, tok, n_samples, seed, max_seq_len)  # or the line that says why it cannot be known
+    extra = {} if isinstance(seen, str) else {"trained": seen.trained, "unseen_solution": seen.unseen_solution}
     device = torch.device(device)
     results, losses, correct, extra_losses = {}, {}, {}, {}
     for name, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
         model = load_reference(model_dir, device, training.get_dtype(dtype, device))
-        total = len(ds) + sum(len(d) for _, d in extra)
+        total = len(ds) + sum(map(len, extra.values()))
         bar = tqdm(total=total, desc=f"scoring with the {name} reference", disable=not progress)
         scored = score_dataset(model, ds, range(len(ds)), None, device, batch_size, tok.pad_id, bar)
         extra_losses[name] = {
             key: [x for _, x in score_dataset(model, d, range(len(d)), None, device, batch_size, tok.pad_id, bar)]
-            for key, d in extra
+            for key, d in extra.items()
         }
         bar.close()
         del model
@@ -359,8 +313,10 @@ def run_report(
         results[name] = summarize(losses[name], correct)
     if isinstance(seen, str):
         section = {"absent": seen}
-    else:
-        unseen = unseen_problems(ds, data_dir, [info for info, _ in scored], seen.problems)
+    else:  # (c): the held-out correct samples of problems it did not train on (the index is cached by the draw)
+        index = SplitIndex.open(ds.jsonl, ds.metadata, cache_folder(Path(data_dir)))
+        problem = {info["line"]: index.problems[int(index.problem[info["line"]])] for info, _ in scored}
+        unseen = [info for info, _ in scored if info["is_correct"] and problem[info["line"]] not in seen.problems]
         for name in losses:
             extra_losses[name]["unseen_problem"] = [losses[name][info["task_id"]] for info in unseen]
         section = memorization_section(seen, ds.jsonl, unseen, results["base"]["correct_samples"], extra_losses)

@@ -143,9 +143,9 @@ def test_entering_and_leaving_examples_are_exactly_the_tokens_in_one_selection_o
         assert re.sub("[⟪⟫⟬⟭⟦⟧]", "", block) == "".join(pieces)
 
 
-def test_render_change_and_overlap_on_a_small_case():
+def test_render_with_two_references_and_overlap_on_a_small_case():
     tuned, base = torch.tensor([True, True, False, False, True]), torch.tensor([True, False, True, False, False])
-    assert preview_module.render_change(list("abcde"), tuned, base) == "⟦a⟧⟪b⟫⟬c⟭d⟪e⟫"
+    assert preview_module.render(list("abcde"), tuned, base) == "⟦a⟧⟪b⟫⟬c⟭d⟪e⟫"
     c = preview_module.overlap({"s": tuned}, {"s": base}, {"s": 3})
     assert (c["tuned"], c["base"], c["both"], c["entering"], c["leaving"]) == (3, 2, 1, 2, 1)
     assert c["jaccard"] == 0.25 and c["tuned_also_base"] == pytest.approx(1 / 3)
