@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -67,13 +67,16 @@ class RefScoreRecipe:
             )
         resolved = OmegaConf.to_container(cfg, resolve=True)
         dirs = model_dirs(cfg)
-        description = {"model_dir": str(Path(dirs[0]).resolve())}
-        if len(dirs) > 1:  # only then: a single model's stores keep their description, and continue
-            description = {"model_dir": [str(Path(d).resolve()) for d in dirs], "cross_fitted": _cross_fitted(dirs)}
+        k = len(dirs)
+        paths = [str(Path(d).resolve()) for d in dirs]
+        description = {"model_dir": paths if k > 1 else paths[0]}  # a single model's stores keep their description
+        if k > 1:
+            how = f"each problem is in fold sha256(problem id) mod {k} (ref_tuning.data.problem_fold); a sample "
+            how += "of fold i (`fold` in the .idx) is scored by model_dir[i], trained with dataset.fold=i: "
+            description["cross_fitted"] = {"folds": k, "how": how + "without its problem"}
         description |= {key: resolved[key] for key in ("dtype", "store_dtype", "dataset", "tokenizer")}
-        self._store_entropy = bool(cfg.get("store_entropy", False))
-        if self._store_entropy:  # recorded only when on: stores scored without it keep their description
-            description["store_entropy"] = True
+        store_entropy = bool(cfg.get("store_entropy", False))
+        description |= {"store_entropy": True} if store_entropy else {}  # only when on: older stores keep theirs
         if self.rank == 0:
             open_store(self._store, description)
         dist.barrier()
@@ -85,31 +88,24 @@ class RefScoreRecipe:
         todo = [i for i in range(len(self._ds)) if int(self._ds.lines[i]) not in done]
         n, by = len(self._ds), self.world_size
         utils.log_rank_zero(log, f"{n} samples, {n - len(todo)} scored already, {len(todo)} to score by {by} processes")
-        # (model, fold, this process's items) for each model in turn; what is scored already is never redone.
-        self._shares = [(dirs[0], None, todo[self.rank :: self.world_size])]
-        if len(dirs) > 1:
-            self._shares = self._fold_shares(cfg, dirs, todo)
-        self._mine = [i for _, _, mine in self._shares for i in mine]
+        # Model i scores what is left of fold i, shared out among the processes; a single model is fold None of K=1.
+        cache = cache_folder(Path(cfg.dataset.data_dir), cfg.dataset.cache_dir)
+        fold_of = fold_of_lines(SplitIndex.open(self._ds.jsonl, self._ds.metadata, cache), k)[self._ds.lines].tolist()
+        self._shares = []  # (model, fold, this process's items)
+        for i, model_dir in enumerate(dirs):
+            left = [j for j in todo if fold_of[j] == i]
+            if k > 1:
+                utils.log_rank_zero(log, f"fold {i}: {fold_of.count(i)} samples, {len(left)} to score, by {model_dir}")
+            self._shares.append((model_dir, i if k > 1 else None, left[self.rank :: self.world_size]))
+        self._total = sum(len(mine) for _, _, mine in self._shares)
         run_id = [new_run_id() if self.rank == 0 else None]
         dist.broadcast_object_list(run_id, src=0)
         self._writer = (
-            ScoreWriter(self._store, run_id[0], self.rank, cfg.store_dtype, self._store_entropy) if self._mine else None
+            ScoreWriter(self._store, run_id[0], self.rank, cfg.store_dtype, store_entropy) if self._total else None
         )
 
-    def _fold_shares(self, cfg: DictConfig, dirs: List[str], todo: List[int]) -> List[Tuple[str, int, List[int]]]:
-        """Cross-fitted: the items of fold k go to model k (trained without fold k), shared out among the processes."""
-        d = cfg.dataset
-        index = SplitIndex.open(self._ds.jsonl, self._ds.metadata, cache_folder(Path(d.data_dir), d.cache_dir))
-        of_item = fold_of_lines(index, len(dirs))[self._ds.lines].tolist()
-        shares = []
-        for k, model_dir in enumerate(dirs):
-            left = [i for i in todo if of_item[i] == k]
-            utils.log_rank_zero(log, f"fold {k}: {of_item.count(k)} samples, {len(left)} to score, by {model_dir}")
-            shares.append((model_dir, k, left[self.rank :: self.world_size]))
-        return shares
-
     def score(self) -> None:
-        bar = tqdm(total=len(self._mine), disable=self.rank != 0, desc="scoring (rank 0's share)", unit=" samples")
+        bar = tqdm(total=self._total, disable=self.rank != 0, desc="scoring (rank 0's share)", unit=" samples")
         pad_id = self._tokenizer.pad_id
         for model_dir, fold, mine in self._shares:
             if not mine:
@@ -122,8 +118,6 @@ class RefScoreRecipe:
             order = sorted(mine, key=lambda i: -int(self._ds.lengths[i]))
             score_dataset(model, self._ds, order, self._writer, self._device, self._batch_size, pad_id, bar, fold=fold)
             del model
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
         bar.close()
         if self._writer is not None:
             self._writer.close()
@@ -140,65 +134,9 @@ def model_dirs(cfg: DictConfig) -> List[str]:
     return [cfg.model_dir] if isinstance(cfg.model_dir, str) else list(cfg.model_dir)
 
 
-def _cross_fitted(dirs: List[str]) -> Dict[str, Any]:
-    """What scores.json says of a cross-fitted store."""
-    return {
-        "folds": len(dirs),
-        "how": f"each problem is in fold sha256(problem id) mod {len(dirs)} (ref_tuning.data.problem_fold); a sample "
-        "of fold i (`fold` in the .idx) is scored by model_dir[i], trained with dataset.fold=i: without its problem",
-    }
-
-
-def _same_path(a: str, b: str) -> bool:
-    return a == b or Path(a).resolve() == Path(b).resolve()
-
-
-def _check_folds(cfg: DictConfig, dirs: List[str]) -> None:
-    """Cross-fitted: model i must say (its ref_tuning.json) that it was trained on this data without fold i."""
-    if cfg.dataset.get("folds") is not None or cfg.dataset.get("fold") is not None:
-        raise ConfigError(
-            "config key 'dataset.folds'/'dataset.fold': the samples to score are Rho-1's whole draw; leave them null "
-            "(the folds of a cross-fitted store come from the list of model_dir)"
-        )
-    if len(dirs) == 1:
-        return
-    raw = OmegaConf.to_container(cfg.tokenizer, resolve=False).get("path")
-    if "${model_dir}" in str(raw):
-        raise ConfigError(
-            f"config key 'tokenizer.path': {raw} cannot name one file when model_dir is a list; set it to the "
-            f"tokenizer of the models, e.g. tokenizer.path={Path(dirs[0]) / 'tokenizer.model'}"
-        )
-    k = len(dirs)
-    for i, model_dir in enumerate(dirs):
-        path = Path(model_dir) / METADATA_FILE
-        try:
-            trained = json.loads(path.read_text())["config"]["dataset"]
-        except (OSError, ValueError, KeyError, TypeError):
-            trained = None
-        if not isinstance(trained, dict):
-            raise ConfigError(
-                f"config key 'model_dir' (item {i}): {path} holds no training config ('config.dataset'); cross-fitted "
-                "scoring reads each model's folds there. Use the checkpoint_final (or checkpoint_best) directory that "
-                "recipes/ref_finetune.py wrote"
-            )
-        wanted = {"folds": k, "fold": i, "data_dir": cfg.dataset.data_dir, "split": cfg.dataset.split}
-        for key, value in wanted.items():
-            found = trained.get(key)
-            same = _same_path(str(found), value) if key == "data_dir" and found is not None else found == value
-            if not same:
-                fix = (
-                    f"list the K={k} models in fold order, model i trained with dataset.folds={k} dataset.fold=i"
-                    if key in ("folds", "fold")
-                    else f"score the data the models were trained on (dataset.{key}={found})"
-                )
-                raise ConfigError(
-                    f"config key 'model_dir' (item {i}): {model_dir} was trained with dataset.{key}={found!r} "
-                    f"({METADATA_FILE}), but scoring needs dataset.{key}={value!r} there; {fix}"
-                )
-
-
 def _check(cfg: DictConfig) -> None:
-    """Before anything is built or written: the values, the model directory, a store apart from its inputs."""
+    """Before anything is built or written: the values, the model directories (cross-fitted: that model i says, in its
+    ref_tuning.json, that it was trained on this data without fold i), a store apart from its inputs."""
     validate_config(cfg, CONFIG_SCHEMA)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -206,9 +144,42 @@ def _check(cfg: DictConfig) -> None:
             "run on a GPU machine, or set device=cpu for tiny models"
         )
     dirs = model_dirs(cfg)
+    k = len(dirs)
     for model_dir in dirs:
         read_hf_config(model_dir)  # names the directory and what is missing
-    _check_folds(cfg, dirs)
+    if cfg.dataset.get("folds") is not None or cfg.dataset.get("fold") is not None:
+        raise ConfigError(
+            "config key 'dataset.folds'/'dataset.fold': the samples to score are Rho-1's whole draw; leave them null "
+            "(the folds of a cross-fitted store come from the list of model_dir)"
+        )
+    raw = OmegaConf.to_container(cfg.tokenizer, resolve=False).get("path")
+    if k > 1 and "${model_dir}" in str(raw):
+        raise ConfigError(
+            f"config key 'tokenizer.path': {raw} cannot name one file when model_dir is a list; set it to the "
+            f"tokenizer of the models, e.g. tokenizer.path={Path(dirs[0]) / 'tokenizer.model'}"
+        )
+    for i, model_dir in enumerate(dirs if k > 1 else []):
+        path = Path(model_dir) / METADATA_FILE
+        try:
+            trained = dict(json.loads(path.read_text())["config"]["dataset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"config key 'model_dir' (item {i}): {path} holds no training config ('config.dataset'); cross-fitted "
+                "scoring reads each model's folds there. Use the checkpoint_final (or checkpoint_best) directory that "
+                "recipes/ref_finetune.py wrote"
+            ) from None
+        wanted = {"folds": k, "fold": i, "data_dir": cfg.dataset.data_dir, "split": cfg.dataset.split}
+        for key, value in wanted.items():
+            found = trained.get(key)
+            same_dir = key == "data_dir" and found is not None and Path(str(found)).resolve() == Path(value).resolve()
+            if found == value or same_dir:
+                continue
+            order = f"list the K={k} models in fold order, model i trained with dataset.folds={k} dataset.fold=i"
+            raise ConfigError(
+                f"config key 'model_dir' (item {i}): {model_dir} was trained with dataset.{key}={found!r} "
+                f"({METADATA_FILE}), but scoring needs dataset.{key}={value!r} there; "
+                + (order if key in ("folds", "fold") else "score the data the models were trained on")
+            )
     try:
         check_separate([*dirs, cfg.dataset.data_dir], [cfg.output_dir])
     except ValueError as e:

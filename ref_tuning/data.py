@@ -216,12 +216,16 @@ def select_lines(
     # Held-out problems leave before the draw, so bins are weighed by (and drawn from) the other folds alone.
     held_out = ""
     if folds is not None:
-        outside = fold_of_lines(index, folds) != fold
-        masks = [mask & outside for mask in masks]
+        of_line = fold_of_lines(index, folds)
+        masks = [mask & (of_line != fold) for mask in masks]
         sizes = [int(m.sum()) for m in masks]
         held_out = f" outside the held-out fold {fold} of folds={folds}"
-        log.info(
-            f"{index.jsonl}: fold {fold} of {folds} held out, {int(outside.sum())} of {len(index)} lines drawn from"
+        counts = "; ".join(
+            f"fold {k}: {index.problem[of_line == k].unique().numel()} problems, {int((of_line == k).sum())} lines"
+            for k in range(folds)
+        )
+        utils.log_rank_zero(
+            log, f"{index.jsonl}: {folds} folds by problem ({counts}); fold {fold} is held out of this draw"
         )
     weights = [w if w is not None else size for (_, _, _, w), size in zip(bins, sizes)]
     if not sum(weights) > 0:

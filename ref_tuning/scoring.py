@@ -9,10 +9,9 @@ line is written only once its losses are flushed, so a killed run leaves every i
 the end of its `.bin` or with a garbled line counts as damaged, and the next run scores it again along with
 whatever no part indexes.
 
-With `store_entropy: true` (`"store_entropy": true` in `scores.json`; absent means false, so stores written before
-read as they did), each sample's `count` losses in the `.bin` are followed by `count` entropies of the model's
-predictive distributions at the same positions (float32, same forward pass, stored in `store_dtype`): the sample
-takes `2 * count` values from `offset`, and the `.idx` lines are unchanged. `ScoreStore.entropies` reads them.
+With `store_entropy: true` (in `scores.json`; absent means false, as in the stores written before), a sample's
+`count` losses in the `.bin` are followed by the entropies of the model's predictive distributions at the same
+positions: `2 * count` values from `offset`, with the `.idx` lines unchanged.
 """
 
 import json
@@ -65,7 +64,6 @@ def load_reference(model_dir: Union[str, Path], device: torch.device, dtype: tor
     return model.to(device).eval()
 
 
-@torch.no_grad()
 def token_losses(
     model: torch.nn.Module, samples: Sequence[Dict[str, List[int]]], device: torch.device, pad_id: int = 0
 ) -> List[torch.Tensor]:
@@ -75,14 +73,10 @@ def token_losses(
 
 @torch.no_grad()
 def token_scores(
-    model: torch.nn.Module,
-    samples: Sequence[Dict[str, List[int]]],
-    device: torch.device,
-    pad_id: int = 0,
-    entropy: bool = False,
+    model: torch.nn.Module, samples: Sequence[Dict[str, List[int]]], device: torch.device, pad_id=0, entropy=False
 ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Per sample, (losses, entropies): the float32 cross-entropy of each response token given the tokens
-    before it and, with `entropy`, the float32 entropy of the predictive distribution it was drawn from (else None)."""
+    """Per sample, (losses, entropies): `token_losses`' and, with `entropy`, the float32 entropy of each predictive
+    distribution a response token was drawn from (else None)."""
     batch = padded_collate_sft(list(samples), padding_idx=pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
     # Right padding under a causal mask: a sample's positions never see the padding after them.
     logits = model(batch["tokens"].to(device))
@@ -90,15 +84,12 @@ def token_scores(
     keep = labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX
     scores = []
     for x, y, k in zip(logits, labels, keep):
-        if not entropy:
-            scores.append((F.cross_entropy(x[:-1][k].float(), y[1:][k], reduction="none").cpu(), None))
-            continue
-        # One log-softmax for both: cross_entropy is nll_loss of it, so the losses are the same bits as above.
+        # cross_entropy is nll_loss of log_softmax (the same bits): one log-softmax serves losses and entropies.
         logp = F.log_softmax(x[:-1][k].float(), dim=-1)
-        losses = F.nll_loss(logp, y[1:][k], reduction="none")
+        losses = F.nll_loss(logp, y[1:][k], reduction="none").cpu()
         # Clamped as torch.distributions does: a -inf log-probability (p = 0) adds 0, not nan.
-        entropies = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
-        scores.append((losses.cpu(), entropies.cpu()))
+        entropies = -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1).cpu() if entropy else None
+        scores.append((losses, entropies))
     return scores
 
 
@@ -115,8 +106,7 @@ class ScoredSample:
 
 
 class ScoreWriter:
-    """Appends samples' losses (and, with `store_entropy`, their entropies) to one part of a store (one per
-    process and run)."""
+    """Appends samples' losses (with `store_entropy`, entropies too) to one part of a store, one per process and run."""
 
     def __init__(self, store: Path, run_id: str, rank: int, store_dtype: str = "float16", store_entropy: bool = False):
         self._dtype = VALUE_DTYPES[store_dtype]
@@ -128,16 +118,15 @@ class ScoreWriter:
         self._pending: List[Dict[str, Any]] = []  # index lines of values not flushed yet
 
     def write(self, info: Dict[str, Any], losses: torch.Tensor, entropies: Optional[torch.Tensor] = None) -> None:
-        values = [losses]
+        values = losses
         if self.store_entropy:  # every sample of the store has them, or none: the layout is the store's
-            if entropies is None or entropies.shape != losses.shape:
+            if getattr(entropies, "shape", None) != losses.shape:
                 found = "none" if entropies is None else f"shape {tuple(entropies.shape)}"
                 raise ValueError(f"store_entropy: expected an entropy per loss ({len(losses)}), got {found}")
-            values.append(entropies)
-        for v in values:
-            self._bin.write(v.to(self._dtype).numpy().tobytes())
+            values = torch.cat([losses, entropies])
+        self._bin.write(values.to(self._dtype).numpy().tobytes())
         self._pending.append(dict(info, offset=self._offset, count=len(losses)))
-        self._offset += len(losses) * len(values)
+        self._offset += len(values)
 
     def flush(self) -> None:
         """Make what was written durable: the values first, then their index lines."""
@@ -185,8 +174,7 @@ class ScoreStore:
             raise ScoreError(f"{self.path}: not a score store (no {STORE_CONFIG}); run recipes/ref_score.py first")
         self.description = json.loads((self.path / STORE_CONFIG).read_text())
         self._dtype = VALUE_DTYPES[self.description["store_dtype"]]
-        self.has_entropy = bool(self.description.get("store_entropy", False))
-        width = 2 if self.has_entropy else 1  # values a scored token takes: its loss (and its entropy)
+        self.has_entropy = bool(self.description.get("store_entropy", False))  # then each loss has an entropy
         self._samples: Dict[str, ScoredSample] = {}
         self.damaged: Dict[str, str] = {}  # task_id (or index line) -> the part file that should hold it
         for idx in sorted(self.path.glob("part-*.idx")):
@@ -198,7 +186,7 @@ class ScoreStore:
                 except TypeError:  # fields missing or unknown
                     self.damaged[f"{idx.name} line {number}"] = idx.name
                     continue
-                if (sample.offset + width * sample.count) * self._dtype.itemsize > size:
+                if (sample.offset + (1 + self.has_entropy) * sample.count) * self._dtype.itemsize > size:
                     self.damaged[sample.task_id] = values.name
                 else:
                     self._samples.setdefault(sample.task_id, sample)
@@ -229,25 +217,22 @@ class ScoreStore:
 
     def losses(self, task_id: str) -> torch.Tensor:
         """The float32 losses of one sample's response tokens, in order."""
-        return self._values(self.sample(task_id), 0)
+        return self._values(task_id, entropies=False)
 
     def entropies(self, task_id: str) -> torch.Tensor:
-        """The entropies of the model's predictive distributions at one sample's response tokens, in order
-        (as float32; stored in the store's dtype)."""
+        """The float32 entropies of the model's predictive distributions at one sample's response tokens, in order."""
         if not self.has_entropy:
             raise ScoreError(
                 f"{self.path}: holds no entropies (scored with store_entropy: false); score into a new "
                 "output_dir with store_entropy=true to have them"
             )
-        s = self.sample(task_id)
-        return self._values(s, s.count)  # after the sample's losses
+        return self._values(task_id, entropies=True)
 
-    def _values(self, s: ScoredSample, skip: int) -> torch.Tensor:
-        """`s.count` values of a sample, `skip` values past its offset, as float32."""
-        size = self._dtype.itemsize
+    def _values(self, task_id: str, entropies: bool) -> torch.Tensor:
+        s, size = self.sample(task_id), self._dtype.itemsize
         if s.part not in self._fds:  # pread keeps no file position: safe to share with forked workers
             self._fds[s.part] = os.open(self.path / f"{s.part}.bin", os.O_RDONLY)
-        raw = os.pread(self._fds[s.part], s.count * size, (s.offset + skip) * size)
+        raw = os.pread(self._fds[s.part], s.count * size, (s.offset + entropies * s.count) * size)  # after the losses
         if len(raw) != s.count * size:
             raise ScoreError(f"{self.path / s.part}.bin: shorter than its index says; the store is damaged")
         return torch.frombuffer(bytearray(raw), dtype=self._dtype).float()
@@ -295,9 +280,8 @@ def score_dataset(
     progress=None,
     fold: Optional[int] = None,
 ) -> List[Tuple[Dict[str, Any], torch.Tensor]]:
-    """Score items `indices` of `ds` in batches; write them (if `writer`) and return them as
-    (store fields, losses), each line read once. Entropies are computed only for a writer that stores them.
-    `fold`: the items' cross-fitting fold, recorded with each."""
+    """Score items `indices` of `ds` in batches; write them (if `writer`) and return them as (store fields, losses),
+    each line read once. Entropies are computed only for a writer that stores them; `fold` is recorded with each."""
     entropy = writer is not None and writer.store_entropy
     scored = []
     for at in range(0, len(indices), batch_size):
