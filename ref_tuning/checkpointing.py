@@ -481,7 +481,8 @@ class HFBinCheckpointer:
     """torchtune checkpointer for HF directories (Sheared-LLaMA ships as `.bin` shards): loads
     `checkpoint_dir`, saves HF directories `output_dir/<name>` of `.bin` shards up to `max_shard_size`
     (bytes, or as '5GB'). torchtune's recipes take it in place of `FullModelHFCheckpointer`, with its config
-    keys; they resume from the `epoch_{N}` saved with their recipe state, not from `checkpoint_files`."""
+    keys; they resume from the `epoch_{N}` saved with their recipe state, not from `checkpoint_files`. LoRA recipes
+    get the merged model and, beside it, the adapter in the PEFT layout."""
 
     def __init__(
         self,
@@ -506,9 +507,10 @@ class HFBinCheckpointer:
                 f"checkpointer.model_type: expected LLAMA2 (HFBinCheckpointer converts LLaMA weights only), found "
                 f"{model_type!r}; set LLAMA2, or use torchtune's FullModelHFCheckpointer"
             )
-        if adapter_checkpoint is not None:
+        if adapter_checkpoint is not None:  # a resume reads the adapters from the recipe state instead
             raise CheckpointError(
-                f"checkpointer.adapter_checkpoint={adapter_checkpoint!r}: LoRA adapters are not loaded; remove the key"
+                f"checkpointer.adapter_checkpoint={adapter_checkpoint!r}: LoRA adapters are read from the recipe state "
+                "on resume; remove the key"
             )
         if checkpoint_files is not None:  # we read checkpoint_dir's own weight files: they must be the ones named
             entry, weight_map = _weights_index(self._checkpoint_dir)
@@ -536,8 +538,10 @@ class HFBinCheckpointer:
         if self._recipe_state is None:
             return {MODEL_KEY: load_tune_state_dict(self._checkpoint_dir, self.config, placeholders)}
         state = torch.load(self._recipe_state, map_location="cpu", weights_only=True)
-        # torchtune counts epochs_run after an epoch ends, then saves that epoch as epoch_{epochs_run - 1}.
+        # torchtune counts epochs_run after an epoch ends, then saves that epoch as epoch_{epochs_run - 1}. A LoRA
+        # recipe's epoch_N is merged: it resumes from the base model, with the adapters of its recipe state.
         model_dir = self._output_dir / f"epoch_{state['epochs_run'] - 1}"
+        model_dir = self._checkpoint_dir if "adapter" in state else model_dir
         if not model_dir.is_dir():
             raise CheckpointError(f"{model_dir}: not found, but {self._recipe_state} was saved with it; restore it")
         return {**state, MODEL_KEY: load_tune_state_dict(model_dir, self.config, placeholders)}
@@ -561,20 +565,22 @@ class HFBinCheckpointer:
     ) -> Path:
         """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
         absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it; or, for torchtune's
-        recipes, `output_dir/epoch_{epoch}` and, if intermediate, the rest of `state_dict` as RECIPE_STATE_FILE."""
-        adapters = [k for k in ("adapter", "adapter_config") if k in state_dict]  # torchtune's ADAPTER_(CONFIG_)KEY
-        if adapter_only or adapters:
-            raise CheckpointError(
-                f"HFBinCheckpointer writes whole models only, and this save asks for LoRA adapters (adapter_only="
-                f"{adapter_only}, keys {adapters}); nothing was written. Use FullModelHFCheckpointer for LoRA"
-            )
-        tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
-        extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else {}
-        out, side = self._output_dir / (name if epoch is None else f"epoch_{epoch}"), self._checkpoint_dir
-        out = save_hf_dir(
-            tensors, out, self.config, side, self._max_shard_size, self._safetensors, overwrite=True, extra_files=extra
-        )
+        recipes, `output_dir/epoch_{epoch}` and, if intermediate, the rest of `state_dict` as RECIPE_STATE_FILE.
+        A LoRA recipe's adapter (torchtune's "adapter" and "adapter_config") goes beside it in the PEFT layout,
+        `output_dir/adapter_epoch_{epoch}`; with `adapter_only`, alone."""
+        out = self._output_dir / (name if epoch is None else f"epoch_{epoch}")
+        if "adapter" in state_dict:
+            from ref_tuning.lora import save_peft_adapter  # it imports this module
+
+            settings = {k: v for k, v in state_dict["adapter_config"].items() if k != "peft_type"}
+            adapter_dir = out.with_name(f"adapter_{out.name}")
+            save_peft_adapter(state_dict["adapter"], adapter_dir, self.config, settings, self._checkpoint_dir)
+        if not adapter_only:
+            tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
+            extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else {}
+            side, shards = self._checkpoint_dir, self._max_shard_size
+            save_hf_dir(tensors, out, self.config, side, shards, self._safetensors, overwrite=True, extra_files=extra)
         if intermediate_checkpoint:  # after the model: the recipe state never names a directory not yet written
             with atomic_output(self._output_dir / RECIPE_STATE_FILE, overwrite=True) as tmp:
-                torch.save({k: v for k, v in state_dict.items() if k != MODEL_KEY}, tmp)
-        return out
+                torch.save({k: v for k, v in state_dict.items() if k != MODEL_KEY}, tmp)  # adapters too, for resume
+        return out if not adapter_only else adapter_dir

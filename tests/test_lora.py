@@ -3,6 +3,7 @@ checkpoints, an exact resume after SIGKILL, and outputs that `transformers` (mer
 with the LoRA model's logits."""
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -87,17 +88,48 @@ def test_a_lora_step_checkpoint_is_refused_by_step_to_hf(lora_run, tmp_path):
         convert.step_to_hf_dir(lora_run / "checkpoints" / f"step_{STEPS:06d}", tmp_path / "hf")
 
 
-def test_per_step_losses_equal_torchtunes_lora_finetune_distributed(assets, lora_run, tmp_path):
+def stock_lora(assets, lora_run, out, *extra):
+    """torchtune's own lora_finetune_distributed on the LoRA run's model and data, with our checkpointer under
+    torchtune's keys."""
     ours = OmegaConf.merge(
         OmegaConf.load(PROJECT_ROOT / TINY_CONFIG), OmegaConf.from_dotlist(overrides(assets, lora_run, *ARGS))
     )
-    stock, config_path = tmp_path / "stock", tmp_path / "stock.yaml"
-    OmegaConf.save(stock_config(OmegaConf.create(OmegaConf.to_container(ours, resolve=True)), str(stock)), config_path)
-    ok(tune([], recipe="tests/stock_recipe.py", config=str(config_path), env={RECIPE_ENV: "lora_finetune_distributed"}))
-    ours_losses, stock_losses = logged(lora_run / "logs", "loss"), logged(stock / "logs", "loss")
+    cfg = stock_config(OmegaConf.create(OmegaConf.to_container(ours, resolve=True)), str(out))
+    cfg.checkpointer._component_ = "ref_tuning.checkpointing.HFBinCheckpointer"
+    OmegaConf.save(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(extra))), out.parent / "stock.yaml")
+    env = {RECIPE_ENV: "lora_finetune_distributed"}
+    ok(tune([], recipe="tests/stock_recipe.py", config=str(out.parent / "stock.yaml"), env=env))
+
+
+@pytest.fixture(scope="module")
+def stock_run(assets, lora_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stock_lora") / "run"
+    stock_lora(assets, lora_run, out)
+    return out
+
+
+def test_per_step_losses_equal_torchtunes_lora_finetune_distributed_which_takes_our_checkpointer(lora_run, stock_run):
+    ours_losses, stock_losses = logged(lora_run / "logs", "loss"), logged(stock_run / "logs", "loss")
     assert len(ours_losses) == len(stock_losses) == STEPS
     for (s1, a), (s2, b) in zip(ours_losses, stock_losses):
         assert s1 == s2 and abs(a - b) <= 1e-5, (s1, a, b)
+    # Its last epoch: the merged model, as ours, and beside it the adapter in the PEFT layout.
+    theirs, mine = load_hf_state_dict(stock_run / "epoch_1"), load_hf_state_dict(lora_run / "checkpoint_final")
+    assert theirs.keys() == mine.keys() and all(torch.allclose(theirs[k], mine[k], atol=1e-5) for k in mine)
+    adapter = load_file(stock_run / "adapter_epoch_1" / "adapter_model.safetensors")
+    assert adapter.keys() == load_file(lora_run / "adapter_final" / "adapter_model.safetensors").keys()
+
+
+@pytest.mark.slow
+def test_torchtunes_lora_recipe_resumes_exactly_with_our_checkpointer(assets, lora_run, stock_run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("epoch_0", "adapter_epoch_0", "recipe_state"):  # what its first epoch left
+        shutil.copytree(stock_run / name, out / name)
+    stock_lora(assets, lora_run, out, "resume_from_checkpoint=true")
+    assert logged(out / "logs", "loss") == logged(stock_run / "logs", "loss")[STEPS // 2 :]
+    a, b = load_hf_state_dict(stock_run / "epoch_1"), load_hf_state_dict(out / "epoch_1")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_after_sigkill_is_bit_identical(assets, lora_run, tmp_path):

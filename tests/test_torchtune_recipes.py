@@ -110,12 +110,3 @@ def test_wrong_checkpoint_files_or_model_type_are_clear_errors(assets, tmp_path)
         instantiate(cfg, model_type="QWEN2")
     with pytest.raises(CheckpointError, match=rf"{RECIPE_STATE_FILE}: not found; resuming needs the recipe state"):
         tt_config.instantiate(cfg.checkpointer, should_load_recipe_state=True)
-
-
-def test_lora_adapters_are_refused_not_dropped(assets, tmp_path):
-    checkpointer = instantiate(stock_with_ours(assets, tmp_path / "out"))
-    model = checkpointer.load_checkpoint()["model"]
-    for state, adapter_only in [({"model": model, "adapter": {}, "adapter_config": {}}, False), ({}, True)]:
-        with pytest.raises(CheckpointError, match="writes whole models only.*LoRA adapters.*nothing was written"):
-            checkpointer.save_checkpoint(state, epoch=0, adapter_only=adapter_only)
-    assert not (tmp_path / "out" / "epoch_0").exists()
