@@ -604,13 +604,13 @@ class RefFinetuneRecipe:
             epoch = self.epoch + (1 if self.steps_in_epoch else 0)  # after the last epoch, `epoch` counts it already
             metadata = {"step": self.global_step, "epoch": epoch, "validation": self._val_metrics}
             metadata["config"] = OmegaConf.to_container(self._cfg, resolve=True)
-            metadata["trained_on"] = self._trained_on()
             if self._lora:
                 metadata["lora"] = self._lora
                 adapter_dir = self._output_dir / name.replace("checkpoint", "adapter")
                 base = self._cfg.checkpointer.checkpoint_dir
                 lora.save_peft_adapter(self._adapter, adapter_dir, self._checkpointer.config, self._lora, base)
                 del self._adapter
+            metadata["trained_on"] = self._trained_on()  # last: a line number per sample
             path = self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=name, metadata=metadata)
             log.info(f"HF checkpoint written to {path} (step {self.global_step})")
         del state_dict
