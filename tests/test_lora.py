@@ -3,8 +3,11 @@ checkpoints, an exact resume after SIGKILL, and outputs that `transformers` (mer
 with the LoRA model's logits."""
 
 import json
+import os
 import shutil
 import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, send, tune, when
+from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, run_in_process, send, tune, when
 from ref_tuning import convert
 from ref_tuning.checkpointing import METADATA_FILE, CheckpointError, load_hf_state_dict, load_tune_state_dict
 from ref_tuning.models import lora_tiny_sheared_llama
@@ -150,3 +153,22 @@ def test_resume_after_sigkill_is_bit_identical(assets, lora_run, tmp_path):
     resumed = [(s, v) for s, v in logged(out / "logs", "loss") if s > 4]
     assert [s for s, _ in resumed][-(STEPS - 4) :] == list(range(5, STEPS + 1))
     assert all(v == expected[s] for s, v in resumed), (resumed, expected)
+
+
+def test_sigterm_stops_with_an_adapter_checkpoint_and_the_resume_finishes(assets, tmp_path):
+    out = tmp_path / "run"
+
+    def preempt():  # as a scheduler does, from outside, once step 3 is done
+        while 3 not in dict(logged(out / "logs", "loss")):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    args = [*overrides(assets, out, *ARGS, "save_every_n_steps=null", "dataset_val=null")]
+    code, text = run_in_process("train", args)
+    assert code == 0 and "SIGTERM: stopped after step" in text and not (out / "checkpoint_final").exists(), text[-2000:]
+    (step,) = (out / "checkpoints").glob("step_*")
+    assert all(".lora_" in name for name in load_weights(step))  # the adapters, not the model
+    code, text = run_in_process("train", [*args, "resume_from_checkpoint=true"])
+    assert code == 0 and (out / "checkpoint_final").is_dir() and (out / "adapter_final").is_dir(), text[-2000:]
+    assert [s for s, _ in logged(out / "logs", "loss")][-1] == 2 * STEPS  # one process: twice the steps of two
