@@ -28,8 +28,8 @@ from tqdm import tqdm
 from ref_tuning.checkpointing import METADATA_FILE, CheckpointError, read_hf_config
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, STRING, ConfigError, one_line_errors, one_of
 from ref_tuning.config import Kind, validate_config
-from ref_tuning.data import fold_of_lines
-from ref_tuning.index import DataError, SplitIndex, cache_folder
+from ref_tuning.data import problem_fold
+from ref_tuning.index import DataError
 from ref_tuning.paths import check_separate
 from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, new_run_id, open_store
 from ref_tuning.scoring import score_dataset
@@ -89,8 +89,7 @@ class RefScoreRecipe:
         n, by = len(self._ds), self.world_size
         utils.log_rank_zero(log, f"{n} samples, {n - len(todo)} scored already, {len(todo)} to score by {by} processes")
         # Model i scores what is left of fold i, shared out among the processes; a single model is fold None of K=1.
-        cache = cache_folder(Path(cfg.dataset.data_dir), cfg.dataset.cache_dir)
-        fold_of = fold_of_lines(SplitIndex.open(self._ds.jsonl, self._ds.metadata, cache), k)[self._ds.lines].tolist()
+        fold_of = [problem_fold(problem, k) for problem in self._ds.problem_ids]
         self._shares = []  # (model, fold, this process's items)
         for i, model_dir in enumerate(dirs):
             left = [j for j in todo if fold_of[j] == i]

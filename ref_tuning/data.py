@@ -346,6 +346,7 @@ class CodeContestsDataset(Dataset):
         self._full_lengths = lengths
         self._starts, self._ends = index.offsets[lines].clone(), index.offsets[lines + 1].clone()
         self._is_correct = index.is_correct[lines].clone()
+        self.problem_ids = [index.problems[p] for p in index.problem[lines].tolist()]  # each item's problem
         self._file_end = int(index.offsets[-1])
         self._tokenizer, self._max_seq_len = tokenizer, max_seq_len
         self._fd, self._pid = -1, -1

@@ -313,9 +313,8 @@ def run_report(
         results[name] = summarize(losses[name], correct)
     if isinstance(seen, str):
         section = {"absent": seen}
-    else:  # (c): the held-out correct samples of problems it did not train on (the index is cached by the draw)
-        index = SplitIndex.open(ds.jsonl, ds.metadata, cache_folder(Path(data_dir)))
-        problem = {info["line"]: index.problems[int(index.problem[info["line"]])] for info, _ in scored}
+    else:  # (c): the held-out correct samples of problems it did not train on
+        problem = dict(zip(ds.lines.tolist(), ds.problem_ids))
         unseen = [info for info, _ in scored if info["is_correct"] and problem[info["line"]] not in seen.problems]
         for name in losses:
             extra_losses[name]["unseen_problem"] = [losses[name][info["task_id"]] for info in unseen]
