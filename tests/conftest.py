@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -176,6 +177,17 @@ def logged(log_dir: Optional[Path], key: str) -> List[Tuple[int, float]]:
 
 def step_done(log_dir: Path, step: int) -> Callable[[], bool]:
     return lambda: step in [s for s, _ in logged(log_dir, "loss")]
+
+
+def preempt_this_process_after(log_dir: Path, step: int) -> None:
+    """SIGTERM to this process (running a recipe in-process) once `step` is logged, as a scheduler does, from outside."""
+
+    def preempt() -> None:
+        while not step_done(log_dir, step)():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
 
 
 def send(sig: int, launcher_only: bool = False) -> Callable[[subprocess.Popen], None]:

@@ -3,11 +3,8 @@ checkpoints, an exact resume after SIGKILL, and outputs that `transformers` (mer
 with the LoRA model's logits."""
 
 import json
-import os
 import shutil
 import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -15,7 +12,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, run_in_process, send, tune, when
+from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, preempt_this_process_after, run_in_process
+from conftest import send, tune, when
 from ref_tuning import convert
 from ref_tuning.checkpointing import METADATA_FILE, CheckpointError, load_hf_state_dict, load_tune_state_dict
 from ref_tuning.models import lora_tiny_sheared_llama
@@ -157,13 +155,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, lora_run, tmp_path):
 
 def test_sigterm_stops_with_an_adapter_checkpoint_and_the_resume_finishes(assets, tmp_path):
     out = tmp_path / "run"
-
-    def preempt():  # as a scheduler does, from outside, once step 3 is done
-        while 3 not in dict(logged(out / "logs", "loss")):
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=preempt, daemon=True).start()
+    preempt_this_process_after(out / "logs", step=3)
     args = [*overrides(assets, out, *ARGS, "save_every_n_steps=null", "dataset_val=null")]
     code, text = run_in_process("train", args)
     assert code == 0 and "SIGTERM: stopped after step" in text and not (out / "checkpoint_final").exists(), text[-2000:]

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict
@@ -28,6 +27,7 @@ from conftest import (
     logged,
     ok,
     overrides,
+    preempt_this_process_after,
     reached,
     run_in_process,
     send,
@@ -196,13 +196,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_without_a_traceb
 
 def test_sigterm_stops_like_ctrl_c(assets, tmp_path):
     out = tmp_path / "run"
-
-    def preempt():  # as a scheduler does, from outside, once step 2 is done
-        while 2 not in dict(logged(out / "logs", "loss")):
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=preempt, daemon=True).start()
+    preempt_this_process_after(out / "logs", step=2)
     text = train(assets, out, "save_every_n_steps=null", "dataset_val=null")
     assert "SIGTERM: stopped after step" in text and not (out / "checkpoint_final").exists()
     assert len(list((out / "checkpoints").glob("step_*"))) == 1
