@@ -585,35 +585,33 @@ class RefFinetuneRecipe:
     # -----------------------------------------------------------------------------------------
     # Checkpoints
 
-    def _gathered_model(self) -> Dict[str, torch.Tensor]:
-        """The full weights on rank 0 in `output_dtype` (every rank takes part in the gather), a LoRA
-        model's merged; on rank 0 of a LoRA run, `self._adapter` its adapters."""
+    def _gathered_model(self) -> Dict[str, Any]:
+        """What the checkpointer writes, on rank 0 (every rank takes part in the gather): the full weights in
+        `output_dtype`, a LoRA model's merged, with its adapters and settings beside them as torchtune passes them."""
         state_dict = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        adapter = {}
         if self._lora and self._is_rank_zero:
-            state_dict, self._adapter = lora.merge(state_dict, self._lora)
+            state_dict, adapter = lora.merge(state_dict, self._lora)
         for name in state_dict:  # one tensor at a time: the fp32 dict and one cast tensor at most
             state_dict[name] = state_dict[name].to(self._output_dtype)
-        return state_dict
+        return {training.MODEL_KEY: state_dict} | (
+            {"adapter": adapter, "adapter_config": self._lora} if adapter else {}
+        )
 
     def _save_output(self, name: str) -> None:
         """An HF directory for Rho-1, `output_dir/name`, with the step, metrics, config and the samples trained
         on in `ref_tuning.json`; for a LoRA run also the adapter alone, `output_dir/adapter_*` (PEFT layout)."""
         self._check_finite_weights()
-        state_dict = self._gathered_model()
+        checkpoint = self._gathered_model()
         if self._is_rank_zero:
             epoch = self.epoch + (1 if self.steps_in_epoch else 0)  # after the last epoch, `epoch` counts it already
             metadata = {"step": self.global_step, "epoch": epoch, "validation": self._val_metrics}
             metadata["config"] = OmegaConf.to_container(self._cfg, resolve=True)
-            if self._lora:
-                metadata["lora"] = self._lora
-                adapter_dir = self._output_dir / name.replace("checkpoint", "adapter")
-                base = self._cfg.checkpointer.checkpoint_dir
-                lora.save_peft_adapter(self._adapter, adapter_dir, self._checkpointer.config, self._lora, base)
-                del self._adapter
+            metadata |= {"lora": self._lora} if self._lora else {}
             metadata["trained_on"] = self._trained_on()  # last: a line number per sample
-            path = self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, name=name, metadata=metadata)
+            path = self._checkpointer.save_checkpoint(checkpoint, name=name, metadata=metadata)
             log.info(f"HF checkpoint written to {path} (step {self.global_step})")
-        del state_dict
+        del checkpoint
         dist.barrier()
 
     def _trained_on(self) -> Dict[str, Any]:

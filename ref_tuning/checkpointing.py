@@ -566,14 +566,14 @@ class HFBinCheckpointer:
         """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
         absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it; or, for torchtune's
         recipes, `output_dir/epoch_{epoch}` and, if intermediate, the rest of `state_dict` as RECIPE_STATE_FILE.
-        A LoRA recipe's adapter (torchtune's "adapter" and "adapter_config") goes beside it in the PEFT layout,
-        `output_dir/adapter_epoch_{epoch}`; with `adapter_only`, alone."""
+        A LoRA model's adapter (torchtune's "adapter" and "adapter_config" keys) goes beside it in the PEFT layout,
+        `output_dir/adapter_epoch_{epoch}` (or `adapter_final` beside `checkpoint_final`); with `adapter_only`, alone."""
         out = self._output_dir / (name if epoch is None else f"epoch_{epoch}")
         if "adapter" in state_dict:
             from ref_tuning.lora import save_peft_adapter  # it imports this module
 
             settings = {k: v for k, v in state_dict["adapter_config"].items() if k != "peft_type"}
-            adapter_dir = out.with_name(f"adapter_{out.name}")
+            adapter_dir = out.with_name(f"adapter_{out.name.removeprefix('checkpoint_')}")
             save_peft_adapter(state_dict["adapter"], adapter_dir, self.config, settings, self._checkpoint_dir)
         if not adapter_only:
             tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
