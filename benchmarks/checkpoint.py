@@ -340,7 +340,7 @@ def worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from benchmarks.convert import source_config
-    from ref_tuning.checkpointing import HFBinCheckpointer
+    from ref_tuning.hf_checkpoint import HFBinCheckpointer
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -54,7 +54,7 @@ from benchmarks import (
 DEFAULT_WORKDIR = PROJECT_ROOT / "storage" / "bench" / "convert"
 # The hub's fp32 Sheared-LLaMA-2.7B: 10,806,241,280 bytes, of which the first shard holds 9.95 GB.
 FIRST_SHARD_FRACTION = 9.95e9 / 10_806_241_280
-# The same names as ref_tuning.checkpointing; repeated so that the launcher never imports torch.
+# The same names as ref_tuning.hf_checkpoint; repeated so that the launcher never imports torch.
 INDEX_FILES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 SINGLE_FILES = ("pytorch_model.bin", "model.safetensors")
 # A model of the same family small enough for tests (`--tiny`, hidden).
@@ -86,7 +86,7 @@ def random_tensors(config: dict, seed: int = 0) -> list:
     """Every HF parameter as an `OutputTensor` whose data (N(0, 0.02^2), fp32) is made when written."""
     import torch
 
-    from ref_tuning.checkpointing import OutputTensor, expected_hf_shapes
+    from ref_tuning.hf_checkpoint import OutputTensor, expected_hf_shapes
 
     def make(shape, seed):
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).mul_(0.02)
@@ -101,7 +101,7 @@ def random_tensors(config: dict, seed: int = 0) -> list:
 def _source_matches(src: Path, config: dict) -> bool:
     import torch
 
-    from ref_tuning.checkpointing import CheckpointError, check_hf_tensors, hf_tensor_refs, read_hf_config
+    from ref_tuning.hf_checkpoint import CheckpointError, check_hf_tensors, hf_tensor_refs, read_hf_config
 
     try:
         found = read_hf_config(src)
@@ -116,7 +116,7 @@ def _source_matches(src: Path, config: dict) -> bool:
 
 def ensure_source(src: Path, layers: int, tiny: bool = False) -> None:
     """Write a random fp32 checkpoint of the hub's layout at `src`, unless one with this config is there."""
-    from ref_tuning.checkpointing import save_hf_dir
+    from ref_tuning.hf_checkpoint import save_hf_dir
 
     config = source_config(layers, tiny)
     if _source_matches(src, config):

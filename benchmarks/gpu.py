@@ -217,7 +217,7 @@ def _worker_checkpoint(args: Dict[str, Any]) -> Dict[str, Any]:
     parameters match: norms 1, every other weight N(0, 0.02^2)."""
     import torch
 
-    from ref_tuning.checkpointing import OutputTensor, expected_hf_shapes, save_hf_dir
+    from ref_tuning.hf_checkpoint import OutputTensor, expected_hf_shapes, save_hf_dir
     from ref_tuning.demo import HF_SIDE_FILES
     from ref_tuning.models import hf_llama_config
 

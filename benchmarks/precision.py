@@ -196,7 +196,7 @@ def analyse(spec_path: str) -> None:
     """Every number of the table, from the runs' outputs; printed as one JSON line."""
     import torch
 
-    from ref_tuning.checkpointing import load_hf_state_dict, load_tune_state_dict
+    from ref_tuning.hf_checkpoint import load_hf_state_dict, load_tune_state_dict
     from ref_tuning.data import codecontests_dataset
     from ref_tuning.models import sheared_llama_tokenizer
 

@@ -42,8 +42,8 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from ref_tuning import lora, run_dir
-from ref_tuning.checkpointing import CheckpointError
-from ref_tuning.index import DataError
+from ref_tuning.hf_checkpoint import CheckpointError
+from ref_tuning.line_index import DataError
 from ref_tuning.config import BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off
 from ref_tuning.config import one_line_errors, one_of, raise_if_any, validate_config
 from ref_tuning.step_checkpoints import HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state

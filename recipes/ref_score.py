@@ -25,11 +25,11 @@ from torch.distributed import destroy_process_group, init_process_group
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from ref_tuning.checkpointing import METADATA_FILE, CheckpointError, read_hf_config
+from ref_tuning.hf_checkpoint import METADATA_FILE, CheckpointError, read_hf_config
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, STRING, ConfigError, one_line_errors, one_of
 from ref_tuning.config import Kind, validate_config
 from ref_tuning.data import problem_fold
-from ref_tuning.index import DataError
+from ref_tuning.line_index import DataError
 from ref_tuning.paths import check_separate
 from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, new_run_id, open_store
 from ref_tuning.scoring import score_dataset

@@ -1,6 +1,6 @@
 """CodeContests solutions as Alpaca-templated samples: indexed sampling, lazy tokenization, packing.
 
-Files: shared/docs/DATA_FORMAT.md. Only the drawn lines are read (located by `ref_tuning.index`), again each time
+Files: shared/docs/DATA_FORMAT.md. Only the drawn lines are read (located by `ref_tuning.line_index`), again each time
 the dataloader asks for them: memory grows with `n_samples`, not with the file, and no token ids are held.
 """
 
@@ -19,7 +19,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from tqdm import tqdm
 
-from ref_tuning.index import DataError, SplitIndex, TokenLengths, cache_folder
+from ref_tuning.line_index import DataError, SplitIndex, TokenLengths, cache_folder
 from ref_tuning.packing import Packs, fill_ratio, pack_best_fit
 
 log = utils.get_logger("INFO")
@@ -451,7 +451,7 @@ def codecontests_dataset(
         max_seq_len: tokens per sample (template, BOS and EOS included), or per packed row.
         long_samples: `drop` or `truncate` samples past `max_seq_len`; one whose prompt alone fills it is dropped.
         packed: best-fit pack samples into rows (attention and positions reset at each sample).
-        cache_dir: where the index and token-length caches go (default: see `ref_tuning.index`).
+        cache_dir: where the index and token-length caches go (default: see `ref_tuning.line_index`).
         folds, fold: cross-fitting; every problem is in one of `folds` folds (`problem_fold`), and the draw takes
             only problems outside `fold`: the reference that scores fold `fold` never saw its problems. null: no folds.
     """

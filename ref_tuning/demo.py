@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from ref_tuning.checkpointing import save_hf_checkpoint, tune_to_hf
+from ref_tuning.hf_checkpoint import save_hf_checkpoint, tune_to_hf
 from ref_tuning.data import codecontests_dataset
 from ref_tuning.models import TINY_SHEARED_LLAMA, hf_llama_config, sheared_llama_tokenizer, tiny_sheared_llama
 from ref_tuning.prepare import prepare_split

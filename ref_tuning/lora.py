@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_peft_adapter_config, tune_to_peft_adapter_weights
 from torchtune.modules.peft import LoRALinear, get_merged_lora_ckpt
 
-from ref_tuning.checkpointing import Config, atomic_output
+from ref_tuning.hf_checkpoint import Config, atomic_output
 
 StateDict = Dict[str, torch.Tensor]
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ref_tuning.config import positive_int
 from ref_tuning.data import token_counts
-from ref_tuning.index import CACHE_FOLDER, DataError, SplitIndex, TokenLengths
+from ref_tuning.line_index import CACHE_FOLDER, DataError, SplitIndex, TokenLengths
 from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.paths import check_separate
 

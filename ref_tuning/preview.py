@@ -25,7 +25,7 @@ from torchtune import config as tt_config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from tqdm import tqdm
 
-from ref_tuning.checkpointing import read_hf_config
+from ref_tuning.hf_checkpoint import read_hf_config
 from ref_tuning.config import positive_int, share
 from ref_tuning.paths import check_separate
 from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore, check_vocab, load_reference, score_dataset

@@ -27,10 +27,10 @@ from matplotlib.ticker import MaxNLocator
 from torchtune import training
 from tqdm import tqdm
 
-from ref_tuning.checkpointing import METADATA_FILE
+from ref_tuning.hf_checkpoint import METADATA_FILE
 from ref_tuning.config import positive_int, share
 from ref_tuning.data import CodeContestsDataset, DataError, codecontests_dataset, measure_lengths, split_files
-from ref_tuning.index import SplitIndex, cache_folder
+from ref_tuning.line_index import SplitIndex, cache_folder
 from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.paths import check_separate
 from ref_tuning.scoring import check_vocab, load_reference, score_dataset

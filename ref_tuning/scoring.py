@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
-from ref_tuning.checkpointing import load_tune_state_dict, read_hf_config
+from ref_tuning.hf_checkpoint import load_tune_state_dict, read_hf_config
 from ref_tuning.models import llama_from_hf_config
 
 STORE_CONFIG = "scores.json"

@@ -75,7 +75,7 @@ class StepCheckpoints:
 
 def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], Callable[..., torch.Tensor]]]:
     """The weights of step checkpoint `step_dir` (torchtune names, training precision) as (dtype, shape, load)
-    for `checkpointing.converted`, each tensor read when loaded, in one process, whatever the ranks that wrote it."""
+    for `hf_checkpoint.converted`, each tensor read when loaded, in one process, whatever the ranks that wrote it."""
     reader = dcp.FileSystemReader(Path(step_dir) / STATE_DIR)
     sources = {}
     for fqn, meta in reader.read_metadata().state_dict_metadata.items():

@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torchtune.models import convert_weights
 
-from ref_tuning import checkpointing, convert
-from ref_tuning.checkpointing import (
+from ref_tuning import convert, hf_checkpoint
+from ref_tuning.hf_checkpoint import (
     CheckpointError,
     expected_hf_shapes,
     load_hf_state_dict,
@@ -498,17 +498,17 @@ def test_without_an_atomic_swap_a_death_between_renames_is_repaired_by_the_next_
     out = tmp_path / "out"
     convert.hf_to_hf_dir(src, out, progress=False)
     old = load_hf_state_dict(out)
-    monkeypatch.setattr(checkpointing, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(hf_checkpoint, "_exchange", lambda a, b: False)
     _die_once_the_old_version_is_aside(monkeypatch, out)
     with pytest.raises(_Died):
         convert.hf_to_hf_dir(src, out, dtype=torch.bfloat16, overwrite=True, progress=False)
     monkeypatch.undo()
-    monkeypatch.setattr(checkpointing, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(hf_checkpoint, "_exchange", lambda a, b: False)
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
     assert_same_tensors(load_hf_state_dict(aside), old)
 
-    monkeypatch.setattr(checkpointing, "_alive", lambda pid: False)  # as if that writer had died
-    with pytest.raises(checkpointing.CheckpointError, match="already exists"):
+    monkeypatch.setattr(hf_checkpoint, "_alive", lambda pid: False)  # as if that writer had died
+    with pytest.raises(hf_checkpoint.CheckpointError, match="already exists"):
         convert.hf_to_hf_dir(src, out, progress=False)  # no --overwrite: the old version is back
     assert_same_tensors(load_hf_state_dict(out), old)
     assert hidden_entries(tmp_path) == []

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ref_tuning.checkpointing import METADATA_FILE
+from ref_tuning.hf_checkpoint import METADATA_FILE
 from ref_tuning.data import DataError, codecontests_dataset, fold_of_lines, problem_fold, split_files
 from ref_tuning.demo import write_tiny_checkpoint
-from ref_tuning.index import SplitIndex, cache_folder
+from ref_tuning.line_index import SplitIndex, cache_folder
 from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.scoring import ScoreStore, load_reference, score_dataset
 

@@ -14,7 +14,7 @@ import sentencepiece as spm
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from ref_tuning import index as index_module
+from ref_tuning import line_index as index_module
 from ref_tuning.data import (
     CodeContestsDataset,
     DataError,
@@ -24,7 +24,7 @@ from ref_tuning.data import (
     token_counts,
     tokenize_sample,
 )
-from ref_tuning.index import CACHE_FOLDER, SplitIndex
+from ref_tuning.line_index import CACHE_FOLDER, SplitIndex
 from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.prepare import SplitWriter
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, preempt_this_process_after, run_in_process
 from conftest import send, tune, when
 from ref_tuning import convert
-from ref_tuning.checkpointing import METADATA_FILE, CheckpointError, load_hf_state_dict, load_tune_state_dict
+from ref_tuning.hf_checkpoint import METADATA_FILE, CheckpointError, load_hf_state_dict, load_tune_state_dict
 from ref_tuning.models import lora_tiny_sheared_llama
 from ref_tuning.scoring import load_reference
 from ref_tuning.step_checkpoints import load_weights
@@ -96,7 +96,7 @@ def stock_lora(assets, lora_run, out, *extra):
         OmegaConf.load(PROJECT_ROOT / TINY_CONFIG), OmegaConf.from_dotlist(overrides(assets, lora_run, *ARGS))
     )
     cfg = stock_config(OmegaConf.create(OmegaConf.to_container(ours, resolve=True)), str(out))
-    cfg.checkpointer._component_ = "ref_tuning.checkpointing.HFBinCheckpointer"
+    cfg.checkpointer._component_ = "ref_tuning.hf_checkpoint.HFBinCheckpointer"
     OmegaConf.save(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(extra))), out.parent / "stock.yaml")
     env = {RECIPE_ENV: "lora_finetune_distributed"}
     ok(tune([], recipe="tests/stock_recipe.py", config=str(out.parent / "stock.yaml"), env=env))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ref_tuning.checkpointing import hf_to_tune, tune_to_hf
+from ref_tuning.hf_checkpoint import hf_to_tune, tune_to_hf
 from ref_tuning.models import SHEARED_LLAMA_2_7B, hf_llama_config, sheared_llama_2_7b, sheared_llama_tokenizer
 
 

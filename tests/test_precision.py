@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_in_process
-from ref_tuning.checkpointing import METADATA_FILE, load_hf_state_dict
+from ref_tuning.hf_checkpoint import METADATA_FILE, load_hf_state_dict
 
 STEPS = 8
 # The production schedule's shape at a tiny scale: AdamW lr 2e-5 (betas 0.9/0.95, weight decay 0.01 and

@@ -13,7 +13,7 @@ import pytest
 from ref_tuning import prepare
 from ref_tuning.data import codecontests_dataset, tokenize_sample
 from ref_tuning.demo import read_problems
-from ref_tuning.index import CACHE_FOLDER, SplitIndex
+from ref_tuning.line_index import CACHE_FOLDER, SplitIndex
 from ref_tuning.models import sheared_llama_tokenizer
 
 

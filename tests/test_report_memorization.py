@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ref_tuning.checkpointing import METADATA_FILE
+from ref_tuning.hf_checkpoint import METADATA_FILE
 from ref_tuning.data import CodeContestsDataset, measure_lengths, split_files
 from ref_tuning.demo import MAX_SEQ_LEN, write_tiny_checkpoint
-from ref_tuning.index import SplitIndex, cache_folder
+from ref_tuning.line_index import SplitIndex, cache_folder
 from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.report import memorization, memorization_markdown, memorization_section, run_report, trained_on
 from ref_tuning.scoring import load_reference, score_dataset

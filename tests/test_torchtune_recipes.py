@@ -14,11 +14,11 @@ from torchtune import config as tt_config
 from transformers import AutoModelForCausalLM
 
 from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, tune
-from ref_tuning.checkpointing import METADATA_FILE, RECIPE_STATE_FILE, CheckpointError, load_hf_state_dict
+from ref_tuning.hf_checkpoint import METADATA_FILE, RECIPE_STATE_FILE, CheckpointError, load_hf_state_dict
 from ref_tuning.scoring import load_reference
 from tests.stock_recipe import stock_config
 
-OURS = "ref_tuning.checkpointing.HFBinCheckpointer"
+OURS = "ref_tuning.hf_checkpoint.HFBinCheckpointer"
 # 16 samples, 2 per process and step, 2 processes: 4 steps an epoch, capped at 2; 2 epochs, so that the
 # first one's checkpoint is an intermediate one (with recipe state) and the second's the final one.
 RUN = ["dataset.n_samples=16", "batch_size=2", "gradient_accumulation_steps=1", "epochs=2", "max_steps_per_epoch=2"]

@@ -36,7 +36,7 @@ from conftest import (
     worker,
 )
 from ref_tuning import convert
-from ref_tuning.checkpointing import METADATA_FILE, HFBinCheckpointer, load_hf_state_dict
+from ref_tuning.hf_checkpoint import METADATA_FILE, HFBinCheckpointer, load_hf_state_dict
 from ref_tuning.data import codecontests_dataset
 from ref_tuning.demo import validation_loss
 from ref_tuning.models import sheared_llama_tokenizer, tiny_sheared_llama

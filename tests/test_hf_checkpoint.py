@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ref_tuning.checkpointing import (
+from ref_tuning.hf_checkpoint import (
     CheckpointError,
     HFBinCheckpointer,
     hf_to_tune,
@@ -126,9 +126,9 @@ def test_parse_size():
 def test_model_key_is_torchtunes():
     from torchtune.training import MODEL_KEY
 
-    from ref_tuning import checkpointing
+    from ref_tuning import hf_checkpoint
 
-    assert checkpointing.MODEL_KEY == MODEL_KEY
+    assert hf_checkpoint.MODEL_KEY == MODEL_KEY
 
 
 def test_only_rank_zero_reads_the_weights(hf_model_dir, tmp_path, monkeypatch):
