@@ -167,13 +167,13 @@ class RefFinetuneRecipe:
         return peak_tflops * 1e12 if peak_tflops else None
 
     @contextmanager
-    def _patience(self, timeout: timedelta):
-        """Collectives inside wait up to `timeout` (then back to the training steps' timeout)."""
-        _set_pg_timeout(timeout)
+    def _collective_timeout(self, timeout: timedelta):
+        """Collectives inside wait up to `timeout`, then the training steps' timeout again."""
+        _set_timeout(timeout)
         try:
             yield
         finally:
-            _set_pg_timeout(self._timeout_step)
+            _set_timeout(self._timeout_step)
 
     # -----------------------------------------------------------------------------------------
     # Setup
@@ -394,7 +394,7 @@ class RefFinetuneRecipe:
                     self._metric_logger.log_dict(metrics, step=self.global_step)
                 stop_signal = self._stop_signal_of_any_rank()
                 if stop_signal:
-                    with self._patience(self._timeout_setup):
+                    with self._collective_timeout(self._timeout_setup):
                         path = self.save_checkpoint()
                     stopped = f"{signal.Signals(stop_signal).name}: stopped after step {self.global_step}"
                     utils.log_rank_zero(
@@ -403,7 +403,7 @@ class RefFinetuneRecipe:
                     return False
                 every = self._cfg.save_every_n_steps
                 if every and self.global_step % every == 0:
-                    with self._patience(self._timeout_setup):  # rank 0 commits and rotates alone
+                    with self._collective_timeout(self._timeout_setup):  # rank 0 commits and rotates alone
                         self.save_checkpoint()
             self.epoch += 1
             self.steps_in_epoch = 0
@@ -416,7 +416,7 @@ class RefFinetuneRecipe:
         start, start_step, start_tokens = time.perf_counter(), self.global_step, self.tokens_seen
         history = []  # per-step rates for the summary
         pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_rank_zero, desc="training")
-        _set_pg_timeout(self._timeout_step)
+        _set_timeout(self._timeout_step)
         try:
             finished = self._train_epochs(pbar, history)
         except RuntimeError as e:  # gloo raises RuntimeError; NCCL's watchdog aborts the process itself
@@ -552,7 +552,7 @@ class RefFinetuneRecipe:
     def validate(self) -> Dict[str, float]:
         """Loss, perplexity and next-token accuracy over the response tokens of the validation
         split, summed over all ranks; saves `checkpoint_best` when the loss is the lowest yet."""
-        with self._patience(self._timeout_setup):  # ranks wait while rank 0 writes checkpoint_best
+        with self._collective_timeout(self._timeout_setup):  # ranks wait while rank 0 writes checkpoint_best
             return self._validate()
 
     def _validate(self) -> Dict[str, float]:
@@ -594,9 +594,8 @@ class RefFinetuneRecipe:
             state_dict, adapter = lora.merge(state_dict, self._lora)
         for name in state_dict:  # one tensor at a time: the fp32 dict and one cast tensor at most
             state_dict[name] = state_dict[name].to(self._output_dtype)
-        return {training.MODEL_KEY: state_dict} | (
-            {"adapter": adapter, "adapter_config": self._lora} if adapter else {}
-        )
+        adapter = {training.ADAPTER_KEY: adapter, training.ADAPTER_CONFIG: self._lora} if adapter else {}
+        return {training.MODEL_KEY: state_dict} | adapter
 
     def _save_output(self, name: str) -> None:
         """An HF directory for Rho-1, `output_dir/name`, with the step, metrics, config and the samples trained
@@ -638,13 +637,20 @@ class RefFinetuneRecipe:
         return path
 
     def save_final(self) -> None:
-        with self._patience(self._timeout_setup):
+        with self._collective_timeout(self._timeout_setup):
             self._save_output("checkpoint_final")
 
     def cleanup(self) -> None:
         if self._is_rank_zero:
             self._metric_logger.close()
         destroy_process_group()
+
+
+def _set_timeout(timeout: timedelta) -> None:
+    """Change how long collectives wait, once every rank is here: none is left inside a collective that
+    still runs under the old timeout (as torchtitan's `set_pg_timeouts` does)."""
+    dist.barrier()
+    _set_pg_timeout(timeout)
 
 
 def _check_values(cfg: DictConfig) -> None:

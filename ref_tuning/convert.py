@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ref_tuning.hf_checkpoint import CheckpointError, OutputTensor, atomic_output, check_hf_tensors, converted
+from ref_tuning.atomic import atomic_output
+from ref_tuning.hf_checkpoint import CheckpointError, OutputTensor, check_hf_tensors, converted
 from ref_tuning.hf_checkpoint import expected_hf_shapes, hf_to_tune, read_hf_checkpoint, read_hf_config
 from ref_tuning.hf_checkpoint import read_tensor_file, save_hf_dir, save_tensor_file, tensor_sources, tune_to_hf
 from ref_tuning.paths import check_separate

@@ -1,6 +1,6 @@
 """CodeContests solutions as Alpaca-templated samples: indexed sampling, lazy tokenization, packing.
 
-Files: shared/docs/DATA_FORMAT.md. Only the drawn lines are read (located by `ref_tuning.line_index`), again each time
+Files: docs/data.md. Only the drawn lines are read (located by `ref_tuning.line_index`), again each time
 the dataloader asks for them: memory grows with `n_samples`, not with the file, and no token ids are held.
 """
 

@@ -63,27 +63,25 @@ def train_tokenizer(problems: List[Dict[str, Any]], out_path: Path, vocab_size: 
     import sentencepiece as spm
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = out_path.with_suffix("")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_text(problems),
-        model_prefix=str(prefix),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        character_coverage=0.9995,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=2,
-        minloglevel=2,
-    )
-    prefix.with_suffix(".vocab").unlink()
-    prefix.with_suffix(".model").rename(out_path)
+    with open(out_path, "wb") as model_file:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_text(problems),
+            model_writer=model_file,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.9995,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=2,
+            minloglevel=2,
+        )
     return out_path
 
 

@@ -7,16 +7,12 @@ dtype written, and the tokenizer and generation files. Files are read memory-map
 appear under their final name only once complete (`atomic_output`).
 """
 
-import ctypes
-import errno
 import io
 import json
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,8 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ref_tuning.atomic import atomic_output
+
 # torchtune is imported where it is used: importing it takes 3 s, and `convert hf-to-hf` does not need it.
-MODEL_KEY = "model"  # torchtune.training.MODEL_KEY
+MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG = "model", "adapter", "adapter_config"  # torchtune.training's
 METADATA_FILE = "ref_tuning.json"  # what made an output directory: step, validation metrics, config
 INDEX_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
 SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
@@ -196,9 +194,6 @@ def load_hf_state_dict(checkpoint_dir: PathLike) -> StateDict:
     return tensors
 
 
-hf_tensor_refs = load_hf_state_dict  # benchmarks/convert.py's name
-
-
 def check_hf_tensors(tensors: dict[str, Any], config: Config, where: PathLike) -> None:
     """Every parameter the config implies is there with the implied shape, and nothing else.
     `tensors` maps HF names to anything with a `shape` (a tensor, an `OutputTensor`)."""
@@ -288,70 +283,6 @@ def load_tune_state_dict(
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-@contextmanager
-def atomic_output(target: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it to `target` once the block completes.
-
-    A crash (even SIGKILL) leaves `target` as it was: absent, or the complete old version. What dead
-    writers left is cleaned up by the next write. A refused overwrite is refused before any work."""
-    target = Path(target)
-    if target.parent.is_dir():
-        _remove_stale_temporaries(target)  # first: it may put back an old version
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target}: already exists; choose another output or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        if not target.is_dir() or tmp.is_file():
-            os.replace(tmp, target)  # atomic for a new name and for a file over a file
-        elif not _exchange(tmp, target):  # a directory over a directory: swap them in one step
-            # No atomic swap here (not Linux, or the file system lacks it): move the old one aside
-            # first; if we die in between, the next write to this target puts it back.
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            _remove(old)
-    finally:
-        _remove(tmp)  # after a swap, the old version
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unavailable."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Remove what dead writers left beside `target`, putting back an old version moved aside if its
-    writer died before the new one took its place."""
-    for path in sorted(target.parent.glob(f".{target.name}.*-*-*")):
-        match = re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]+", path.name)
-        if match and not _alive(int(match.group(2))):
-            os.replace(path, target) if match.group(1) == "old" and not target.exists() else _remove(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as e:
-        return isinstance(e, PermissionError)  # alive, another user's
-    return True
 
 
 def save_tensor_file(path: Path, tensors: list[OutputTensor], safetensors: bool = False) -> None:
@@ -541,7 +472,7 @@ class HFBinCheckpointer:
         # torchtune counts epochs_run after an epoch ends, then saves that epoch as epoch_{epochs_run - 1}. A LoRA
         # recipe's epoch_N is merged: it resumes from the base model, with the adapters of its recipe state.
         model_dir = self._output_dir / f"epoch_{state['epochs_run'] - 1}"
-        model_dir = self._checkpoint_dir if "adapter" in state else model_dir
+        model_dir = self._checkpoint_dir if ADAPTER_KEY in state else model_dir
         if not model_dir.is_dir():
             raise CheckpointError(f"{model_dir}: not found, but {self._recipe_state} was saved with it; restore it")
         return {**state, MODEL_KEY: load_tune_state_dict(model_dir, self.config, placeholders)}
@@ -566,15 +497,12 @@ class HFBinCheckpointer:
         """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
         absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it; or, for torchtune's
         recipes, `output_dir/epoch_{epoch}` and, if intermediate, the rest of `state_dict` as RECIPE_STATE_FILE.
-        A LoRA model's adapter (torchtune's "adapter" and "adapter_config" keys) goes beside it in the PEFT layout,
+        A LoRA model's adapter (torchtune's ADAPTER_KEY and ADAPTER_CONFIG) goes beside it in the PEFT layout,
         `output_dir/adapter_epoch_{epoch}` (or `adapter_final` beside `checkpoint_final`); with `adapter_only`, alone."""
         out = self._output_dir / (name if epoch is None else f"epoch_{epoch}")
-        if "adapter" in state_dict:
-            from ref_tuning.lora import save_peft_adapter  # it imports this module
-
-            settings = {k: v for k, v in state_dict["adapter_config"].items() if k != "peft_type"}
+        if ADAPTER_KEY in state_dict:
             adapter_dir = out.with_name(f"adapter_{out.name.removeprefix('checkpoint_')}")
-            save_peft_adapter(state_dict["adapter"], adapter_dir, self.config, settings, self._checkpoint_dir)
+            self._save_peft_adapter(state_dict[ADAPTER_KEY], state_dict[ADAPTER_CONFIG], adapter_dir)
         if not adapter_only:
             tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
             extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else {}
@@ -584,3 +512,20 @@ class HFBinCheckpointer:
             with atomic_output(self._output_dir / RECIPE_STATE_FILE, overwrite=True) as tmp:
                 torch.save({k: v for k, v in state_dict.items() if k != MODEL_KEY}, tmp)  # adapters too, for resume
         return out if not adapter_only else adapter_dir
+
+    def _save_peft_adapter(self, adapter: StateDict, settings: Config, out_dir: Path) -> None:
+        """The adapter in the PEFT layout (`adapter_config.json`, `adapter_model.safetensors`), which
+        `peft.PeftModel.from_pretrained` loads onto the base model at `checkpoint_dir`."""
+        from torchtune.models.convert_weights import tune_to_peft_adapter_config, tune_to_peft_adapter_weights
+
+        heads, kv_heads, _ = _heads(self.config)
+        dims = dict(num_heads=heads, num_kv_heads=kv_heads, dim=self.config["hidden_size"])
+        weights = tune_to_peft_adapter_weights(adapter, **dims)
+        peft_config = dict(settings, peft_type="LORA", task_type="CAUSAL_LM", bias="none")
+        peft_config = tune_to_peft_adapter_config(
+            peft_config, base_model_name_or_path=str(self._checkpoint_dir.resolve())
+        )
+        with atomic_output(out_dir, overwrite=True) as tmp:
+            tmp.mkdir()
+            save_file({name: t.contiguous() for name, t in weights.items()}, tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")

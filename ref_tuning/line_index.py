@@ -4,14 +4,13 @@
 the 2 GB parsed metadata), memory-mapped. `TokenLengths`: each line's token lengths, per tokenizer. Caches go
 to `.ref_tuning_cache/` beside the data, `cache_dir`, or `$XDG_CACHE_HOME/ref_tuning/` where the data folder
 is read-only; they record their sources' size and mtime, are rebuilt when those change, and are written
-atomically (a temporary file renamed), so concurrent runs and crashes never leave a half-written cache.
+atomically (`ref_tuning.atomic`), so concurrent runs and crashes never leave a half-written cache.
 """
 
 import hashlib
 import json
 import os
 import re
-import secrets
 import tempfile
 from array import array
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+
+from ref_tuning.atomic import atomic_output
 
 INDEX_VERSION = 1
 CACHE_FOLDER = ".ref_tuning_cache"
@@ -59,14 +60,8 @@ def cache_folder(data_dir: Path, cache_dir: Optional[Union[str, Path]] = None) -
 
 
 def _save_atomic(obj: Dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
+    with atomic_output(path, overwrite=True) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load(path: Path) -> Optional[Dict[str, Any]]:

@@ -11,7 +11,7 @@ from torchtune.modules import TransformerDecoder
 
 from ref_tuning.config import ConfigError
 
-# princeton-nlp/Sheared-LLaMA-2.7B, read off its config.json (see shared/docs/MODEL_AND_RHO1.md).
+# princeton-nlp/Sheared-LLaMA-2.7B, read off its config.json on the hub.
 SHEARED_LLAMA_2_7B = dict(
     vocab_size=32_000,
     num_layers=32,

@@ -1,4 +1,4 @@
-"""Raw CodeContests to the processed layout users already have (shared/docs/DATA_FORMAT.md):
+"""Raw CodeContests to the processed layout users already have (docs/data.md):
 
     python -m ref_tuning.prepare RAW_DIR OUT_DIR --tokenizer tokenizer.model [--splits train valid test]
         [--languages 1 3] [--max-seq-len 2048] [--workers N] [--overwrite]
@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
+from ref_tuning.atomic import commit, remove, temporary
 from ref_tuning.config import positive_int
 from ref_tuning.data import token_counts
 from ref_tuning.line_index import CACHE_FOLDER, DataError, SplitIndex, TokenLengths
@@ -166,10 +167,6 @@ def _counter(workers: int, tokenizer_path: Path):
         yield count
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 class SplitWriter:
     """The one writer of a split's `{split}.jsonl` and v2 `{split}_metadata.json`: `with SplitWriter(out_dir, split)
     as w: w.add(record, problem_id)`. Both appear only if the block ends without an error, else nothing is left, not
@@ -191,7 +188,8 @@ class SplitWriter:
         out_dir = self.jsonl.parent
         self._created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # deepest first
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._out, self._meta = open(_tmp(self.jsonl), "wb"), open(_tmp(self.metadata), "w", encoding="utf-8")
+        self._tmp = [temporary(self.jsonl), temporary(self.metadata)]
+        self._out, self._meta = open(self._tmp[0], "wb"), open(self._tmp[1], "w", encoding="utf-8")
         self._meta.write('{\n  "metadata": [')  # streamed: the train split has millions of entries
         return self
 
@@ -227,12 +225,12 @@ class SplitWriter:
                     tail = {"problem_index_map": self._problems, "stats": self.stats, "source_file": self.jsonl.name}
                     self._meta.write("\n  ],\n" + json.dumps(tail, indent=2, ensure_ascii=False)[2:])
             if error is None:
-                os.replace(_tmp(self.jsonl), self.jsonl)
-                os.replace(_tmp(self.metadata), self.metadata)
+                commit(self._tmp[0], self.jsonl)
+                commit(self._tmp[1], self.metadata)
                 self._created = []
         finally:
-            for tmp in (_tmp(self.jsonl), _tmp(self.metadata)):
-                tmp.unlink(missing_ok=True)
+            for tmp in self._tmp:
+                remove(tmp)
             for d in self._created:
                 d.rmdir()
 

@@ -6,13 +6,14 @@ resumed run must have the identity of the run it resumes; a finished run (`check
 """
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+
+from ref_tuning.atomic import atomic_output
 
 RUN_FILE = "run.json"
 # Changing these does not change what is trained: logging, cadences, speed, memory, where outputs go.
@@ -108,6 +109,5 @@ def record(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if not cfg.resume_from_checkpoint or not (output_dir / RUN_FILE).is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = output_dir / f".{RUN_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(identity(cfg, world_size), indent=2, default=str) + "\n")
-        tmp.rename(output_dir / RUN_FILE)
+        with atomic_output(output_dir / RUN_FILE, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(identity(cfg, world_size), indent=2, default=str) + "\n")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
+from ref_tuning.atomic import atomic_output
 from ref_tuning.hf_checkpoint import load_tune_state_dict, read_hf_config
 from ref_tuning.models import llama_from_hf_config
 
@@ -160,9 +161,8 @@ def open_store(store: Path, description: Dict[str, Any]) -> None:
                 "choose another output_dir, or delete the store to score again"
             )
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(description, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(description, indent=2) + "\n")
 
 
 class ScoreStore:

@@ -3,13 +3,12 @@ training precision and optimizer state, written by every rank in parallel with t
 `hf/` (config.json and tokenizer files, for `python -m ref_tuning.convert step-to-hf`), `train_state.pt`
 (counters, schedule, world size) and `rank_N.pt` (each rank's dataloader position and RNG states).
 
-A checkpoint is written under `.tmp-step_000120` and renamed once every rank has written its part, so a
-directory named `step_*` is always complete, and a crash during a write leaves the previous one the newest.
+A checkpoint is written under a temporary name (`ref_tuning.atomic`) and renamed once every rank has written its
+part, so a directory named `step_*` is always complete, and a crash during a write leaves the previous one the newest.
 """
 
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -19,6 +18,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import state_dict as dcp_sd
 from torchtune.utils import get_world_size_and_rank
+
+from ref_tuning.atomic import commit, remove, temporary
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 TRAIN_STATE = "train_state.pt"
@@ -52,23 +53,24 @@ class StepCheckpoints:
         return found[-1][1] if found else None
 
     def begin(self, step: int) -> Path:
-        """The temporary directory every rank writes step `step` into, emptied first (a killed run may have left one)."""
-        tmp = self.root / f".tmp-step_{step:06d}"
+        """The temporary directory every rank writes step `step` into (`atomic`'s, named by rank 0)."""
+        tmp = [None]
         if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        return tmp
+            tmp[0] = temporary(self.root / f"step_{step:06d}")
+            tmp[0].mkdir()
+        if dist.is_initialized():
+            dist.broadcast_object_list(tmp, src=0)
+        return tmp[0]
 
     def commit(self, tmp: Path, step: int) -> Path:
         """Once every rank has written into `tmp`: make it `step_{step}` and drop the oldest."""
         final = self.root / f"step_{step:06d}"
         _barrier()
         if _rank() == 0:
-            shutil.rmtree(final, ignore_errors=True)  # the same step again (a resumed run saving where it started)
-            tmp.rename(final)
+            commit(tmp, final)  # over the same step saved before, too (a resumed run saving where it started)
+            remove(tmp)  # after a swap: the one saved before
             for _, old in self.complete()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove(old)
         _barrier()
         return final
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torchtune.models import convert_weights
 
-from ref_tuning import convert, hf_checkpoint
+from ref_tuning import atomic, convert
 from ref_tuning.hf_checkpoint import (
     CheckpointError,
     expected_hf_shapes,
@@ -351,7 +351,7 @@ def _convert_then_kill(args: List[str], out: Path, log: Path, kill_at_bytes: int
     holds `kill_at_bytes` bytes (or at once if that output is gone, renamed to `out`). Progress, not
     the clock, picks the moment: importing torch and torchtune takes seconds, and how long the write
     then takes depends on the machine's load. Returns the pid and the exit status (-9 if killed)."""
-    tmp_glob = f".{out.name}.tmp-{{pid}}-*"
+    tmp_glob = f".{out.name}.tmp-*-{{pid}}-*"
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ref_tuning.convert", *args],
@@ -421,7 +421,7 @@ def test_sigkill_leaves_no_output(big, tmp_path):
         mid_write += 1
         # Only this process's temporary folder is left: the earlier ones were removed by this run.
         left = hidden_entries(tmp_path)
-        assert left and all(re.fullmatch(rf"\.out\.tmp-{pid}-[0-9a-f]+", n) for n in left), left
+        assert left and all(re.fullmatch(rf"\.out\.tmp-.+-{pid}-[0-9a-f]+", n) for n in left), left
     assert mid_write >= 2, f"only {mid_write} of 4 kills landed during the write"
 
     convert.hf_to_hf_dir(big_src, out, progress=False)  # a later successful conversion cleans up
@@ -448,7 +448,7 @@ def test_sigkill_during_overwrite_keeps_the_old_version(big, tmp_path):
         assert rc == -signal.SIGKILL, f"exited 0 at {at} bytes without replacing {out}"
         mid_write += 1
         left = hidden_entries(tmp_path)
-        assert any(re.fullmatch(rf"\.out\.tmp-{pid}-[0-9a-f]+", n) for n in left) and not [
+        assert any(re.fullmatch(rf"\.out\.tmp-.+-{pid}-[0-9a-f]+", n) for n in left) and not [
             n for n in left if ".old-" in n
         ], left
     assert mid_write >= 2, f"only {mid_write} of 3 kills landed during the write"
@@ -498,17 +498,17 @@ def test_without_an_atomic_swap_a_death_between_renames_is_repaired_by_the_next_
     out = tmp_path / "out"
     convert.hf_to_hf_dir(src, out, progress=False)
     old = load_hf_state_dict(out)
-    monkeypatch.setattr(hf_checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     _die_once_the_old_version_is_aside(monkeypatch, out)
     with pytest.raises(_Died):
         convert.hf_to_hf_dir(src, out, dtype=torch.bfloat16, overwrite=True, progress=False)
     monkeypatch.undo()
-    monkeypatch.setattr(hf_checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
     assert_same_tensors(load_hf_state_dict(aside), old)
 
-    monkeypatch.setattr(hf_checkpoint, "_alive", lambda pid: False)  # as if that writer had died
-    with pytest.raises(hf_checkpoint.CheckpointError, match="already exists"):
+    monkeypatch.setattr(atomic, "_alive", lambda pid: False)  # as if that writer had died
+    with pytest.raises(FileExistsError, match="already exists"):
         convert.hf_to_hf_dir(src, out, progress=False)  # no --overwrite: the old version is back
     assert_same_tensors(load_hf_state_dict(out), old)
     assert hidden_entries(tmp_path) == []
@@ -695,7 +695,7 @@ def test_a_failed_write_is_an_error_naming_the_file_and_leaves_nothing(src, tmp_
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode == 2 and proc.stdout == "" and len(errors) == 1, proc.stderr
     assert re.fullmatch(
-        r"error: \S*/\.out(\.pt)?\.tmp-\d+-[0-9a-f]+\S*: writing failed \(.+\); [\d.]+ GB free on its "
+        r"error: \S*/\.out(\.pt)?\.tmp-\S+-\d+-[0-9a-f]+\S*: writing failed \(.+\); [\d.]+ GB free on its "
         r"file system",
         errors[0],
     ), errors[0]
