@@ -24,6 +24,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+import ref_tuning  # noqa: F401, I001  first: it hides torchao's import-time warning before torchtune imports torchao
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -125,7 +127,7 @@ class RefFinetuneRecipe:
             log.warning(
                 "precision=bf16 keeps the weights in bf16: updates below half a weight's bf16 spacing (0.2-0.4% "
                 "of its magnitude) round away, most AdamW steps at fine-tuning learning rates. "
-                "precision=bf16_mixed keeps them (README, Precision)"
+                "precision=bf16_mixed keeps them (docs/precision.md)"
             )
         # Collectives wait `timeout_setup_s` while one rank works alone (the first run's data index,
         # checkpoint_best), and `timeout_step_s` in training steps, so that a hung rank is found early.

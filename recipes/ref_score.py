@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import List
 
+import ref_tuning  # noqa: F401, I001  first: it hides torchao's import-time warning before torchtune imports torchao
+
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf

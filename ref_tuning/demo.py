@@ -11,7 +11,9 @@ each against the base, memorization section included.
 
 import argparse
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from tqdm import tqdm
 
 from ref_tuning.hf_checkpoint import save_hf_checkpoint, tune_to_hf
 from ref_tuning.data import codecontests_dataset
@@ -166,6 +169,25 @@ def tune_run_command(nproc: int, overrides: List[str]) -> List[str]:
     return [tune, "run", "--nproc_per_node", str(nproc), "recipes/ref_finetune.py", "--config", TINY_CONFIG, *overrides]
 
 
+def run_logged(command: List[str], log: Path, desc: str) -> None:
+    """Run `command` with all its output in `log`, showing a progress bar of the training steps it reports."""
+    log.write_text("$ " + " ".join(command) + "\n")
+    with open(log, "a") as out, tqdm(desc=desc, unit="step", leave=False) as bar:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            with open(log, "rb") as f:  # the recipe's own bar, "training:  40%|...| 4/10 [...": its last state
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                steps = re.findall(rb"training:.*?(\d+)/(\d+) \[", f.read())
+            if steps:
+                bar.total, bar.n = int(steps[-1][1]), int(steps[-1][0])
+                bar.refresh()
+    if proc.returncode:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"{desc} failed (exit code {proc.returncode}); the last lines of {log}:\n{tail}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=PROJECT_ROOT / "storage" / "demo", help="where the assets go")
@@ -180,11 +202,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         )
 
     start = time.perf_counter()
+    # The training logs hold the dataset's summaries; here they would repeat them.
+    logging.getLogger("torchtune.utils._logging").setLevel(logging.WARNING)
     root = args.root.resolve()
     if root.exists():
         shutil.rmtree(root)
     paths = make_demo_assets(root, args.tokenizer)
-    print(f"demo assets in {root} (vocabulary {paths['vocab_size']})", flush=True)
+    logs = root / "logs"
+    logs.mkdir()
+    print(f"demo assets in {root}: a tiny Sheared-LLaMA (vocabulary {paths['vocab_size']}) and CodeContests splits")
     before = validation_loss(paths["model"], paths["data"], paths["tokenizer"])
 
     overrides = [
@@ -198,21 +224,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     lora_output = paths["output"].with_name(paths["output"].name + "-lora")
     for kind, output, extra in (("full", paths["output"], []), ("LoRA", lora_output, LORA_OVERRIDES)):
         command = tune_run_command(args.nproc, [*overrides, f"output_dir={output}", *extra])
-        print(f"running ({kind} fine-tuning):", " ".join(command), flush=True)
-        subprocess.run(command, cwd=PROJECT_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), check=True)
-
+        log = logs / f"train-{kind.lower()}.log"
+        print(f"\n{kind} fine-tuning: tune {' '.join(command[1:7])} ... (the command and its output: {log})")
+        run_logged(command, log, f"{kind} fine-tuning")
         final = output / "checkpoint_final"
         after = validation_loss(final, paths["data"], paths["tokenizer"])
         print(
-            f"\n{kind}: validation loss (transformers, {final.relative_to(root)} reloaded): before {before:.4f}, "
-            f"after {after:.4f}"
+            f"{kind}: validation loss (transformers, {final.relative_to(root)}): before {before:.4f}, after {after:.4f}"
         )
         # The Rho-1 view: held-out correct and incorrect solutions, and memorization, base against tuned.
         report_dir = output / "report-valid"
         options = dict(max_seq_len=MAX_SEQ_LEN, tokenizer=paths["tokenizer"], progress=False, n_samples=60)
         run_report(paths["model"], final, report_dir, paths["data"], "valid", correct_ratio=2 / 3, **options)
-        print(f"\n{kind} fine-tuning against the base:\n\n" + (report_dir / "report.md").read_text())
-    print(f"demo wall time: {time.perf_counter() - start:.0f} s")
+        report = (report_dir / "report.md").read_text()
+        shown = [line for line in report.splitlines() if not line.startswith(("# ", "!["))]  # the file's title, figure
+        print(re.sub(r"\n{3,}", "\n\n", "\n".join(shown)).strip())
+        print(f"(report: {report_dir / 'report.md'})")
+    print(f"\ndone in {time.perf_counter() - start:.0f} s; full logs in {logs}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m ref_tuning.demo`, the README quickstart's second command, end to end."""
+"""`python -m ref_tuning.demo`, the README's Demo section, end to end."""
 
 import json
 import re
@@ -24,6 +24,13 @@ def _run_demo(root, *args):
     found = re.findall(r"(full|LoRA): validation loss .* before (\d+\.\d+), after (\d+\.\d+)", result.stdout)
     assert [kind for kind, *_ in found] == ["full", "LoRA"], result.stdout[-3000:]
     assert result.stdout.count("## Memorization") == 2, result.stdout[-3000:]
+    # Quiet: a line per phase, the losses and the reports; the launchers' output is in the logs, not here.
+    bars = re.compile(r"\d+/\d+ \[|\?(it|step)/s\]")
+    shown = [line for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines() if not bars.search(line)]
+    assert len(shown) <= 60 and not any("Skipping import of cpp" in line for line in shown), "\n".join(shown)
+    for kind in ("full", "lora"):
+        log = (root / "logs" / f"train-{kind}.log").read_text()
+        assert log.startswith("$ ") and "recipes/ref_finetune.py" in log and "checkpoint written to" in log, kind
     return {kind: (float(before), float(after)) for kind, before, after in found}
 
 
