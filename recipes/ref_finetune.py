@@ -2,14 +2,10 @@
 
     tune run --nproc_per_node 4 recipes/ref_finetune.py --config configs/ref_tuning.yaml [key=value ...]
 
-torchtune 0.6.1's `full_finetune_distributed` step for step (a test checks the per-step losses are equal), plus
-validation, step checkpoints with an exact mid-epoch resume, a clean stop on SIGTERM, and the HF directories Rho-1
-loads (`checkpoint_best`, `checkpoint_final`). It also runs on CPU with gloo, which is how it is tested.
-
-A LoRA model (`model._component_: ref_tuning.models.lora_sheared_llama_2_7b`) trains only its adapters, over a
-frozen base, as torchtune's `lora_finetune_distributed` does (a test checks the per-step losses are equal); its
-step checkpoints hold only the adapters and their optimizer state, and its outputs are the merged model and,
-beside it, the adapter alone in the PEFT layout (`ref_tuning.lora`).
+torchtune 0.6.1's `full_finetune_distributed` (or, for a LoRA model, `lora_finetune_distributed`) step for step,
+plus validation, step checkpoints with an exact mid-epoch resume, a clean stop on SIGTERM, and the HF directories
+Rho-1 loads (`checkpoint_best`, `checkpoint_final`; a LoRA run's merged, its adapter beside them). Tests check the
+per-step losses against both stock recipes, on CPU with gloo.
 """
 
 import math
@@ -382,11 +378,9 @@ class RefFinetuneRecipe:
                 metrics.update(self._rates(metrics, time.perf_counter() - t0))
                 history.append(metrics)
                 pbar.update(1)
+                tok_s = f"{metrics['tokens_per_second_per_gpu']:.0f}"
                 pbar.set_postfix(
-                    epoch=self.epoch + 1,
-                    loss=f"{metrics['loss']:.4f}",
-                    lr=f"{metrics['lr']:.2e}",
-                    tok_s=f"{metrics['tokens_per_second_per_gpu']:.0f}",
+                    epoch=self.epoch + 1, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=tok_s
                 )
                 every = self._cfg.eval_every_n_steps
                 if self._val_dataloader is not None and every and self.global_step % every == 0:

@@ -2,14 +2,8 @@
 
     tune run --nproc_per_node 4 recipes/ref_score.py --config configs/ref_score.yaml [key=value ...]
 
-Each process holds the whole model (no sharding for inference) and scores its share of the samples the store
-lacks, writing its own part of the store (`ref_tuning.scoring`): a stopped run continues with any number of
-processes. Rho-1 reads a sample's reference losses by `task_id` (`ScoreStore.losses`; with `store_entropy: true`,
-the entropies too, `ScoreStore.entropies`).
-
-Cross-fitted (`model_dir` a list of K directories, model i trained with `dataset.folds=K dataset.fold=i`): each
-sample is scored by the model of its problem's fold, which never trained on that problem; one model is loaded at
-a time, and the store records each sample's fold.
+Each process holds the whole model and scores its share of what the store lacks (a stopped run continues with any
+number of processes); cross-fitted, each sample by the model that never trained on its problem (docs/rho1.md).
 """
 
 import json
@@ -48,103 +42,81 @@ CONFIG_SCHEMA |= {"store_dtype": one_of("float16", "float32")}
 CONFIG_SCHEMA |= {"store_entropy": BOOL._replace(optional=True)}  # optional: configs from before it still run
 
 
-class RefScoreRecipe:
-    """Data-parallel scoring: setup (data, what is left), score (model by model), cleanup."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
-        world = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # else no torchrun
-        init_process_group(training.get_distributed_backend(self._device.type), **world)
-        self.world_size, self.rank = utils.get_world_size_and_rank()
-        self._store = Path(cfg.output_dir)
-        self._batch_size = cfg.batch_size
-
-    def setup(self, cfg: DictConfig) -> None:
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._ds = config.instantiate(cfg.dataset, self._tokenizer)
-        if getattr(self._ds, "packed", False):
-            raise ConfigError(
-                "config key 'dataset.packed': must be false for scoring: every sample is scored on its own, as Rho-1 does"
-            )
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        dirs = model_dirs(cfg)
-        k = len(dirs)
-        paths = [str(Path(d).resolve()) for d in dirs]
-        description = {"model_dir": paths if k > 1 else paths[0]}  # a single model's stores keep their description
-        if k > 1:
-            how = f"each problem is in fold sha256(problem id) mod {k} (ref_tuning.data.problem_fold); a sample "
-            how += "of fold i (`fold` in the .idx) is scored by model_dir[i], trained with dataset.fold=i: "
-            description["cross_fitted"] = {"folds": k, "how": how + "without its problem"}
-        description |= {key: resolved[key] for key in ("dtype", "store_dtype", "dataset", "tokenizer")}
-        store_entropy = bool(cfg.get("store_entropy", False))
-        description |= {"store_entropy": True} if store_entropy else {}  # only when on: older stores keep theirs
-        if self.rank == 0:
-            open_store(self._store, description)
-        dist.barrier()
-        store = ScoreStore(self._store)
-        done = store.lines()  # by any earlier run, with any number of processes
-        if store.damaged:
-            n, files = len(store.damaged), ", ".join(sorted(set(store.damaged.values())))
-            utils.log_rank_zero(log, f"{n} samples' scores are damaged (in {files}): scoring them again")
-        todo = [i for i in range(len(self._ds)) if int(self._ds.lines[i]) not in done]
-        n, by = len(self._ds), self.world_size
-        utils.log_rank_zero(log, f"{n} samples, {n - len(todo)} scored already, {len(todo)} to score by {by} processes")
-        # Model i scores what is left of fold i, shared out among the processes; a single model is fold None of K=1.
-        fold_of = [problem_fold(problem, k) for problem in self._ds.problem_ids]
-        self._shares = []  # (model, fold, this process's items)
-        for i, model_dir in enumerate(dirs):
-            left = [j for j in todo if fold_of[j] == i]
-            if k > 1:
-                utils.log_rank_zero(log, f"fold {i}: {fold_of.count(i)} samples, {len(left)} to score, by {model_dir}")
-            self._shares.append((model_dir, i if k > 1 else None, left[self.rank :: self.world_size]))
-        self._total = sum(len(mine) for _, _, mine in self._shares)
-        run_id = [new_run_id() if self.rank == 0 else None]
-        dist.broadcast_object_list(run_id, src=0)
-        self._writer = (
-            ScoreWriter(self._store, run_id[0], self.rank, cfg.store_dtype, store_entropy) if self._total else None
+def score(cfg: DictConfig, dirs: List[str]) -> None:
+    """Data-parallel scoring: each process scores its share of what the store lacks, one model at a time."""
+    device = utils.get_device(device=cfg.device)
+    dtype = training.get_dtype(cfg.dtype, device=device)
+    world = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # else no torchrun
+    init_process_group(training.get_distributed_backend(device.type), **world)
+    world_size, rank = utils.get_world_size_and_rank()
+    tokenizer = config.instantiate(cfg.tokenizer)
+    ds = config.instantiate(cfg.dataset, tokenizer)
+    if getattr(ds, "packed", False):
+        raise ConfigError(
+            "config key 'dataset.packed': must be false for scoring: every sample is scored on its own, as Rho-1 does"
         )
+    store_dir, k = Path(cfg.output_dir), len(dirs)
+    paths = [str(Path(d).resolve()) for d in dirs]
+    description = {"model_dir": paths if k > 1 else paths[0]}  # a single model's stores keep their description
+    if k > 1:
+        how = f"each problem is in fold sha256(problem id) mod {k} (ref_tuning.data.problem_fold); a sample "
+        how += "of fold i (`fold` in the .idx) is scored by model_dir[i], trained with dataset.fold=i: "
+        description["cross_fitted"] = {"folds": k, "how": how + "without its problem"}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    description |= {key: resolved[key] for key in ("dtype", "store_dtype", "dataset", "tokenizer")}
+    store_entropy = bool(cfg.get("store_entropy", False))
+    description |= {"store_entropy": True} if store_entropy else {}  # only when on: older stores keep theirs
+    if rank == 0:
+        open_store(store_dir, description)
+    dist.barrier()
+    store = ScoreStore(store_dir)
+    if store.damaged:
+        n, files = len(store.damaged), ", ".join(sorted(set(store.damaged.values())))
+        utils.log_rank_zero(log, f"{n} samples' scores are damaged (in {files}): scoring them again")
+    done = store.lines()  # by any earlier run, with any number of processes
+    todo = [i for i in range(len(ds)) if int(ds.lines[i]) not in done]
+    n, by = len(ds), world_size
+    utils.log_rank_zero(log, f"{n} samples, {n - len(todo)} scored already, {len(todo)} to score by {by} processes")
+    # Model i scores what is left of fold i, shared out among the processes; a single model is fold None of K=1.
+    fold_of = [problem_fold(problem, k) for problem in ds.problem_ids]
+    shares = []  # (model, fold, this process's items)
+    for i, model_dir in enumerate(dirs):
+        left = [j for j in todo if fold_of[j] == i]
+        if k > 1:
+            utils.log_rank_zero(log, f"fold {i}: {fold_of.count(i)} samples, {len(left)} to score, by {model_dir}")
+        # Longest first: the batch's padding is smallest when similar lengths go together.
+        mine = sorted(left[rank::world_size], key=lambda j: -int(ds.lengths[j]))
+        shares += [(model_dir, i if k > 1 else None, mine)] if mine else []
+    run_id = [new_run_id() if rank == 0 else None]
+    dist.broadcast_object_list(run_id, src=0)
+    writer = ScoreWriter(store_dir, run_id[0], rank, cfg.store_dtype, store_entropy) if shares else None  # or no part
+    total = sum(len(mine) for *_, mine in shares)
+    bar = tqdm(total=total, disable=rank != 0, desc="scoring (rank 0's share)", unit=" samples")
+    for model_dir, fold, mine in shares:
+        if fold is not None:
+            bar.set_description(f"scoring fold {fold} (rank 0's share)")
+        # One model at a time, freed before the next loads: the memory of one model, whatever the folds.
+        model = load_reference(model_dir, device, dtype)
+        score_dataset(model, ds, mine, writer, device, cfg.batch_size, tokenizer.pad_id, bar, fold=fold)
+        del model
+    bar.close()
+    if writer is not None:
+        writer.close()
+    dist.barrier()
+    if rank == 0:
+        log.info(f"{store_dir}: {len(ScoreStore(store_dir))} of {len(ds)} samples scored")
+    destroy_process_group()
 
-    def score(self) -> None:
-        bar = tqdm(total=self._total, disable=self.rank != 0, desc="scoring (rank 0's share)", unit=" samples")
-        pad_id = self._tokenizer.pad_id
-        for model_dir, fold, mine in self._shares:
-            if not mine:
-                continue
-            if fold is not None:
-                bar.set_description(f"scoring fold {fold} (rank 0's share)")
-            # One model at a time, freed before the next loads: the memory of one model, whatever the folds.
-            model = load_reference(model_dir, self._device, self._dtype)
-            # Longest first: the batch's padding is smallest when similar lengths go together.
-            order = sorted(mine, key=lambda i: -int(self._ds.lengths[i]))
-            score_dataset(model, self._ds, order, self._writer, self._device, self._batch_size, pad_id, bar, fold=fold)
-            del model
-        bar.close()
-        if self._writer is not None:
-            self._writer.close()
-        dist.barrier()
-        if self.rank == 0:
-            log.info(f"{self._store}: {len(ScoreStore(self._store))} of {len(self._ds)} samples scored")
 
-    def cleanup(self) -> None:
-        destroy_process_group()
-
-
-def model_dirs(cfg: DictConfig) -> List[str]:
-    """The models to score with: one, or K for cross-fitted scores (model i scores the samples of fold i)."""
-    return [cfg.model_dir] if isinstance(cfg.model_dir, str) else list(cfg.model_dir)
-
-
-def _check(cfg: DictConfig) -> None:
-    """Before anything is built or written: the values, the model directories (cross-fitted: that model i says, in its
-    ref_tuning.json, that it was trained on this data without fold i), a store apart from its inputs."""
+def _check(cfg: DictConfig) -> List[str]:
+    """The models to score with (K: model i scores fold i), checked before anything is built or written."""
     validate_config(cfg, CONFIG_SCHEMA)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"config key 'device': cuda, but torch {torch.__version__} sees no CUDA device here; "
             "run on a GPU machine, or set device=cpu for tiny models"
         )
-    dirs = model_dirs(cfg)
+    dirs = [cfg.model_dir] if isinstance(cfg.model_dir, str) else list(cfg.model_dir)
     k = len(dirs)
     for model_dir in dirs:
         read_hf_config(model_dir)  # names the directory and what is missing
@@ -173,28 +145,24 @@ def _check(cfg: DictConfig) -> None:
         for key, value in wanted.items():
             found = trained.get(key)
             same_dir = key == "data_dir" and found is not None and Path(str(found)).resolve() == Path(value).resolve()
-            if found == value or same_dir:
-                continue
-            order = f"list the K={k} models in fold order, model i trained with dataset.folds={k} dataset.fold=i"
-            raise ConfigError(
-                f"config key 'model_dir' (item {i}): {model_dir} was trained with dataset.{key}={found!r} "
-                f"({METADATA_FILE}), but scoring needs dataset.{key}={value!r} there; "
-                + (order if key in ("folds", "fold") else "score the data the models were trained on")
-            )
+            if found != value and not same_dir:
+                order = f"list the K={k} models in fold order, model i trained with dataset.folds={k} dataset.fold=i"
+                raise ConfigError(
+                    f"config key 'model_dir' (item {i}): {model_dir} was trained with dataset.{key}={found!r} "
+                    f"({METADATA_FILE}), but scoring needs dataset.{key}={value!r} there; "
+                    + (order if key in ("folds", "fold") else "score the data the models were trained on")
+                )
     try:
         check_separate([*dirs, cfg.dataset.data_dir], [cfg.output_dir])
     except ValueError as e:
         raise ConfigError(f"config key 'output_dir': {e}") from None
+    return dirs
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     with one_line_errors(ConfigError, DataError, CheckpointError, ScoreError):
-        _check(cfg)
-        recipe = RefScoreRecipe(cfg)
-        recipe.setup(cfg)
-        recipe.score()
-        recipe.cleanup()
+        score(cfg, _check(cfg))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import difflib
 import inspect
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Type
 
 import torch.distributed as dist
@@ -124,20 +124,15 @@ def validate_config(cfg: DictConfig, schema: Dict[str, Kind]) -> None:
 
 
 # Argument types of the command-line tools: a bad value is argparse's one-line error naming the option.
-
-
 def positive_int(text: str) -> int:
-    if not text.lstrip("-").isdigit() or int(text) < 1:
+    if not text.isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return int(text)
 
 
 def share(text: str) -> float:
     """A share in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
-    return value
+    with suppress(ValueError):
+        if 0 <= float(text) <= 1:
+            return float(text)
+    raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")

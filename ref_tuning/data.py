@@ -1,8 +1,4 @@
-"""CodeContests solutions as Alpaca-templated samples: indexed sampling, lazy tokenization, packing.
-
-Files: docs/data.md. Only the drawn lines are read (located by `ref_tuning.line_index`), again each time
-the dataloader asks for them: memory grows with `n_samples`, not with the file, and no token ids are held.
-"""
+"""CodeContests solutions as Alpaca-templated samples (docs/data.md), drawn by the line index, read when asked."""
 
 import functools
 import hashlib
@@ -26,8 +22,7 @@ log = utils.get_logger("INFO")
 
 # The Alpaca template exactly as the Rho-1 stage applies it.
 PROMPT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 PROMPT_WITH_INPUT = (
@@ -38,6 +33,8 @@ PROMPT_WITH_INPUT = (
 _RECORD_FIELDS = {"instruction": str, "input": str, "output": str, "task_id": str, "is_correct": bool}
 LONG_SAMPLES = ("drop", "truncate")
 _MEASURE_BATCH = 256  # lines read, then tokenized together
+# The prompt ends in a newline, which SentencePiece never merges across, so its ids are a prefix of the sample's.
+_NOT_A_PREFIX = "the tokenizer merges across the end of the prompt, so the prompt cannot be masked exactly"
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -52,12 +49,8 @@ def tokenize_sample(tokenizer: ModelTokenizer, record: Dict[str, Any]) -> Tuple[
     prompt = format_prompt(record["instruction"], record.get("input", ""))
     tokens = tokenizer.encode(prompt + record["output"], add_bos=True, add_eos=True)
     n_prompt = len(prompt_tokens := _prompt_tokens(tokenizer, prompt))
-    # The prompt ends in a newline, which SentencePiece never merges across, so its ids are a prefix.
     if tuple(tokens[:n_prompt]) != prompt_tokens:
-        raise DataError(
-            f"task {record.get('task_id')}: the prompt's tokens are not a prefix of the full sample's; "
-            "the tokenizer merges across the end of the prompt, so the prompt cannot be masked exactly"
-        )
+        raise DataError(f"task {record.get('task_id')}: {_NOT_A_PREFIX}")
     return tokens, [CROSS_ENTROPY_IGNORE_IDX] * n_prompt + tokens[n_prompt:]
 
 
@@ -84,11 +77,9 @@ def parse_record(jsonl: Path, line: int, raw: bytes) -> Dict[str, Any]:
     """One JSONL line (0-based `line`), decoded and checked: the fields a sample needs, typed."""
     where = f"{jsonl}:{line + 1}"
     try:
-        text = raw.decode("utf-8")
+        record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); the line is damaged") from e
-    try:
-        record = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e})") from e
     if not isinstance(record, dict):
@@ -102,20 +93,18 @@ def parse_record(jsonl: Path, line: int, raw: bytes) -> Dict[str, Any]:
 
 def _bins(
     bins: Optional[Mapping[str, Sequence[int]]], weights: Optional[Mapping[str, float]]
-) -> List[Tuple[str, int, int, Optional[float]]]:
-    """(name, lowest, highest difficulty, weight) of each configured bin, checked."""
+) -> Tuple[List[Tuple[str, int, int]], Optional[List[float]]]:
+    """(label, lowest, highest difficulty) of each configured bin, and their weights if given; checked."""
     if bins is None:
         if weights is not None:
             raise DataError("difficulty_weights needs difficulty_bins ({name: [lowest, highest]}) to weigh")
-        return [("all", -(2**15), 2**15 - 1, None)]
+        return [("the split", -(2**15), 2**15 - 1)], None
     if not isinstance(bins, Mapping) or not bins:
         raise DataError(f"difficulty_bins must map bin names to [lowest, highest] difficulty, got {bins!r}")
-    out = []
     for name, bounds in bins.items():
         ints = isinstance(bounds, Sequence) and len(bounds) == 2 and all(type(b) is int for b in bounds)
         if not (ints and bounds[0] <= bounds[1]):
             raise DataError(f"difficulty_bins.{name} must be [lowest, highest] (integers, inclusive), got {bounds!r}")
-        out.append((str(name), bounds[0], bounds[1], None))
     if weights is not None:
         if not isinstance(weights, Mapping) or set(weights) != set(bins):
             raise DataError(
@@ -127,8 +116,8 @@ def _bins(
                 raise DataError(f"difficulty_weights.{name} must be a number >= 0, got {w!r}")
         if not sum(weights.values()) > 0:
             raise DataError("difficulty_weights are all 0: nothing could be drawn")
-        out = [(name, lo, hi, float(weights[name])) for name, lo, hi, _ in out]
-    return out
+        weights = [float(weights[name]) for name in bins]
+    return [(f"bin '{name}' (difficulty {lo}..{hi})", lo, hi) for name, (lo, hi) in bins.items()], weights
 
 
 def _quotas(n: int, weights: Sequence[float]) -> List[int]:
@@ -144,73 +133,36 @@ def _quotas(n: int, weights: Sequence[float]) -> List[int]:
 def _within_cap(problems: torch.Tensor, cap: int) -> torch.Tensor:
     """Mask of the elements that are among the first `cap` of their problem, in the given order."""
     order = torch.argsort(problems, stable=True)
-    _, counts = torch.unique_consecutive(problems[order], return_counts=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rank = torch.empty_like(order)  # place among the problem's elements: position minus the problem's first
+    rank[order] = torch.arange(len(order)) - torch.searchsorted(problems[order], problems[order])
     return rank < cap
 
 
 def problem_fold(problem_id: str, folds: int) -> int:
-    """The cross-fitting fold of a problem: sha256 of its id, mod `folds`. Never Python's `hash`, which is salted
-    per process: models trained months apart, and the scoring run, must agree on every problem's fold."""
+    """sha256 of the id mod `folds`, not the salted `hash`: runs months apart must agree on every problem's fold."""
     return int.from_bytes(hashlib.sha256(problem_id.encode("utf-8")).digest()[:8], "big") % folds
 
 
 def fold_of_lines(index: SplitIndex, folds: int) -> torch.Tensor:
-    """Each line's fold (int64): its problem's, so that all solutions of a problem share one fold, whatever the
-    seed, the order of the split or the number of ranks. Training drops a fold's lines; scoring splits by them."""
+    """Each line's fold (int64), its problem's: whatever the seed, the line order or the ranks."""
     return torch.tensor([problem_fold(p, folds) for p in index.problems], dtype=torch.int64)[index.problem.long()]
 
 
-def _check_folds(folds, fold) -> None:
-    if folds is None:
-        if fold is not None:
-            raise DataError(f"fold={fold!r} needs folds (the number of cross-fitting folds, e.g. folds: 2); got null")
-        return
-    if type(folds) is not int or folds < 2:
-        raise DataError(f"folds must be an integer >= 2 (cross-fitting folds) or null for none, got {folds!r}")
-    if type(fold) is not int or not 0 <= fold < folds:
-        raise DataError(
-            f"fold must be the fold held out of this training run, an integer from 0 to {folds - 1} "
-            f"(folds={folds}), got {fold!r}"
-        )
-
-
-def select_lines(
-    index: SplitIndex,
-    n_samples,
-    correct_ratio,
-    difficulty_bins,
-    difficulty_weights,
-    max_per_problem,
-    seed,
-    folds=None,
-    fold=None,
-):
-    """Sorted line numbers of `n_samples` samples drawn without replacement; arguments as `codecontests_dataset`'s.
-    The draw depends on the seed and the index alone: every rank draws the same lines."""
-    _check_folds(folds, fold)
-    if type(n_samples) is not int or n_samples <= 0:
-        raise DataError(f"n_samples must be a positive integer, got {n_samples!r}")
-    if not isinstance(correct_ratio, (int, float)) or not 0.0 <= correct_ratio <= 1.0:
-        raise DataError(f"correct_ratio must be in [0, 1], got {correct_ratio!r}")
-    if max_per_problem is not None and (type(max_per_problem) is not int or max_per_problem <= 0):
-        raise DataError(f"max_per_problem must be a positive integer or null, got {max_per_problem!r}")
-    bins = _bins(difficulty_bins, difficulty_weights)
-    masks = [(index.difficulty >= lo) & (index.difficulty <= hi) for _, lo, hi, _ in bins]
-    in_bins = torch.stack(masks).sum(0) if masks else torch.zeros(len(index))
+def select_lines(index: SplitIndex, n_samples, correct_ratio, bins, weights, max_per_problem, seed, folds, fold):
+    """Sorted lines of `n_samples` samples drawn without replacement, by the seed and index alone: alike on any rank."""
+    bins, weights = _bins(bins, weights)
+    labels = ", ".join(label for label, _, _ in bins)
+    masks = [(index.difficulty >= lo) & (index.difficulty <= hi) for _, lo, hi in bins]
+    in_bins = torch.stack(masks).sum(0)
     if bool((in_bins > 1).any()):
-        raise DataError(
-            f"difficulty_bins overlap: {[(name, lo, hi) for name, lo, hi, _ in bins]}; give each difficulty one bin"
-        )
+        raise DataError(f"difficulty_bins overlap: {labels}; give each difficulty one bin")
     outside = int((in_bins == 0).sum())
     if outside:
         log.info(f"{index.jsonl}: {outside} of {len(index)} lines fall in no difficulty bin and are never drawn")
-    sizes = [int(m.sum()) for m in masks]
-    empty = [f"'{name}' (difficulty {lo}..{hi})" for (name, lo, hi, _), size in zip(bins, sizes) if not size]
-    if difficulty_bins is not None and empty:  # a bin that can never be drawn is a mistake in the bins
+    empty = [label for (label, _, _), mask in zip(bins, masks) if not mask.any()]
+    if empty:  # a bin that can never be drawn is a mistake in the bins (the one bin of no bins holds every line)
         raise DataError(
-            f"{index.jsonl}: difficulty bin {', '.join(empty)} holds no line; difficulties present: "
+            f"{index.jsonl}: difficulty {', '.join(empty)} holds no line; difficulties present: "
             f"{sorted(set(index.difficulty.tolist()))}. Fix or drop the bin"
         )
     # Held-out problems leave before the draw, so bins are weighed by (and drawn from) the other folds alone.
@@ -218,7 +170,6 @@ def select_lines(
     if folds is not None:
         of_line = fold_of_lines(index, folds)
         masks = [mask & (of_line != fold) for mask in masks]
-        sizes = [int(m.sum()) for m in masks]
         held_out = f" outside the held-out fold {fold} of folds={folds}"
         counts = "; ".join(
             f"fold {k}: {index.problem[of_line == k].unique().numel()} problems, {int((of_line == k).sum())} lines"
@@ -227,15 +178,13 @@ def select_lines(
         utils.log_rank_zero(
             log, f"{index.jsonl}: {folds} folds by problem ({counts}); fold {fold} is held out of this draw"
         )
-    weights = [w if w is not None else size for (_, _, _, w), size in zip(bins, sizes)]
+    weights = weights or [int(m.sum()) for m in masks]
     if not sum(weights) > 0:
-        bounds = [(n, lo, hi) for n, lo, hi, _ in bins]
-        raise DataError(f"{index.jsonl}: no line{held_out} falls in the difficulty_bins {bounds}")
+        raise DataError(f"{index.jsonl}: no line{held_out} falls in {labels}")
 
     generator = torch.Generator().manual_seed(seed)
     chosen, shortfalls, report = [], [], []
-    for (name, lo, hi, _), mask, quota in zip(bins, masks, _quotas(n_samples, weights)):
-        where = f"bin '{name}' (difficulty {lo}..{hi})" if difficulty_bins is not None else "the split"
+    for (where, _, _), mask, quota in zip(bins, masks, _quotas(n_samples, weights)):
         n_correct = round(quota * correct_ratio)
         for correct, n in ((True, n_correct), (False, quota - n_correct)):
             pool = (mask & (index.is_correct == correct)).nonzero().flatten()
@@ -269,79 +218,63 @@ def measure_lengths(
         measured: List[Tuple[int, int]] = []
         threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         desc = f"measuring {index.jsonl.name} samples (cached for later runs)"
-        bar = tqdm(total=len(mine), desc=desc, disable=rank != 0)
-        with open(index.jsonl, "rb") as f:
+        with open(index.jsonl, "rb") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
             for at in range(0, len(mine), _MEASURE_BATCH):
                 batch = mine[at : at + _MEASURE_BATCH]
-                records = [_checked_record(index, line, f.fileno()) for line in batch]
+                records = [parse_record(index.jsonl, line, index.read_line(line, f.fileno())) for line in batch]
+                for line, record in zip(batch, records):
+                    if record["is_correct"] != bool(index.is_correct[line]):
+                        raise DataError(
+                            f"{index.jsonl}:{line + 1}: is_correct={record['is_correct']} but {index.metadata.name} "
+                            f"says {not record['is_correct']} for this line; the metadata does not belong to this file"
+                        )
                 measured += token_counts(tokenizer, records, [f"{index.jsonl}:{line + 1}" for line in batch], threads)
                 bar.update(len(batch))
-        bar.close()
-        parts = [measured]
+        parts = [measured] * world  # all_gather_object fills in the other ranks' shares
         if world > 1:
-            parts = [None] * world
             dist.all_gather_object(parts, measured)
-        for r, part in enumerate(parts):
-            if part:
-                values = torch.tensor(part, dtype=torch.int32).T  # (tokens, prompt tokens) rows
-                lengths.total[missing[r::world]], lengths.prompt[missing[r::world]] = values
+        for r, part in enumerate(parts):  # (tokens, prompt tokens) of each line of rank r's share
+            values = torch.tensor(part, dtype=torch.int32).reshape(-1, 2).T
+            lengths.total[missing[r::world]], lengths.prompt[missing[r::world]] = values
         lengths.save()
     return lengths.total[lines].clone(), lengths.prompt[lines].clone()
 
 
 def token_counts(tokenizer: ModelTokenizer, records: List[dict], where: List[str], threads: int = 1) -> List[tuple]:
-    """(tokens, prompt tokens) of each record as `tokenize_sample` counts them; SentencePiece encodes the batch in
-    `threads` C++ threads (1.8x with 2)."""
+    """(tokens, prompt tokens) of each record as `tokenize_sample` counts them, batched in `threads` (1.8x with 2)."""
     spm = getattr(getattr(tokenizer, "_spm_model", None), "spm_model", None)
-    counts = []
-    if spm is None or threads <= 1:
-        for record, at in zip(records, where):
-            try:
-                tokens, labels = tokenize_sample(tokenizer, record)
-            except DataError as e:
-                raise DataError(f"{at}: {e}") from e
-            counts.append((len(tokens), labels.count(CROSS_ENTROPY_IGNORE_IDX)))
-        return counts
+
+    def encode(texts: List[str], add_eos: bool) -> List[List[int]]:
+        if spm is None:
+            return [tokenizer.encode(text, add_bos=True, add_eos=add_eos) for text in texts]
+        return spm.encode(texts, add_bos=True, add_eos=add_eos, out_type=int, num_threads=threads)
+
     prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
-    kw = dict(add_bos=True, out_type=int, num_threads=threads)
-    full = spm.encode([p + r["output"] for p, r in zip(prompts, records)], add_eos=True, **kw)
+    full = encode([p + r["output"] for p, r in zip(prompts, records)], add_eos=True)
     unique = list(dict.fromkeys(prompts))  # a problem's solutions share its prompt
-    encoded = dict(zip(unique, spm.encode(unique, add_eos=False, **kw)))
+    encoded = dict(zip(unique, encode(unique, add_eos=False)))
+    counts = []
     for prompt, tokens, at in zip(prompts, full, where):
-        prompt_tokens = encoded[prompt]
-        if tokens[: len(prompt_tokens)] != prompt_tokens:
-            raise DataError(
-                f"{at}: the prompt's tokens are not a prefix of the full sample's; the prompt cannot be masked exactly"
-            )
-        counts.append((len(tokens), len(prompt_tokens)))
-    # The batch path must count as tokenize_sample does: checked on one record per batch.
-    tokens, labels = tokenize_sample(tokenizer, records[0])
-    if counts[0] != (len(tokens), labels.count(CROSS_ENTROPY_IGNORE_IDX)):
-        raise RuntimeError(f"{where[0]}: batch tokenization counts {counts[0]}, tokenize_sample {len(tokens)}")
+        if tokens[: len(encoded[prompt])] != encoded[prompt]:
+            raise DataError(f"{at}: {_NOT_A_PREFIX}")
+        counts.append((len(tokens), len(encoded[prompt])))
+    if records:  # the batch must count as tokenize_sample does: checked on one record per batch
+        tokens, labels = tokenize_sample(tokenizer, records[0])
+        if counts[0] != (len(tokens), labels.count(CROSS_ENTROPY_IGNORE_IDX)):
+            raise RuntimeError(f"{where[0]}: batch tokenization counts {counts[0]}, tokenize_sample {len(tokens)}")
     return counts
 
 
-def _checked_record(index: SplitIndex, line: int, fd: int) -> Dict[str, Any]:
-    record = parse_record(index.jsonl, line, index.read_line(line, fd))
-    if record["is_correct"] != bool(index.is_correct[line]):
-        raise DataError(
-            f"{index.jsonl}:{line + 1}: is_correct={record['is_correct']} but {index.metadata.name} says "
-            f"{bool(index.is_correct[line])} for this line; the metadata does not belong to this file"
-        )
-    return record
-
-
 class CodeContestsDataset(Dataset):
-    """Items `{"tokens", "labels"}` for `padded_collate_sft`, read and tokenized when asked for, truncated to
-    `max_seq_len`. Holds per sample only its line number, byte range and token length."""
+    """Items `{"tokens", "labels"}` for `padded_collate_sft`, read and tokenized when asked, truncated to `max_seq_len`.
+    Per sample it holds only a line number, byte range and length: memory grows with the samples, not the file."""
 
     packed = False  # as torchtune's datasets say which collate function they need
 
     def __init__(
         self, index: SplitIndex, lines: torch.Tensor, lengths: torch.Tensor, tokenizer: ModelTokenizer, max_seq_len: int
     ):
-        self.jsonl, self.metadata = index.jsonl, index.metadata
-        self.lines = lines
+        self.jsonl, self.metadata, self.lines = index.jsonl, index.metadata, lines
         self.lengths = lengths.clamp(max=max_seq_len)  # tokens per item, after truncation
         self._full_lengths = lengths
         self._starts, self._ends = index.offsets[lines].clone(), index.offsets[lines + 1].clone()
@@ -349,15 +282,15 @@ class CodeContestsDataset(Dataset):
         self.problem_ids = [index.problems[p] for p in index.problem[lines].tolist()]  # each item's problem
         self._file_end = int(index.offsets[-1])
         self._tokenizer, self._max_seq_len = tokenizer, max_seq_len
-        self._fd, self._pid = -1, -1
+        self._fd = -1
 
     def __len__(self) -> int:
         return len(self.lines)
 
     def record(self, i: int) -> Dict[str, Any]:
         """The JSON record of item i, checked."""
-        if self._pid != os.getpid():  # opened once per process (dataloader workers fork)
-            self._fd, self._pid = os.open(self.jsonl, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), os.getpid()
+        if self._fd < 0:  # opened once; forked workers share it, as pread keeps no file position
+            self._fd = os.open(self.jsonl, os.O_RDONLY)
         line, start, end = int(self.lines[i]), int(self._starts[i]), int(self._ends[i])
         raw = os.pread(self._fd, end - start, start)
         # A line ends in a newline (the file's last may not): any other end means the file changed.
@@ -387,7 +320,7 @@ class CodeContestsDataset(Dataset):
         return [self.record(i)["task_id"] for i in range(len(self))]
 
     def __getstate__(self) -> Dict[str, Any]:
-        return dict(self.__dict__, _fd=-1, _pid=-1)  # a file descriptor does not travel to workers
+        return dict(self.__dict__, _fd=-1)  # a file descriptor does not travel to spawned workers
 
 
 class PackedCodeContestsDataset(Dataset):
@@ -438,28 +371,28 @@ def codecontests_dataset(
     folds: Optional[int] = None,
     fold: Optional[int] = None,
 ) -> Union[CodeContestsDataset, PackedCodeContestsDataset]:
-    """Draw `n_samples` samples of a processed CodeContests split by its metadata.
-
-    Args:
-        tokenizer: a torchtune tokenizer (`sheared_llama_tokenizer`).
-        data_dir, split: the folder with `{split}.jsonl` and its metadata; `train`, `valid` (or `validation`), `test`.
-        n_samples, correct_ratio: samples to draw (before the length filter); share of correct ones (1.0 to ref-tune).
-        difficulty_bins: `{name: [lowest, highest]}` CodeContests difficulties, inclusive; null: one bin.
-        difficulty_weights: `{name: weight}`, each bin's share of `n_samples`; null: by the lines it holds.
-        max_per_problem: at most this many correct and this many incorrect solutions of one problem.
-        seed: the draw is a function of the seed and the files alone, whatever the number of ranks.
-        max_seq_len: tokens per sample (template, BOS and EOS included), or per packed row.
-        long_samples: `drop` or `truncate` samples past `max_seq_len`; one whose prompt alone fills it is dropped.
-        packed: best-fit pack samples into rows (attention and positions reset at each sample).
-        cache_dir: where the index and token-length caches go (default: see `ref_tuning.line_index`).
-        folds, fold: cross-fitting; every problem is in one of `folds` folds (`problem_fold`), and the draw takes
-            only problems outside `fold`: the reference that scores fold `fold` never saw its problems. null: no folds.
-    """
+    """Draw `n_samples` samples of a processed CodeContests split by its metadata; every argument but the
+    tokenizer is a `dataset.` key of docs/data.md. With `folds`, only problems outside `fold` (by `problem_fold`)."""
+    # Checked before the index is built: a mistake in the keys shows at once.
     if long_samples not in LONG_SAMPLES:
         raise DataError(f"long_samples must be one of {LONG_SAMPLES}, got {long_samples!r}")
     if type(max_seq_len) is not int or max_seq_len <= 0:
         raise DataError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-    _check_folds(folds, fold)  # before the index is built: a mistake in the keys shows at once
+    if type(n_samples) is not int or n_samples <= 0:
+        raise DataError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if not isinstance(correct_ratio, (int, float)) or not 0.0 <= correct_ratio <= 1.0:
+        raise DataError(f"correct_ratio must be in [0, 1], got {correct_ratio!r}")
+    if max_per_problem is not None and (type(max_per_problem) is not int or max_per_problem <= 0):
+        raise DataError(f"max_per_problem must be a positive integer or null, got {max_per_problem!r}")
+    if folds is None and fold is not None:
+        raise DataError(f"fold={fold!r} needs folds (the number of cross-fitting folds, e.g. folds: 2); got null")
+    if folds is not None and (type(folds) is not int or folds < 2):
+        raise DataError(f"folds must be an integer >= 2 (cross-fitting folds) or null for none, got {folds!r}")
+    if folds is not None and (type(fold) is not int or not 0 <= fold < folds):
+        raise DataError(
+            f"fold must be the fold held out of this training run, an integer from 0 to {folds - 1} "
+            f"(folds={folds}), got {fold!r}"
+        )
     jsonl, metadata = split_files(data_dir, split)
     cache = cache_folder(Path(data_dir), cache_dir)
     index = SplitIndex.open(jsonl, metadata, cache, progress=utils.get_world_size_and_rank()[1] == 0)
@@ -471,12 +404,9 @@ def codecontests_dataset(
     no_room = prompt >= max_seq_len  # not a single response token would be left to learn from
     keep = ~too_long if long_samples == "drop" else ~no_room
     cut, lost = int((too_long & ~no_room).sum()), int(no_room.sum())
-    fate = f"({cut} truncated, {lost} dropped: their prompt alone fills max_seq_len)"
-    summary = (
-        f"{jsonl}: {int(keep.sum())} samples kept of {len(lines)} drawn from {len(index)} lines; "
-        f"{int(too_long.sum())} longer than max_seq_len={max_seq_len} "
-        + ("dropped" if long_samples == "drop" else fate)
-    )
+    fate = "dropped" if long_samples == "drop" else f"({cut} truncated, {lost} dropped: their prompt alone fills it)"
+    summary = f"{jsonl}: {int(keep.sum())} samples kept of {len(lines)} drawn from {len(index)} lines; "
+    summary += f"{int(too_long.sum())} longer than max_seq_len={max_seq_len} {fate}"
     if not bool(keep.any()):
         raise DataError(f"{summary}; nothing is left to train on: raise max_seq_len")
     dataset = CodeContestsDataset(index, lines[keep], total[keep], tokenizer, max_seq_len)

@@ -26,7 +26,7 @@ from ref_tuning.atomic import atomic_output
 # torchtune is imported where it is used: importing it takes 3 s, and `convert hf-to-hf` does not need it.
 MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG = "model", "adapter", "adapter_config"  # torchtune.training's
 METADATA_FILE = "ref_tuning.json"  # what made an output directory: step, validation metrics, config
-INDEX_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
+WEIGHT_MAP_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
 SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
 # Besides the weights, what makes an HF directory usable on its own.
 SIDE_FILES = (
@@ -151,45 +151,45 @@ def read_tensor_file(path: Path) -> StateDict:
     return tensors
 
 
-def _weights_index(checkpoint_dir: PathLike) -> tuple[Path, dict[str, str] | None]:
-    """An HF directory's index and its weight map, or else its single weights file and None."""
-    names = (*INDEX_FILES.values(), *SINGLE_FILES.values())  # an index before a single file
+def _weight_map(checkpoint_dir: PathLike) -> tuple[Path, dict[str, str] | None]:
+    """An HF directory's weight-map file (`*.index.json`) and its map, or else its single weights file and None."""
+    names = (*WEIGHT_MAP_FILES.values(), *SINGLE_FILES.values())  # a weight map before a single file
     found = [p for p in (Path(checkpoint_dir) / name for name in names) if p.is_file()]
     if not found:
         raise CheckpointError(
-            f"{checkpoint_dir}: found no weights; expected {INDEX_FILES['bin']} with its .bin shards, "
+            f"{checkpoint_dir}: found no weights; expected {WEIGHT_MAP_FILES['bin']} with its .bin shards, "
             f"{SINGLE_FILES['bin']}, or their safetensors counterparts"
         )
-    index_path = found[0]
-    if index_path.suffix != ".json":
-        return index_path, None
+    map_path = found[0]
+    if map_path.suffix != ".json":
+        return map_path, None
     try:
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        weight_map = json.loads(map_path.read_text()).get("weight_map")
     except (json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{index_path}: not a JSON object with a 'weight_map' ({e})") from e
+        raise CheckpointError(f"{map_path}: not a JSON object with a 'weight_map' ({e})") from e
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' of parameter -> file")
-    return index_path, weight_map
+        raise CheckpointError(f"{map_path}: expected a non-empty 'weight_map' of parameter -> file")
+    return map_path, weight_map
 
 
 def load_hf_state_dict(checkpoint_dir: PathLike) -> StateDict:
     """Every tensor of an HF directory (`.bin` or safetensors, sharded or not), memory-mapped, in the
     index's order, checking that the index and the shards agree."""
-    index_path, weight_map = _weights_index(checkpoint_dir)
+    map_path, weight_map = _weight_map(checkpoint_dir)
     if weight_map is None:
-        return read_tensor_file(index_path)
+        return read_tensor_file(map_path)
     tensors: StateDict = {}
     for file_name in dict.fromkeys(weight_map.values()):
-        path = index_path.parent / file_name
+        path = map_path.parent / file_name
         if not path.is_file():
-            raise CheckpointError(f"{path}: listed in {index_path.name} but missing")
+            raise CheckpointError(f"{path}: listed in {map_path.name} but missing")
         in_file = read_tensor_file(path)
         listed = [k for k, f in weight_map.items() if f == file_name]  # a list: the order is the index's
         missing = set(listed) - in_file.keys()
         stray = {k for k in in_file.keys() - set(listed) if not _IGNORED_HF_KEYS.match(k)}
         if missing or stray:
             problem = f"lacks {_some(missing)}, listed" if missing else f"holds {_some(stray)}, not listed"
-            raise CheckpointError(f"{path}: {problem} for it in {index_path.name}; the index and the shards disagree")
+            raise CheckpointError(f"{path}: {problem} for it in {map_path.name}; the index and the shards disagree")
         tensors.update({k: in_file[k] for k in listed})
     return tensors
 
@@ -389,7 +389,7 @@ def save_hf_dir(
             bar.update(sum(t.nbytes for t in shard))
             weight_map.update({t.name: name for t in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / WEIGHT_MAP_FILES[fmt]).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if side_files_from is not None:
             _copy_side_files(side_files_from, tmp)
@@ -444,7 +444,7 @@ class HFBinCheckpointer:
                 "on resume; remove the key"
             )
         if checkpoint_files is not None:  # we read checkpoint_dir's own weight files: they must be the ones named
-            entry, weight_map = _weights_index(self._checkpoint_dir)
+            entry, weight_map = _weight_map(self._checkpoint_dir)
             found = sorted(set(weight_map.values())) if weight_map else [entry.name]
             if sorted(set(checkpoint_files)) != found:
                 raise CheckpointError(

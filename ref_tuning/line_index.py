@@ -1,11 +1,6 @@
-"""Caches of a processed split, so that sampling touches a few bytes per line and reads only the chosen lines.
-
-`SplitIndex`: each line's byte offset, correctness, difficulty and problem (33 MB for 3.7M lines instead of
-the 2 GB parsed metadata), memory-mapped. `TokenLengths`: each line's token lengths, per tokenizer. Caches go
-to `.ref_tuning_cache/` beside the data, `cache_dir`, or `$XDG_CACHE_HOME/ref_tuning/` where the data folder
-is read-only; they record their sources' size and mtime, are rebuilt when those change, and are written
-atomically (`ref_tuning.atomic`), so concurrent runs and crashes never leave a half-written cache.
-"""
+"""Caches of a processed split (docs/data.md), rebuilt when their sources' size or mtime change, written atomically:
+`SplitIndex`, each line's offset, correctness, difficulty and problem, memory-mapped (33 MB for 3.7M lines, not the
+2 GB parsed metadata), and `TokenLengths`, per tokenizer."""
 
 import hashlib
 import json
@@ -19,16 +14,18 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ref_tuning.atomic import atomic_output
 
 INDEX_VERSION = 1
 CACHE_FOLDER = ".ref_tuning_cache"
-_CHUNK = 64 << 20  # bytes read per step of the line scan
+_CHUNK = 64 << 20  # bytes read at a time by the line scan
 # A JSON string member "task_id": "...", as json.dumps writes it; an escaped quote inside another
 # string cannot match, since the quote after `task_id` would then be preceded by a backslash.
 _TASK_ID = re.compile(rb'"task_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _TASK_ID_FORM = re.compile(r"(.+)_(?:correct|incorrect)_\d+")
+_COLUMNS = ("offsets", "is_correct", "difficulty", "problem", "problems")
 
 
 class DataError(ValueError):
@@ -41,7 +38,7 @@ def _identity(path: Path) -> Dict[str, int]:
 
 
 def _writable(folder: Path) -> bool:
-    """Whether a file can be created in `folder`: tried, as permission bits mislead root and read-only mounts."""
+    """Whether a file can be created in `folder`, tried: permission bits mislead root and read-only mounts."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             return True
@@ -65,7 +62,6 @@ def _save_atomic(obj: Dict[str, Any], path: Path) -> None:
 
 
 def _load(path: Path) -> Optional[Dict[str, Any]]:
-    """A cache file's contents (tensors memory-mapped), or None if absent or unreadable."""
     try:
         return torch.load(path, mmap=True, weights_only=True)
     except Exception:  # absent, damaged or from another version: rebuilt by the caller
@@ -73,7 +69,7 @@ def _load(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def _local_leader() -> bool:
-    """Whether this process writes shared caches: one per machine, so that ranks don't race."""
+    """One process per machine writes the shared caches, so that ranks don't race."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
@@ -113,7 +109,7 @@ class SplitIndex:
     @staticmethod
     def _build(jsonl: Path, metadata: Path, progress: bool) -> Dict[str, Any]:
         jsonl_id, metadata_id = _identity(jsonl), _identity(metadata)
-        entries, index_map = _read_metadata(metadata)
+        entries, problem_lines = _read_metadata(metadata)
         has_problem_ids = "problem_id" in entries[0] if entries else True
         offsets, task_problems = _scan_lines(jsonl, with_task_ids=not has_problem_ids, progress=progress)
         n = len(offsets) - 1
@@ -130,8 +126,8 @@ class SplitIndex:
                 f"{metadata}: lists {len(entries)} entries but {jsonl} has {n} lines; the metadata must have "
                 "one entry per line, in line order (regenerate it, or use the metadata file made with this JSONL)"
             )
-        if index_map is not None:
-            _check_problem_index_map(metadata, index_map, entries)
+        if problem_lines is not None:
+            _check_problem_lines(metadata, problem_lines, entries)
         problem_ids: Dict[str, int] = {}
         pids = (e["problem_id"] for e in entries) if has_problem_ids else task_problems
         problem = torch.tensor([problem_ids.setdefault(pid, len(problem_ids)) for pid in pids], dtype=torch.int32)
@@ -154,9 +150,6 @@ class SplitIndex:
         if len(data) != end - start:
             raise DataError(f"{self.jsonl}:{i + 1}: the file is shorter than its index says; it changed, run again")
         return data.rstrip(b"\n")
-
-
-_COLUMNS = ("offsets", "is_correct", "difficulty", "problem", "problems")
 
 
 def _index_record(jsonl_id: Dict[str, int], metadata_id: Dict[str, int], *columns: Any) -> Dict[str, Any]:
@@ -186,16 +179,17 @@ def _read_metadata(path: Path) -> Tuple[List[Dict[str, Any]], Any]:
     return entries, meta.get("problem_index_map")
 
 
-def _check_problem_index_map(path: Path, index_map: Any, entries: List[Dict[str, Any]]) -> None:
-    if not isinstance(index_map, dict):
+def _check_problem_lines(path: Path, problem_lines: Any, entries: List[Dict[str, Any]]) -> None:
+    """The v2 `problem_index_map` (problem id -> its correct and incorrect lines) must agree with the entries."""
+    if not isinstance(problem_lines, dict):
         raise DataError(f"{path}: 'problem_index_map' must be an object of problem id -> indices")
-    for pid, info in index_map.items():
+    for pid, info in problem_lines.items():
         for key, correct in (("correct_indices", True), ("incorrect_indices", False)):
-            indices = info.get(key, []) if isinstance(info, dict) else None
-            if not isinstance(indices, list):
-                raise DataError(f"{path}: problem_index_map[{pid!r}].{key} must be a list of line numbers")
             where = f"{path}: problem_index_map[{pid!r}].{key}"
-            for i in indices:
+            lines = info.get(key, []) if isinstance(info, dict) else None
+            if not isinstance(lines, list):
+                raise DataError(f"{where} must be a list of line numbers")
+            for i in lines:
                 if type(i) is not int or not 0 <= i < len(entries):
                     raise DataError(f"{where} lists line {i!r}, out of range: the split has {len(entries)} lines")
                 if entries[i]["is_correct"] != correct or entries[i].get("problem_id", pid) != pid:
@@ -207,57 +201,30 @@ def _check_problem_index_map(path: Path, index_map: Any, entries: List[Dict[str,
 
 def _scan_lines(jsonl: Path, with_task_ids: bool, progress: bool) -> Tuple[torch.Tensor, List[str]]:
     """Offsets of each line's start and of the file's end, in one pass; with `with_task_ids`, each line's problem."""
-    from tqdm import tqdm
-
-    size = jsonl.stat().st_size
     starts, problems = array("q", [0]), []
-    buf = bytearray(_CHUNK)
-    base, carry = 0, b""  # carry: the unfinished last line of the previous chunk (for task ids)
+    size = jsonl.stat().st_size
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"indexing {jsonl.name}", disable=not progress)
-    with open(jsonl, "rb", buffering=0) as f:
+    with open(jsonl, "rb", buffering=_CHUNK) as f, bar:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while n := f.readinto(buf):
-            first = len(starts)
-            # Lines are kilobytes long: a find per line beats a vectorized scan of every byte.
-            pos = buf.find(b"\n", 0, n)
-            while pos >= 0:
-                starts.append(base + pos + 1)
-                pos = buf.find(b"\n", pos + 1, n)
+        for line, raw in enumerate(f):
+            starts.append(starts[-1] + len(raw))
+            bar.update(len(raw))
             if with_task_ids:
-                cut = starts[-1] - base if len(starts) > first else 0
-                if cut:
-                    data = carry + bytes(buf[:cut])
-                    ends = torch.tensor(starts[first:], dtype=torch.int64) - (base - len(carry)) - 1
-                    problems += _task_problems(jsonl, data, ends, first - 1)
-                carry = (carry if not cut else b"") + bytes(buf[cut:n])
-            base += n
-            bar.update(n)
-    bar.close()
-    if starts[-1] != size:  # a last line without a newline
-        starts.append(size)
-        if with_task_ids:
-            problems += _task_problems(jsonl, carry + b"\n", torch.tensor([len(carry)]), len(starts) - 2)
+                problems.append(_task_problem(jsonl, line, raw))
     return torch.frombuffer(starts, dtype=torch.int64).clone(), problems
 
 
-def _task_problems(jsonl: Path, data: bytes, ends: torch.Tensor, first_line: int) -> List[str]:
-    """Each line's problem: the `{problem}` of task_id `{problem}_{correct|incorrect}_{i}`, else the task_id."""
-    found: List[Optional[str]] = [None] * len(ends)
-    matches = list(_TASK_ID.finditer(data))
-    positions = torch.tensor([m.start() for m in matches], dtype=torch.int64)
-    lines = torch.searchsorted(ends, positions).tolist() if matches else []
-    for m, line in zip(matches, lines):
-        if found[line] is None:
-            task_id = json.loads(b'"' + m.group(1) + b'"')
-            form = _TASK_ID_FORM.fullmatch(task_id)
-            found[line] = form.group(1) if form else task_id
-    for line, problem in enumerate(found):
-        if problem is None:
-            raise DataError(
-                f'{jsonl}:{first_line + line + 1}: no "task_id" string field; the metadata has no problem_id, '
-                "so each line's problem is read from its task_id"
-            )
-    return found
+def _task_problem(jsonl: Path, line: int, raw: bytes) -> str:
+    """The `{problem}` of the line's task_id `{problem}_{correct|incorrect}_{i}`, else the task_id."""
+    match = _TASK_ID.search(raw)
+    if match is None:
+        raise DataError(
+            f'{jsonl}:{line + 1}: no "task_id" string field; the metadata has no problem_id, '
+            "so each line's problem is read from its task_id"
+        )
+    task_id = json.loads(b'"' + match.group(1) + b'"')
+    form = _TASK_ID_FORM.fullmatch(task_id)
+    return form.group(1) if form else task_id
 
 
 TEMPLATE_VERSION = 1  # bump when the template or the tokenization of a sample changes

@@ -37,8 +37,7 @@ def lora_sheared_llama_2_7b(
     lora_alpha: float = 32.0,
     lora_dropout: float = 0.0,
 ) -> TransformerDecoder:
-    """Sheared-LLaMA-2.7B with LoRA adapters (torchtune's `lora_llama2`) on `lora_attn_modules` (of q_proj, k_proj,
-    v_proj, output_proj) and, with `apply_lora_to_mlp`, on the MLP; only the adapters train."""
+    """Sheared-LLaMA-2.7B with torchtune's LoRA on `lora_attn_modules`, optionally the MLP: only the adapters train."""
     return lora_llama2(
         lora_attn_modules,
         apply_lora_to_mlp,
@@ -56,13 +55,9 @@ TINY_SHEARED_LLAMA = dict(
 )
 # A partial, as torchtune's own qlora builders: the config check reads llama2's keyword arguments.
 tiny_sheared_llama = functools.partial(llama2, **TINY_SHEARED_LLAMA)
-tiny_sheared_llama.__doc__ = """A tiny model of the same family (same blocks, fewer and narrower layers): any size
-overridable, `vocab_size` required."""
-
-
+tiny_sheared_llama.__doc__ = "A tiny model of the family: fewer, narrower layers (overridable); `vocab_size` required."
 lora_tiny_sheared_llama = functools.partial(lora_llama2, **TINY_SHEARED_LLAMA)
-lora_tiny_sheared_llama.__doc__ = """The tiny model with LoRA adapters: `lora_attn_modules`, `lora_rank`, `lora_alpha` and
-`vocab_size` required, as for `lora_sheared_llama_2_7b`."""
+lora_tiny_sheared_llama.__doc__ = "Tiny, with LoRA: lora_attn_modules, lora_rank, lora_alpha and vocab_size required."
 
 
 def sheared_llama_tokenizer(path: str, max_seq_len: Optional[int] = None) -> Llama2Tokenizer:

@@ -1,16 +1,11 @@
-"""Raw CodeContests to the processed layout users already have (docs/data.md):
-
-    python -m ref_tuning.prepare RAW_DIR OUT_DIR --tokenizer tokenizer.model [--splits train valid test]
-        [--languages 1 3] [--max-seq-len 2048] [--workers N] [--overwrite]
+"""Raw CodeContests to the processed layout users already have (docs/data.md).
 
 RAW_DIR (or RAW_DIR/data) holds the public parquet files (`train-000NN-of-000MM.parquet`, ...) or JSONL rows
 (`train.jsonl`, `train-*.jsonl`). Per split: `{split}.jsonl` (one solution a line, correct and incorrect),
 `{split}_metadata.json` (v2) and the cached index and token lengths. Python solutions only by default; a solution
-whose templated sample exceeds `--max-seq-len` tokens is dropped and counted. Outputs appear only once complete.
-"""
+whose templated sample exceeds `--max-seq-len` tokens is dropped and counted. Outputs appear only once complete."""
 
 import argparse
-import collections
 import contextlib
 import itertools
 import json
@@ -107,11 +102,9 @@ def read_rows(path: Path) -> Iterator[Tuple[str, Dict[str, Any]]]:
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
         if missing:
             raise PrepareError(f"{path}: not a CodeContests file: no column(s) {missing}")
-        row = 0
-        for batch in parquet.iter_batches(batch_size=64, columns=columns):
-            for r in batch.to_pylist():
-                yield f"{path}: row {row}", r
-                row += 1
+        batches = parquet.iter_batches(batch_size=64, columns=columns)
+        for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+            yield f"{path}: row {i}", row
         return
     with open(path, "rb") as f:
         for i, raw in enumerate(f):
@@ -144,8 +137,7 @@ def _count_tokens(records: List[Dict[str, Any]]) -> List[Tuple[int, int]]:
 
 @contextlib.contextmanager
 def _counter(workers: int, tokenizer_path: Path):
-    """A function mapping an iterator of record lists to `_count_tokens`'s results in order, in `workers`
-    processes (in this one for a single worker: no start-up cost). The output never depends on `workers`."""
+    """`_count_tokens` mapped over record lists in order, in `workers` processes (1: this one, no start-up cost)."""
     if workers <= 1:
         _init_worker(str(tokenizer_path))
         yield lambda tasks: map(_count_tokens, tasks)
@@ -153,24 +145,22 @@ def _counter(workers: int, tokenizer_path: Path):
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) as pool:
 
         def count(tasks):
-            # Two batches in flight at most: Pool.imap would read the whole input ahead into memory.
-            tasks, pending = iter(tasks), None
-            while True:
-                batch = list(itertools.islice(tasks, 16 * workers))
-                ahead = pool.map_async(_count_tokens, batch) if batch else None
-                if pending is not None:
-                    yield from pending.get()
-                if ahead is None:
-                    return
+            # One batch counted while the next is read: Pool.imap would read the whole input ahead into memory.
+            tasks = iter(tasks)
+            batches = iter(lambda: list(itertools.islice(tasks, 16 * workers)), [])
+            pending = pool.map_async(_count_tokens, next(batches, []))
+            for batch in batches:
+                ahead = pool.map_async(_count_tokens, batch)
+                yield from pending.get()
                 pending = ahead
+            yield from pending.get()
 
         yield count
 
 
 class SplitWriter:
-    """The one writer of a split's `{split}.jsonl` and v2 `{split}_metadata.json`: `with SplitWriter(out_dir, split)
-    as w: w.add(record, problem_id)`. Both appear only if the block ends without an error, else nothing is left, not
-    even the folders it made. `stats`: more entries for the metadata's `stats`; after the block, all of them."""
+    """The one writer of a split's `{split}.jsonl` and v2 metadata, which appear only if its `with` block ends without
+    an error (else nothing is left, not even its folders). `stats`: extra metadata stats; after the block, all."""
 
     def __init__(self, out_dir: Path, split: str):
         self.jsonl, self.metadata = Path(out_dir) / f"{split}.jsonl", Path(out_dir) / f"{split}_metadata.json"
@@ -252,29 +242,26 @@ def prepare_split(
     workers: int = 1,
     progress: bool = True,
 ) -> Dict[str, int]:
-    """Write `{split}.jsonl`, `{split}_metadata.json` (v2) and the split's caches into `out_dir`; the
-    metadata's stats."""
+    """Write `{split}.jsonl`, `{split}_metadata.json` (v2) and the split's caches into `out_dir`; its stats."""
     stats = {"n_problems": 0, "skipped_other_languages": 0, "dropped_longer_than_max_seq_len": 0}
-    rows = collections.deque()  # (problem id, records) of the problems out being counted, in input order
     lengths = array("i"), array("i")  # tokens and prompt tokens of each line written
 
-    def problems() -> Iterator[List[Dict[str, Any]]]:
+    def problems() -> Iterator[Tuple[str, List[Dict[str, Any]]]]:
         for path in files:
             for where, row in read_rows(path):
                 records = list(problem_records(check_row(row, where), languages))
                 every = sum(len((row[k] or {}).get("language", [])) for k in ("solutions", "incorrect_solutions"))
                 stats["n_problems"] += 1
                 stats["skipped_other_languages"] += every - len(records)
-                rows.append((row["name"], records))
-                yield records
+                yield row["name"], records
 
+    rows, tasks = itertools.tee(problems())  # tee holds the problems out being counted
     with (
         SplitWriter(out_dir, split) as writer,
         _counter(workers, tokenizer_path) as count,
         tqdm(total=_count_rows(files), unit=" problems", desc=f"preparing {split}", disable=not progress) as bar,
     ):
-        for counts in count(problems()):
-            problem_id, records = rows.popleft()
+        for (problem_id, records), counts in zip(rows, count(records for _, records in tasks)):
             for record, (n_tokens, n_prompt) in zip(records, counts):
                 if n_tokens > max_seq_len:
                     stats["dropped_longer_than_max_seq_len"] += 1

@@ -2,14 +2,9 @@
 
     python -m ref_tuning.preview REF_SCORES POLICY --out DIR [--base BASE_SCORES] [--k 0.6] [--examples 4] ...
 
-REF_SCORES is the reference's score store (`recipes/ref_score.py`); POLICY an HF directory (scored here the same
-way) or a score store. The excess loss (policy loss minus reference loss) of the top `k` of all the preview's
-tokens selects them, as Rho-1 does within a batch. Writes `preview.md` (shares selected by position and by
-difficulty, examples with selected tokens marked `⟦like this⟧`) and `preview.json`.
-
-With `--base BASE_SCORES` (the untuned reference's store; REF_SCORES is then the tuned one's), over the samples of
-both stores, the preview also says how far tuning changes the selection: the overlap of the two top-k sets overall,
-by position and by difficulty, and examples of tokens entering (`⟪tuned only⟫`) and leaving (`⟬base only⟭`) it.
+REF_SCORES is the reference's score store, POLICY an HF directory or a score store. `preview.md` and `preview.json`
+show Rho-1's selection (the top `k` of all tokens by policy minus reference loss) by position and difficulty, with
+examples; given the untuned reference's store as --base, also how far tuning changes it (docs/rho1.md, The preview).
 """
 
 import argparse
@@ -25,7 +20,7 @@ from torchtune import config as tt_config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from tqdm import tqdm
 
-from ref_tuning.hf_checkpoint import read_hf_config
+from ref_tuning.atomic import atomic_output
 from ref_tuning.config import positive_int, share
 from ref_tuning.paths import check_separate
 from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore, check_vocab, load_reference, score_dataset
@@ -34,8 +29,7 @@ POSITION_BINS = 10  # tenths of the solution
 
 
 def select_top(excess: Dict[str, torch.Tensor], k: float) -> Dict[str, torch.Tensor]:
-    """Per sample, a mask of the tokens among the top `k` share of all tokens by excess loss (ties
-    broken by order, so that exactly round(k * tokens) are chosen)."""
+    """Per sample, a mask of the top `k` of all tokens by excess loss: exactly round(k * tokens), ties in order."""
     if not 0 < k <= 1:
         raise ValueError(f"k must be in (0, 1], got {k}")
     flat = torch.cat(list(excess.values())) if excess else torch.zeros(0)
@@ -47,29 +41,24 @@ def select_top(excess: Dict[str, torch.Tensor], k: float) -> Dict[str, torch.Ten
 def shares(masks: Dict[str, torch.Tensor], difficulty: Dict[str, int]) -> Dict[str, Dict[str, List[float]]]:
     """The share of tokens selected, by tenth of the solution and by difficulty: {group: [selected, tokens]}."""
     selected, tokens = torch.zeros(POSITION_BINS, dtype=torch.long), torch.zeros(POSITION_BINS, dtype=torch.long)
-    by_difficulty: Dict[str, List[int]] = {}
+    by_difficulty = {str(d): [0, 0] for d in sorted({difficulty[name] for name in masks})}
     for name, mask in masks.items():
         bins = torch.arange(len(mask)) * POSITION_BINS // max(len(mask), 1)
         selected += torch.bincount(bins[mask], minlength=POSITION_BINS)
         tokens += torch.bincount(bins, minlength=POSITION_BINS)
-        slot = by_difficulty.setdefault(str(difficulty[name]), [0, 0])
+        slot = by_difficulty[str(difficulty[name])]
         slot[0] += int(mask.sum())
         slot[1] += len(mask)
     by_position = {f"{10 * b}-{10 * (b + 1)}%": [int(selected[b]), int(tokens[b])] for b in range(POSITION_BINS)}
-    return {
-        "position in the solution": by_position,
-        "difficulty": dict(sorted(by_difficulty.items(), key=lambda kv: int(kv[0]))),
-    }
+    return {"position in the solution": by_position, "difficulty": by_difficulty}
 
 
-# Marks by state, tuned + 2 * base: neither, entering (tuned only), leaving (base only), both. Brackets that code
-# does not use; with one reference, base is the selection itself, so its runs are marked ⟦…⟧.
+# By state, tuned + 2 * base: neither, entering, leaving, both (one reference: base = mask). Brackets code never uses.
 MARKS = ("{}", "⟪{}⟫", "⟬{}⟭", "⟦{}⟧")
 
 
 def render(pieces: List[str], mask: torch.Tensor, base: Optional[torch.Tensor] = None) -> str:
-    """The response with each run of selected tokens marked ⟦…⟧; given the base's selection, `mask` being the tuned
-    one, runs selected with both are marked ⟦…⟧, entering the selection (tuned only) ⟪…⟫ and leaving it ⟬…⟭."""
+    """The response with runs of selected tokens marked ⟦…⟧; given `base`, tuned only ⟪…⟫ and base only ⟬…⟭."""
     states = (mask.long() + 2 * (mask if base is None else base).long()).tolist()
     runs = itertools.groupby(zip(pieces, states), key=lambda pair: pair[1])
     return "".join(MARKS[state].format("".join(p for p, _ in run)) for state, run in runs)
@@ -78,8 +67,7 @@ def render(pieces: List[str], mask: torch.Tensor, base: Optional[torch.Tensor] =
 def overlap(
     tuned: Dict[str, torch.Tensor], base: Dict[str, torch.Tensor], difficulty: Dict[str, int]
 ) -> Dict[str, Any]:
-    """How far the selections with the tuned and the base reference agree, overall and by the groups of `shares`:
-    tokens selected with each, with both, entering (tuned only) and leaving (base only), Jaccard, tuned_also_base."""
+    """How far the selections with the tuned and the base reference agree, overall and by the groups of `shares`."""
     either = {n: tuned[n] | base[n] for n in tuned}
     tables = [shares(m, difficulty) for m in (tuned, base, {n: tuned[n] & base[n] for n in tuned}, either)]
 
@@ -151,8 +139,8 @@ def preview(
     description = ref_store.description
     tokenizer = tt_config.instantiate(OmegaConf.create(description["tokenizer"]))
     ds = tt_config.instantiate(OmegaConf.create(description["dataset"]), tokenizer)
-    index_of = {line: i for i, line in enumerate(ds.lines.tolist())}  # dataset item of each line
-    samples = [s for s in ref_store if s.line in index_of]
+    item_of = {line: i for i, line in enumerate(ds.lines.tolist())}  # dataset item of each line
+    samples = [s for s in ref_store if s.line in item_of]
     if not samples:
         raise ScoreError(f"{ref}: none of its samples is in its dataset any more; score it again")
     base_store = ScoreStore(base) if base is not None else None
@@ -167,14 +155,11 @@ def preview(
                 "samples, by task_id); score both on the same samples (the same dataset config)"
             )
     policy_store = ScoreStore(policy) if (policy / STORE_CONFIG).is_file() else None
-    if policy_store is None:
-        read_hf_config(policy)  # names the directory and what it lacks
-    models = [description["model_dir"], policy_store.description["model_dir"] if policy_store else policy]
-    models += [base_store.description["model_dir"]] if base_store is not None else []
-    models = [d for m in models for d in (m if isinstance(m, list) else [m])]  # cross-fitted: one model a fold
-    # A store's model may have moved since it was scored: compare the models that are still there.
-    models = [d for d in models if (Path(d) / "config.json").is_file()]
-    check_vocab(models, tokenizer.vocab_size, description["tokenizer"]["path"])
+    # A store's models (cross-fitted: one a fold) may have moved since it scored: compare those still there. A policy
+    # directory is read in any case: its error names the directory and what it lacks.
+    stored = [s.description["model_dir"] for s in (ref_store, policy_store, base_store) if s is not None]
+    models = [d for m in stored for d in (m if isinstance(m, list) else [m]) if (Path(d) / "config.json").is_file()]
+    check_vocab(models + [policy] * (policy_store is None), tokenizer.vocab_size, description["tokenizer"]["path"])
     if policy_store is not None:
         if policy_store.description["dataset"] != description["dataset"]:
             raise ScoreError(f"{policy}: scores other samples than {ref} (its dataset config differs)")
@@ -183,24 +168,23 @@ def preview(
         device = torch.device(device)
         model = load_reference(policy, device, training.get_dtype(dtype, device))
         with tqdm(total=len(samples), desc="scoring with the policy", disable=not progress) as bar:
-            items = [index_of[s.line] for s in samples]
+            items = [item_of[s.line] for s in samples]
             scored = score_dataset(model, ds, items, None, device, batch_size, tokenizer.pad_id, bar)
         policy_losses = {info["task_id"]: x for info, x in scored}
-    excess, base_excess, difficulty = {}, {}, {}
+    references = [(str(ref), ref_store)] + ([(f"--base {base}", base_store)] if base_store is not None else [])
+    excess, difficulty = [{} for _ in references], {}  # policy loss minus each reference's, per sample
     for s in (s for s in samples if s.task_id in policy_losses):
-        ref_losses, losses = ref_store.losses(s.task_id), policy_losses[s.task_id]
-        if len(ref_losses) != len(losses):
-            raise ScoreError(f"{ref}: {s.task_id} has {len(ref_losses)} scored tokens, the policy {len(losses)}")
-        excess[s.task_id], difficulty[s.task_id] = losses - ref_losses, s.difficulty
-        if base_store is not None:
-            base_losses = base_store.losses(s.task_id)
-            if len(base_losses) != len(losses):
+        losses, difficulty[s.task_id] = policy_losses[s.task_id], s.difficulty
+        for (name, store), by_task in zip(references, excess):
+            theirs = store.losses(s.task_id)
+            if len(theirs) != len(losses):
                 raise ScoreError(
-                    f"--base {base}: {s.task_id} has {len(base_losses)} scored tokens, {ref} {len(losses)}; "
-                    "score both with the same tokenizer and dataset config"
+                    f"{name}: {s.task_id} has {len(theirs)} scored tokens, the policy {len(losses)}; score them "
+                    "with the same tokenizer and dataset config"
                 )
-            base_excess[s.task_id] = losses - base_losses
-    masks = select_top(excess, k)
+            by_task[s.task_id] = losses - theirs
+    selections = [select_top(by_task, k) for by_task in excess]
+    masks = selections[0]
     table = shares(masks, difficulty)
     total, selected = sum(len(m) for m in masks.values()), sum(int(m.sum()) for m in masks.values())
     lines = [
@@ -210,13 +194,13 @@ def preview(
     ]
 
     def pieces_of(name: str) -> List[str]:  # only the rendered samples' lines are read again, for their token ids
-        sample = ds[index_of[ref_store.sample(name).line]]
+        sample = ds[item_of[ref_store.sample(name).line]]
         pairs = zip(sample["tokens"][1:], sample["labels"][1:])
         return _pieces(tokenizer, [t for t, label in pairs if label != CROSS_ENTROPY_IGNORE_IDX])
 
     result = {"k": k, "samples": len(masks), "tokens": total, "selected": selected, "shares": table}
     if base_store is not None:
-        base_masks = select_top(base_excess, k)
+        base_masks = selections[1]
         c = result["base_vs_tuned"] = overlap(masks, base_masks, difficulty)
         c |= {"samples": len(masks), "examples": [], "left_out": left_out}
         # Per sample, the tokens selected with neither, entering (tuned only), leaving (base only) and both.
@@ -258,13 +242,12 @@ def preview(
         lines.append(f"\n## Share of tokens selected, by {title}")
         lines += _table([title, "selected", "tokens", "share"], [[g, s, n, s / n] for g, (s, n) in groups.items() if n])
     lines.append("\n## Examples (selected tokens marked ⟦ ⟧)\n")
-    for name in list(masks)[:examples]:
-        m = masks[name]
+    for name, m in list(masks.items())[:examples]:
         lines.append(f"\n### {name} (difficulty {difficulty[name]}, {int(m.sum())} of {len(m)} tokens selected)\n")
         lines += ["```", render(pieces_of(name), m), "```"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preview.md").write_text("\n".join(lines) + "\n")
-    (out / "preview.json").write_text(json.dumps(result, indent=2))
+    for name, text in (("preview.md", "\n".join(lines) + "\n"), ("preview.json", json.dumps(result, indent=2))):
+        with atomic_output(out / name, overwrite=True) as tmp:  # each whole or absent, others in `out` left alone
+            tmp.write_text(text)
     return result
 
 

@@ -2,15 +2,8 @@
 
     python -m ref_tuning.report BASE_DIR TUNED_DIR [--split valid] [--data-dir DIR] [--out DIR] ...
 
-Both HF directories score the same samples per token as Rho-1 scores a reference. Written: `report.md` (mean loss
-of correct and incorrect solutions, the AUROC of telling them apart by mean loss, and a plain verdict),
-`report.json` and `report.png` (histograms of the per-sample mean loss).
-
-Where the tuned directory's `ref_tuning.json` names what it trained on (`trained_on`), a section measures
-memorization: the mean loss of (a) correct solutions it trained on, (b) correct solutions of those problems that it
-did not train on, (c) the held-out correct solutions, for both models. The base never saw any of them, so its gaps
-show how the sets differ; the tuned model's gaps beyond the base's are what it memorized, and what lowers its
-losses on exactly the tokens Rho-1 will score.
+Writes `report.md`, `report.json` and `report.png`: both models' losses on held-out correct and incorrect solutions
+and, where the tuned directory's `ref_tuning.json` names what it trained on, what it memorized (docs/rho1.md).
 """
 
 import argparse
@@ -27,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from torchtune import training
 from tqdm import tqdm
 
+from ref_tuning.atomic import atomic_output
 from ref_tuning.hf_checkpoint import METADATA_FILE
 from ref_tuning.config import positive_int, share
 from ref_tuning.data import CodeContestsDataset, DataError, codecontests_dataset, measure_lengths, split_files
@@ -65,26 +59,25 @@ def verdict(base: Dict[str, float], tuned: Dict[str, float]) -> Tuple[bool, str]
     loss = f"({tuned['correct_loss']:.4f} against {base['correct_loss']:.4f})"
     auc = f"(AUROC {tuned['auroc']:.3f} against {base['auroc']:.3f})"
     lower, sharper = tuned["correct_loss"] < base["correct_loss"], tuned["auroc"] > base["auroc"]
+    findings = [
+        f"its loss on correct solutions is {'' if lower else 'not '}lower {loss}",
+        f"it {'tells' if sharper else 'does not tell'} correct from incorrect solutions better {auc}",
+    ]
     if lower and sharper:
-        return (
-            True,
-            f"The tuned reference is better: its loss on correct solutions is lower {loss} and it tells "
-            f"correct from incorrect solutions better {auc}.",
-        )
-    problems = [f"its loss on correct solutions is not lower {loss}"] * (not lower)
-    problems += [f"it does not tell correct from incorrect solutions better {auc}"] * (not sharper)
+        return True, f"The tuned reference is better: {' and '.join(findings)}."
+    problems = [finding for finding, ok in zip(findings, (lower, sharper)) if not ok]
     return False, "The tuned reference is NOT better than the base: " + "; ".join(problems) + "."
 
 
-def markdown(base_dir: Path, tuned_dir: Path, base: Dict[str, float], tuned: Dict[str, float], where: str) -> str:
+def markdown(base_dir: Path, tuned_dir: Path, results: Dict[str, Dict[str, float]], text: str, where: str) -> str:
     rows = [
         "| reference | mean loss, correct | mean loss, incorrect | gap | AUROC (correct vs incorrect) |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for name, m in ((f"base ({base_dir})", base), (f"tuned ({tuned_dir})", tuned)):
+    for name, m in ((f"base ({base_dir})", results["base"]), (f"tuned ({tuned_dir})", results["tuned"])):
         gap = m["incorrect_loss"] - m["correct_loss"]
         rows.append(f"| {name} | {m['correct_loss']:.4f} | {m['incorrect_loss']:.4f} | {gap:+.4f} | {m['auroc']:.3f} |")
-    _, text = verdict(base, tuned)
+    base = results["base"]
     return (
         f"# Reference report\n\n{where}: {base['correct_samples']} correct and {base['incorrect_samples']} "
         f"incorrect solutions; per-token losses over the response tokens, as Rho-1 scores a reference.\n\n"
@@ -96,8 +89,7 @@ def markdown(base_dir: Path, tuned_dir: Path, base: Dict[str, float], tuned: Dic
 def loss_histograms(
     losses: Dict[str, Dict[str, torch.Tensor]], correct: Dict[str, bool], results: Dict[str, Dict[str, float]]
 ) -> Figure:
-    """Histograms of the per-sample mean loss, one series per reference (`losses`: name -> task_id ->
-    losses), in a panel for correct and one for incorrect solutions, on the same bins."""
+    """Per-sample mean loss (`losses`: name -> task_id -> losses), a series per reference, a panel per kind."""
     means = {name: {t: float(x.mean()) for t, x in by_task.items() if len(x)} for name, by_task in losses.items()}
     bins = numpy.histogram_bin_edges([m for by_task in means.values() for m in by_task.values()], bins=30)
     aurocs = ", ".join(f"{name} {results[name]['auroc']:.3f}" for name in means)
@@ -107,9 +99,8 @@ def loss_histograms(
         for name, by_task in means.items():
             chosen = [m for t, m in by_task.items() if correct[t] == want]
             axes.hist(chosen, bins=bins, alpha=0.5, label=f"{name} (n={len(chosen)})")
-        axes.set(
-            title=f"{kind} solutions (AUROC {aurocs})", xlabel="mean loss per response token (nats)", ylabel="samples"
-        )
+        title = f"{kind} solutions (AUROC {aurocs})"
+        axes.set(title=title, xlabel="mean loss per response token (nats)", ylabel="samples")
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
         axes.legend()
     return figure
@@ -129,8 +120,7 @@ MEMORIZATION_GAPS = (
 )
 
 
-# What the tuned reference trained on: the number of lines, the names of their problems, the samples (a) and (b)
-# drawn from it, and the correct lines of those problems it did not train on, before the draw (0 leaves (b) empty).
+# Lines trained on, their problems' names, the samples (a) and (b), and the size of (b)'s pool (0 leaves (b) empty).
 TrainedOn = namedtuple("TrainedOn", "lines problems trained unseen_solution unseen_pool")
 
 
@@ -185,8 +175,8 @@ def trained_on(tuned_dir: Path, tokenizer, n_samples: int, seed: int, max_seq_le
 
 
 def memorization(losses: Dict[str, Dict[str, List[torch.Tensor]]]) -> Dict[str, Dict[str, Optional[float]]]:
-    """Per reference (`losses`: reference -> set -> per-sample losses), the mean loss per token of each set (None for
-    none, weighed as `summarize` does) and the gaps; and `tuned_minus_base` of each."""
+    """Per reference (-> set -> per-sample losses), each set's mean loss per token (or None), the gaps; the same
+    `tuned_minus_base`."""
 
     def minus(x, y):
         return None if x is None or y is None else x - y
@@ -201,8 +191,7 @@ def memorization(losses: Dict[str, Dict[str, List[torch.Tensor]]]) -> Dict[str, 
 
 
 def memorization_section(trained: TrainedOn, held_out: Path, unseen: List[Dict], n_correct: int, losses: Dict) -> Dict:
-    """What report.json keeps of the memorization measure: `unseen` are (c), of the `n_correct` held-out correct
-    samples of the JSONL `held_out`; `losses`: reference -> set -> per-sample losses."""
+    """report.json's memorization: `unseen`, (c), are of the `n_correct` held-out correct samples of `held_out`."""
     sets = {"trained": trained.trained.lines.tolist(), "unseen_solution": trained.unseen_solution.lines.tolist()}
     sets["unseen_problem"] = [info["line"] for info in unseen]
     notes = [
@@ -319,14 +308,15 @@ def run_report(
         for name in losses:
             extra_losses[name]["unseen_problem"] = [losses[name][info["task_id"]] for info in unseen]
         section = memorization_section(seen, ds.jsonl, unseen, results["base"]["correct_samples"], extra_losses)
-    out.mkdir(parents=True, exist_ok=True)
     where = f"{data_dir}/{split}"
-    text = markdown(base_dir, tuned_dir, results["base"], results["tuned"], where) + memorization_markdown(section)
-    (out / "report.md").write_text(text)
     better, text = verdict(results["base"], results["tuned"])
     summary = dict(base_dir=str(base_dir), tuned_dir=str(tuned_dir), data=where, **results, tuned_is_better=better)
-    (out / "report.json").write_text(json.dumps(dict(summary, verdict=text, memorization=section), indent=2))
-    loss_histograms(losses, correct, results).savefig(out / "report.png")
+    with atomic_output(out / "report.md", overwrite=True) as tmp:  # each file whole or absent, others left alone
+        tmp.write_text(markdown(base_dir, tuned_dir, results, text, where) + memorization_markdown(section))
+    with atomic_output(out / "report.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(dict(summary, verdict=text, memorization=section), indent=2))
+    with atomic_output(out / "report.png", overwrite=True) as tmp:
+        loss_histograms(losses, correct, results).savefig(tmp, format="png")
     return results
 
 

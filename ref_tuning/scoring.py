@@ -1,17 +1,9 @@
-"""Per-token reference losses exactly as Rho-1 computes them, and a compact store for them.
+"""Per-token reference losses exactly as Rho-1 computes them, and a compact store for them (docs/rho1.md).
 
 Rho-1 feeds the reference a sample's ids (BOS, Alpaca prompt, solution, EOS; no attention mask) and takes, in
-float32, the cross-entropy of each response token (solution and EOS); a test checks `token_losses` against
-`transformers`. A score store is a directory: `scores.json` (what was scored), and per process and run
-`part-<run>-<rank>.bin` (float16 or float32 losses) and `.idx` (a JSON line per sample: task_id, line, is_correct,
-difficulty, offset, count, and fold: null, or in a cross-fitted store the fold whose reference scored it). An index
-line is written only once its losses are flushed, so a killed run leaves every indexed sample whole; a sample past
-the end of its `.bin` or with a garbled line counts as damaged, and the next run scores it again along with
-whatever no part indexes.
-
-With `store_entropy: true` (in `scores.json`; absent means false, as in the stores written before), a sample's
-`count` losses in the `.bin` are followed by the entropies of the model's predictive distributions at the same
-positions: `2 * count` values from `offset`, with the `.idx` lines unchanged.
+float32, the cross-entropy of each response token; a test checks `token_losses` against `transformers`. A part's
+table (`.idx`) gets a sample's line only once its values are in the `.bin`, so a killed run leaves every listed
+sample whole; the next run scores again what is damaged (past the end of its `.bin`, or a garbled line).
 """
 
 import json
@@ -53,9 +45,8 @@ def check_vocab(model_dirs: Sequence[Union[str, Path]], tokenizer_size: int, tok
 
 def load_reference(model_dir: Union[str, Path], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The HF directory's model as our torchtune model, in `dtype` on `device`, for inference."""
-    config = read_hf_config(model_dir)
     with torch.device("meta"):
-        model = llama_from_hf_config(config)
+        model = llama_from_hf_config(read_hf_config(model_dir))
     state = {name: tensor.to(dtype) for name, tensor in load_tune_state_dict(model_dir).items()}
     model.load_state_dict(state, strict=True, assign=True)
     with torch.device(device):
@@ -76,15 +67,13 @@ def token_losses(
 def token_scores(
     model: torch.nn.Module, samples: Sequence[Dict[str, List[int]]], device: torch.device, pad_id=0, entropy=False
 ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Per sample, (losses, entropies): `token_losses`' and, with `entropy`, the float32 entropy of each predictive
-    distribution a response token was drawn from (else None)."""
+    """Per sample, `token_losses`' losses and, with `entropy`, the float32 entropy of each predictive distribution."""
     batch = padded_collate_sft(list(samples), padding_idx=pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
     # Right padding under a causal mask: a sample's positions never see the padding after them.
     logits = model(batch["tokens"].to(device))
     labels = batch["labels"].to(device)
-    keep = labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX
     scores = []
-    for x, y, k in zip(logits, labels, keep):
+    for x, y, k in zip(logits, labels, labels[:, 1:] != CROSS_ENTROPY_IGNORE_IDX):
         # cross_entropy is nll_loss of log_softmax (the same bits): one log-softmax serves losses and entropies.
         logp = F.log_softmax(x[:-1][k].float(), dim=-1)
         losses = F.nll_loss(logp, y[1:][k], reduction="none").cpu()
@@ -114,9 +103,9 @@ class ScoreWriter:
         self.store_entropy = store_entropy
         name = f"part-{run_id}-{rank:05d}"
         self._bin = open(store / f"{name}.bin", "ab")
-        self._idx = open(store / f"{name}.idx", "a", encoding="utf-8")
+        self._table = open(store / f"{name}.idx", "a", encoding="utf-8")
         self._offset = 0
-        self._pending: List[Dict[str, Any]] = []  # index lines of values not flushed yet
+        self._pending: List[Dict[str, Any]] = []  # sample lines of values not flushed yet
 
     def write(self, info: Dict[str, Any], losses: torch.Tensor, entropies: Optional[torch.Tensor] = None) -> None:
         values = losses
@@ -130,18 +119,18 @@ class ScoreWriter:
         self._offset += len(values)
 
     def flush(self) -> None:
-        """Make what was written durable: the values first, then their index lines."""
+        """Make what was written durable: the values first, then their sample lines."""
         self._bin.flush()
         os.fsync(self._bin.fileno())
-        self._idx.writelines(json.dumps(entry) + "\n" for entry in self._pending)
-        self._idx.flush()
-        os.fsync(self._idx.fileno())
+        self._table.writelines(json.dumps(entry) + "\n" for entry in self._pending)
+        self._table.flush()
+        os.fsync(self._table.fileno())
         self._pending = []
 
     def close(self) -> None:
         self.flush()
         self._bin.close()
-        self._idx.close()
+        self._table.close()
 
 
 def new_run_id() -> str:
@@ -150,19 +139,18 @@ def new_run_id() -> str:
 
 def open_store(store: Path, description: Dict[str, Any]) -> None:
     """Create the store, or check that an existing one holds scores of the same model and data."""
-    store.mkdir(parents=True, exist_ok=True)
     path = store / STORE_CONFIG
-    if path.is_file():
-        found = json.loads(path.read_text())
-        if found != description:
-            changed = sorted(k for k in set(found) | set(description) if found.get(k) != description.get(k))
-            raise ScoreError(
-                f"{store}: holds scores of another run (differing in {', '.join(changed)}); "
-                "choose another output_dir, or delete the store to score again"
-            )
+    if not path.is_file():
+        with atomic_output(path, overwrite=True) as tmp:  # creates the store's folder
+            tmp.write_text(json.dumps(description, indent=2) + "\n")
         return
-    with atomic_output(path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(description, indent=2) + "\n")
+    found = json.loads(path.read_text())
+    if found != description:
+        changed = sorted(k for k in set(found) | set(description) if found.get(k) != description.get(k))
+        raise ScoreError(
+            f"{store}: holds scores of another run (differing in {', '.join(changed)}); "
+            "choose another output_dir, or delete the store to score again"
+        )
 
 
 class ScoreStore:
@@ -170,29 +158,30 @@ class ScoreStore:
 
     def __init__(self, store: Union[str, Path]):
         self.path = Path(store)
+        self._fds: Dict[str, int] = {}  # part -> open file: a reader looks up sample after sample
         if not (self.path / STORE_CONFIG).is_file():
             raise ScoreError(f"{self.path}: not a score store (no {STORE_CONFIG}); run recipes/ref_score.py first")
         self.description = json.loads((self.path / STORE_CONFIG).read_text())
         self._dtype = VALUE_DTYPES[self.description["store_dtype"]]
         self.has_entropy = bool(self.description.get("store_entropy", False))  # then each loss has an entropy
         self._samples: Dict[str, ScoredSample] = {}
-        self.damaged: Dict[str, str] = {}  # task_id (or index line) -> the part file that should hold it
-        for idx in sorted(self.path.glob("part-*.idx")):
-            values = idx.with_suffix(".bin")
+        self.damaged: Dict[str, str] = {}  # task_id (or "<part>.idx line n") -> the part file that should hold it
+        for table in sorted(self.path.glob("part-*.idx")):
+            values = table.with_suffix(".bin")
             size = values.stat().st_size if values.is_file() else 0
-            for number, entry in enumerate(_complete_lines(idx), 1):
+            with open(table, encoding="utf-8", errors="replace") as f:
+                lines = [line for line in f if line.endswith("\n")]  # a last line cut short by a crash is left out
+            for number, line in enumerate(lines, 1):
                 try:
-                    sample = ScoredSample(part=idx.stem, **entry)
-                except TypeError:  # fields missing or unknown
-                    self.damaged[f"{idx.name} line {number}"] = idx.name
+                    sample = ScoredSample(part=table.stem, **json.loads(line))
+                except (ValueError, TypeError):  # garbled, not an object, or fields missing or unknown
+                    self.damaged[f"{table.name} line {number}"] = table.name
                     continue
                 if (sample.offset + (1 + self.has_entropy) * sample.count) * self._dtype.itemsize > size:
                     self.damaged[sample.task_id] = values.name
                 else:
                     self._samples.setdefault(sample.task_id, sample)
-        for task_id in self._samples:  # scored again after the damage
-            self.damaged.pop(task_id, None)
-        self._fds: Dict[str, int] = {}  # part -> open file: a reader looks up sample after sample
+        self.damaged = {key: part for key, part in self.damaged.items() if key not in self._samples}  # scored again
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -204,16 +193,15 @@ class ScoreStore:
         return {s.line for s in self._samples.values()}
 
     def sample(self, task_id: str) -> ScoredSample:
-        try:
+        if task_id in self._samples:
             return self._samples[task_id]
-        except KeyError:
-            if task_id in self.damaged:
-                raise ScoreError(
-                    f"{self.path / self.damaged[task_id]}: the scores of task_id {task_id!r} are cut "
-                    "off (the file is shorter than its index says); run recipes/ref_score.py again with "
-                    "the same config to score what is damaged"
-                ) from None
-            raise ScoreError(f"{self.path}: no scores for task_id {task_id!r} ({len(self)} samples scored)") from None
+        if task_id in self.damaged:
+            raise ScoreError(
+                f"{self.path / self.damaged[task_id]}: the scores of task_id {task_id!r} are cut off (the file is "
+                "shorter than the part's table says); run recipes/ref_score.py again with the same config to score "
+                "what is damaged"
+            )
+        raise ScoreError(f"{self.path}: no scores for task_id {task_id!r} ({len(self)} samples scored)")
 
     def losses(self, task_id: str) -> torch.Tensor:
         """The float32 losses of one sample's response tokens, in order."""
@@ -234,39 +222,16 @@ class ScoreStore:
             self._fds[s.part] = os.open(self.path / f"{s.part}.bin", os.O_RDONLY)
         raw = os.pread(self._fds[s.part], s.count * size, (s.offset + entropies * s.count) * size)  # after the losses
         if len(raw) != s.count * size:
-            raise ScoreError(f"{self.path / s.part}.bin: shorter than its index says; the store is damaged")
+            raise ScoreError(f"{self.path / s.part}.bin: shorter than the part's table says; the store is damaged")
         return torch.frombuffer(bytearray(raw), dtype=self._dtype).float()
 
     def close(self) -> None:
-        fds = getattr(self, "_fds", {})  # absent when __init__ refused the directory
-        for fd in fds.values():
+        for fd in self._fds.values():
             os.close(fd)
-        fds.clear()
+        self._fds.clear()
 
     def __del__(self) -> None:
         self.close()
-
-
-def _complete_lines(idx: Path) -> Iterator[Dict[str, Any]]:
-    """The entries of an index file; a last line cut short by a crash is left out, a garbled one is {}."""
-    with open(idx, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                return
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                entry = {}
-            yield entry if isinstance(entry, dict) else {}
-
-
-def store_fields(ds, i: int, record: Dict[str, Any]) -> Dict[str, Any]:
-    """What the store keeps of item i of a `CodeContestsDataset`, besides its losses."""
-    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    difficulty = meta.get("difficulty") if isinstance(meta.get("difficulty"), int) else -1
-    return dict(
-        task_id=record["task_id"], line=int(ds.lines[i]), is_correct=record["is_correct"], difficulty=difficulty
-    )
 
 
 def score_dataset(
@@ -280,8 +245,7 @@ def score_dataset(
     progress=None,
     fold: Optional[int] = None,
 ) -> List[Tuple[Dict[str, Any], torch.Tensor]]:
-    """Score items `indices` of `ds` in batches; write them (if `writer`) and return them as (store fields, losses),
-    each line read once. Entropies are computed only for a writer that stores them; `fold` is recorded with each."""
+    """Score items `indices` of `ds` (each line read once), write them if `writer`, return (store fields, losses)."""
     entropy = writer is not None and writer.store_entropy
     scored = []
     for at in range(0, len(indices), batch_size):
@@ -289,7 +253,10 @@ def score_dataset(
         items = [ds.item(i) for i in batch]
         scores = token_scores(model, [s for s, _ in items], device, pad_id, entropy)
         for i, (_, record), (losses, entropies) in zip(batch, items, scores):
-            info = dict(store_fields(ds, i, record), fold=fold)
+            meta = record.get("metadata")
+            difficulty = meta.get("difficulty") if isinstance(meta, dict) else None
+            info = dict(task_id=record["task_id"], line=int(ds.lines[i]), is_correct=record["is_correct"])
+            info |= dict(difficulty=difficulty if isinstance(difficulty, int) else -1, fold=fold)
             if writer is not None:
                 writer.write(info, losses, entropies)
             scored.append((info, losses))

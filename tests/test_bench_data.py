@@ -1,4 +1,4 @@
-"""python -m benchmarks data: the synthetic split, the earlier approach's child, the whole subcommand."""
+"""python -m benchmarks data: the synthetic split (benchmarks/synthetic.py), the methods, the whole subcommand."""
 
 import json
 import random
@@ -10,19 +10,26 @@ import pytest
 
 import benchmarks as bench
 from benchmarks import data as bench_data
-from benchmarks.data import JSONL, METADATA, PARAMS
+from benchmarks import synthetic
+from benchmarks.synthetic import JSONL, METADATA, PARAMS
 
 pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`
 
 LINES, N_SAMPLES = 3000, 500
-LABELS = ["earlier approach (full scan)", "ours, first run", "ours, cached", "ours, packed, cached"]
+LABELS = [
+    "HF datasets, first run (JSON to Arrow)",
+    "HF datasets, cached",
+    "ours, first run (index built)",
+    "ours, cached",
+    "ours, packed, cached",
+]
 
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory, llama_tokenizer_path):
     """A tiny synthetic split in WORKDIR/data, as the benchmark writes it; returns (workdir, info)."""
     workdir = tmp_path_factory.mktemp("bench-data")
-    info = bench_data.ensure_split(workdir / "data", LINES, llama_tokenizer_path)
+    info = synthetic.ensure_split(workdir / "data", LINES, llama_tokenizer_path)
     return workdir, info
 
 
@@ -102,8 +109,8 @@ def test_synthetic_lengths_are_set_in_tokens(split, llama_tokenizer_path):
     lengths = []
     for line in random.Random(0).sample(_lines(workdir), 300):
         record = json.loads(line)
-        tokens, labels = tokenize_sample(tok, record)
-        planned = len(record["instruction"].split()) + len(record["output"].split()) + bench_data.TEMPLATE_TOKENS
+        tokens, _ = tokenize_sample(tok, record)
+        planned = len(record["instruction"].split()) + len(record["output"].split()) + synthetic.TEMPLATE_TOKENS
         assert abs(len(tokens) - planned) <= 1, record["task_id"]
         lengths.append(len(tokens))
     # Loose bounds: 50 problems only; the full-size plan is checked tightly below.
@@ -112,10 +119,10 @@ def test_synthetic_lengths_are_set_in_tokens(split, llama_tokenizer_path):
 
 
 def test_full_size_plan_has_the_real_data_lengths_and_fill():
-    plan = bench_data.make_plan(bench_data.REAL_LINES)
-    assert len(plan.line_problem) == bench_data.REAL_LINES and len(plan.prompt) == bench_data.REAL_PROBLEMS
+    plan = synthetic.make_plan(synthetic.REAL_LINES)
+    assert len(plan.line_problem) == synthetic.REAL_LINES and len(plan.prompt) == synthetic.REAL_PROBLEMS
     assert 0.45 < plan.is_correct.mean() < 0.49
-    assert plan.solution.max() <= bench_data.SOLUTION_MAX
+    assert plan.solution.max() <= synthetic.SOLUTION_MAX
     lengths = plan.templated()
     assert 1400 < lengths.mean() < 1600
     assert 0.15 < (lengths > 2048).mean() < 0.25
@@ -129,18 +136,18 @@ def test_full_size_plan_has_the_real_data_lengths_and_fill():
 
 def test_the_split_is_reused_while_its_parameters_match(tmp_path, llama_tokenizer_path):
     data_dir = tmp_path / "data"
-    first = bench_data.ensure_split(data_dir, 200, llama_tokenizer_path)
+    first = synthetic.ensure_split(data_dir, 200, llama_tokenizer_path)
     stamp = (data_dir / JSONL).stat().st_mtime_ns
-    assert bench_data.ensure_split(data_dir, 200, llama_tokenizer_path) == first
+    assert synthetic.ensure_split(data_dir, 200, llama_tokenizer_path) == first
     assert (data_dir / JSONL).stat().st_mtime_ns == stamp
     # Another line count, or a file changed since, and the split is written again.
-    assert bench_data.ensure_split(data_dir, 300, llama_tokenizer_path)["lines"] == 300
+    assert synthetic.ensure_split(data_dir, 300, llama_tokenizer_path)["lines"] == 300
     assert len(_lines(tmp_path)) == 300
     with open(data_dir / JSONL, "ab") as f:
         f.write(b"\n")
-    assert bench_data.read_split_info(data_dir) == {}
-    bench_data.ensure_split(data_dir, 300, llama_tokenizer_path)
-    assert len(_lines(tmp_path)) == 300 and bench_data.read_split_info(data_dir)["lines"] == 300
+    assert synthetic.read_split_info(data_dir) == {}
+    synthetic.ensure_split(data_dir, 300, llama_tokenizer_path)
+    assert len(_lines(tmp_path)) == 300 and synthetic.read_split_info(data_dir)["lines"] == 300
     assert sorted(p.name for p in data_dir.iterdir()) == sorted([JSONL, METADATA, PARAMS])
 
 
@@ -148,54 +155,37 @@ def test_the_split_is_reused_while_its_parameters_match(tmp_path, llama_tokenize
 # The methods
 
 
-def test_earlier_approach_child_keeps_what_a_direct_computation_keeps(split, llama_tokenizer_path):
-    from ref_tuning.data import tokenize_sample
-    from ref_tuning.models import sheared_llama_tokenizer
-
+def test_hf_and_ours_keep_the_same_share_of_the_drawn_samples(split, llama_tokenizer_path):
+    """The two draws differ (each its own random generator), but keep about as many samples of <= 2048 tokens."""
     workdir, _ = split
-    seed, max_len = 3, 2048
-    methods = bench_data.data_methods(workdir, llama_tokenizer_path, N_SAMPLES, seed, max_len)
-    assert [m.label for m in methods] == LABELS
-    earlier = methods[0]
-    earlier.before()
+    counts = {}
     (workdir / "logs").mkdir(exist_ok=True)
-    log = workdir / "logs" / "earlier.log"
-    wall, peak_kib, rc = bench.run_child(earlier.cmd, log)
-    assert rc == 0, log.read_text()[-3000:]
-    assert wall > 0 and peak_kib > 0
-
-    lines = _lines(workdir)
-    correct = [i for i, e in enumerate(_metadata(workdir)["metadata"]) if e["is_correct"]]
-    tok = sheared_llama_tokenizer(str(llama_tokenizer_path))
-    drawn = random.Random(seed).sample(correct, N_SAMPLES)
-    kept = sum(len(tokenize_sample(tok, json.loads(lines[i]))[0]) <= max_len for i in drawn)
-    assert bench_data.child_count(log) == f"samples {kept}"
-    # Some drawn samples are too long, most fit; the word counts tell the same within the boundary's slack.
-    assert 0.6 * N_SAMPLES < kept < N_SAMPLES
-    by_words = sum(
-        len(json.loads(lines[i])["instruction"].split())
-        + len(json.loads(lines[i])["output"].split())
-        + bench_data.TEMPLATE_TOKENS
-        <= max_len
-        for i in drawn
-    )
-    assert abs(by_words - kept) <= 3
+    for m in bench_data.methods(workdir, llama_tokenizer_path, N_SAMPLES, ["hf-first", "ours-first"]):
+        m.before()
+        wall, peak_kib, rc = bench.run_child(m.cmd, workdir / "logs" / f"{m.key}.log")
+        assert rc == 0 and wall > 0 and peak_kib > 0, bench.tail(workdir / "logs" / f"{m.key}.log")
+        counts[m.key] = int(bench_data.built(workdir / "logs" / f"{m.key}.log").split()[1])
+    assert 0.6 * N_SAMPLES < counts["hf-first"] < N_SAMPLES and 0.6 * N_SAMPLES < counts["ours-first"] < N_SAMPLES
+    assert abs(counts["hf-first"] - counts["ours-first"]) < 0.1 * N_SAMPLES, counts
 
 
-def test_the_first_run_starts_without_cache_or_sidecars(split, llama_tokenizer_path):
+def test_a_first_run_starts_without_its_cache_or_sidecars(split, llama_tokenizer_path):
     workdir, info = split
-    data_dir, cache = workdir / "data", workdir / "cache"
-    cache.mkdir(exist_ok=True)
-    (cache / "train.index.pt").write_bytes(b"x")
-    (data_dir / ".ref_tuning_cache").mkdir(exist_ok=True)
+    data_dir, cache, hf_cache = workdir / "data", workdir / "cache", workdir / "hf-cache"
+    for d in (cache, hf_cache):
+        d.mkdir(exist_ok=True)
+        (d / "x").write_bytes(b"x")
     (data_dir / "train.index").write_bytes(b"x")
-    methods = bench_data.data_methods(workdir, llama_tokenizer_path, N_SAMPLES, 0, 2048)
-    methods[2].before()  # a cached run keeps them
-    assert (cache / "train.index.pt").is_file() and (data_dir / "train.index").is_file()
-    methods[1].before()
-    assert not cache.exists()
+    methods = {m.key: m for m in bench_data.methods(workdir, llama_tokenizer_path, N_SAMPLES, bench_data.KEYS)}
+    assert list(methods) == bench_data.KEYS and [m.label for m in methods.values()] == LABELS
+    methods["ours-cached"].before()  # a cached run keeps them
+    assert (cache / "x").is_file() and (hf_cache / "x").is_file() and (data_dir / "train.index").is_file()
+    methods["hf-first"].before()
+    assert not hf_cache.exists() and (cache / "x").is_file()
     assert sorted(p.name for p in data_dir.iterdir()) == sorted([JSONL, METADATA, PARAMS])
-    assert bench_data.read_split_info(data_dir) == info
+    methods["ours-first"].before()
+    assert not cache.exists()
+    assert synthetic.read_split_info(data_dir) == info
 
 
 def test_pad_layout_counts_each_batch_at_its_longest_sample():
@@ -210,10 +200,18 @@ def test_pad_layout_counts_each_batch_at_its_longest_sample():
     assert {bench_data.pad_layout(lengths, 2, seed)[1] for seed in range(20)} != {slots}  # the seed matters
 
 
-def test_a_missing_tokenizer_is_a_clear_error(tmp_path):
+def test_a_missing_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="the LLaMA-2 tokenizer is not there; pass --tokenizer PATH"):
         bench.main(["data", "--workdir", str(tmp_path), "--tokenizer", str(tmp_path / "none.model")])
     assert not (tmp_path / "data").exists()
+    # The default: $REF_TUNING_LLAMA_TOKENIZER, else the model's own inside the checkout.
+    monkeypatch.delenv(bench.TOKENIZER_ENV, raising=False)
+    if not bench.DEFAULT_TOKENIZER.is_file():
+        with pytest.raises(SystemExit, match="storage/models/ref-sheared-llama-2.7b/raw/tokenizer.model"):
+            bench.tokenizer_path(None)
+    monkeypatch.setenv(bench.TOKENIZER_ENV, str(tmp_path / "env.model"))
+    with pytest.raises(SystemExit, match="env.model: the LLaMA-2 tokenizer is not there"):
+        bench.tokenizer_path(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,51 +222,37 @@ def _rows(text):
     return [line for line in text.splitlines() if line.startswith("| ")]
 
 
-def test_data_bench_prints_the_table_and_the_packing_report(tmp_path, capsys, llama_tokenizer_path):
-    argv = [
-        "data",
-        "--workdir",
-        str(tmp_path),
-        "--lines",
-        str(LINES),
-        "--n-samples",
-        str(N_SAMPLES),
-        "--repeats",
-        "1",
-        "--tokenizer",
-        str(llama_tokenizer_path),
-    ]
-    assert bench.main(argv) == 0
+def test_data_bench_prints_the_table_and_the_fill_table(tmp_path, capsys, llama_tokenizer_path):
+    argv = ["data", "--workdir", str(tmp_path), "--lines", str(LINES), "--n-samples", str(N_SAMPLES)]
+    assert bench.main(argv + ["--repeats", "1", "--tokenizer", str(llama_tokenizer_path)]) == 0
     out = capsys.readouterr().out
-    methods, fills = out.split("### packing")
-    rows = _rows(methods)[2:]
-    assert [row.split("|")[1].strip() for row in rows] == LABELS
-    for row in rows:
+    rows = _rows(out)
+    methods, fills = rows[2:7], rows[9:]
+    assert [row.split("|")[1].strip() for row in methods] == LABELS
+    for row in methods:
         wall, runs, rss, ratio = (float(re.sub(r"\s.*", "", cell.strip())) for cell in row.split("|")[2:6])
         assert wall > 0 and runs == 1 and rss > 0 and ratio > 0, row
-    assert f"{LINES:,} lines" in methods and f"drawn: {N_SAMPLES:,} correct samples" in methods
+    assert f"{LINES:,} lines" in out and f"drawn: {N_SAMPLES:,} correct samples" in out
 
     built_line = out.split("- built (last run): ")[1].splitlines()[0]
-    built = dict(re.findall(r"([^:;]+): ((?:samples|packs) \d+)", built_line))
-    counts = {label.strip(): int(value.split()[1]) for label, value in built.items()}
+    counts = {label.strip(): int(n) for label, n in re.findall(r"([^:;]+): (?:samples|packs) (\d+)", built_line)}
     assert list(counts) == LABELS
-    assert 0.6 * N_SAMPLES < counts[LABELS[0]] < N_SAMPLES
-    assert counts[LABELS[1]] == counts[LABELS[2]]  # the cache gives what the first run built
-    assert 0 < counts[LABELS[3]] < counts[LABELS[2]]  # packs: fewer rows than samples
+    assert counts[LABELS[0]] == counts[LABELS[1]] and counts[LABELS[2]] == counts[LABELS[3]]  # caches give the same
+    assert 0 < counts[LABELS[4]] < counts[LABELS[3]]  # packs: fewer rows than samples
 
-    fill_rows = _rows(fills)[2:]
-    assert [row.split("|")[1].strip() for row in fill_rows] == [
+    kept = int(re.search(r"layout of the ([\d,]+) kept samples", rows[7])[1].replace(",", ""))
+    assert kept == counts[LABELS[3]]  # the samples ours kept, in every layout
+    assert [row.split("|")[1].strip() for row in fills] == [
         "padded to the batch maximum (batch 4, shuffled)",
-        "greedy packing in order at 2048",
+        "torchtune's in-order packing at 2048",
         "ours: best-fit packing at 2048",
         "bound: the fewest rows any packing needs",
     ]
-    cells = [[float(c.strip().replace(",", "")) for c in row.split("|")[2:6]] for row in fill_rows]
-    real = {c[2] for c in cells}
-    assert len(real) == 1 and cells[0][0] == counts[LABELS[1]]  # the same kept samples in every layout
-    for n_rows, slots, tokens, fill in cells:
-        assert 0 < fill <= 1 and fill == pytest.approx(tokens / slots, abs=1e-3) and n_rows > 0
-    assert cells[2][3] >= cells[1][3]  # best fit never does worse than in order here
-    assert cells[3][0] <= cells[2][0] and cells[3][3] >= cells[2][3]  # nor better than the bound
-    # The split stays for reuse; the cache is kept, and nothing else.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "logs"]
+    cells = [[float(c.strip().replace(",", "")) for c in row.split("|")[2:5]] for row in fills]
+    tokens = {round(fill * slots) for _, slots, fill in cells}
+    assert max(tokens) - min(tokens) <= 0.001 * max(tokens)  # the same real tokens in every layout
+    assert all(0 < fill <= 1 and n_rows > 0 for n_rows, _, fill in cells)
+    assert cells[0][0] == kept and cells[2][2] >= cells[1][2]  # best fit never does worse than in order here
+    assert cells[3][0] <= cells[2][0] and cells[3][2] >= cells[2][2]  # nor better than the bound
+    # The split stays for reuse, and the caches; nothing else.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "hf-cache", "logs"]

@@ -19,7 +19,7 @@ from ref_tuning.hf_checkpoint import METADATA_FILE, CheckpointError, load_hf_sta
 from ref_tuning.models import lora_tiny_sheared_llama
 from ref_tuning.scoring import load_reference
 from ref_tuning.step_checkpoints import load_weights
-from tests.stock_recipe import RECIPE_ENV, stock_config
+from benchmarks.stock_recipe import RECIPE_ENV, stock_config
 
 LORA = dict(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], lora_rank=4, lora_alpha=8.0)
 ARGS = [
@@ -99,7 +99,7 @@ def stock_lora(assets, lora_run, out, *extra):
     cfg.checkpointer._component_ = "ref_tuning.hf_checkpoint.HFBinCheckpointer"
     OmegaConf.save(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(extra))), out.parent / "stock.yaml")
     env = {RECIPE_ENV: "lora_finetune_distributed"}
-    ok(tune([], recipe="tests/stock_recipe.py", config=str(out.parent / "stock.yaml"), env=env))
+    ok(tune([], recipe="benchmarks/stock_recipe.py", config=str(out.parent / "stock.yaml"), env=env))
 
 
 @pytest.fixture(scope="module")

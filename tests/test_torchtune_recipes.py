@@ -1,4 +1,4 @@
-"""torchtune's own recipes take our checkpointer: the stock `full_finetune_distributed` (tests/stock_recipe.py)
+"""torchtune's own recipes take our checkpointer: the stock `full_finetune_distributed` (benchmarks/stock_recipe.py)
 with our model builder and `HFBinCheckpointer` in place of `FullModelHFCheckpointer`, 2 processes on CPU in
 fp32, trains, writes complete HF directories at `output_dir/epoch_{N}`, and resumes exactly from its recipe state."""
 
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, tune
 from ref_tuning.hf_checkpoint import METADATA_FILE, RECIPE_STATE_FILE, CheckpointError, load_hf_state_dict
 from ref_tuning.scoring import load_reference
-from tests.stock_recipe import stock_config
+from benchmarks.stock_recipe import stock_config
 
 OURS = "ref_tuning.hf_checkpoint.HFBinCheckpointer"
 # 16 samples, 2 per process and step, 2 processes: 4 steps an epoch, capped at 2; 2 epochs, so that the
@@ -38,7 +38,7 @@ def stock_with_ours(assets, output_dir: Path) -> DictConfig:
 
 def run(cfg: DictConfig, path: Path) -> None:
     OmegaConf.save(cfg, path)
-    ok(tune([], recipe="tests/stock_recipe.py", config=str(path)))
+    ok(tune([], recipe="benchmarks/stock_recipe.py", config=str(path)))
 
 
 @pytest.fixture(scope="module")

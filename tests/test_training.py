@@ -41,7 +41,7 @@ from ref_tuning.data import codecontests_dataset
 from ref_tuning.demo import validation_loss
 from ref_tuning.models import sheared_llama_tokenizer, tiny_sheared_llama
 from ref_tuning.step_checkpoints import load_weights
-from tests.stock_recipe import stock_config
+from benchmarks.stock_recipe import stock_config
 
 VALIDATION = ["eval_every_n_steps=2", "dataset_val.n_samples=5"]  # odd: one rank pads with a label-less sample
 
@@ -151,7 +151,7 @@ def test_per_step_losses_equal_torchtunes_full_finetune_distributed(assets, refe
     ours = OmegaConf.create(OmegaConf.to_container(ours, resolve=True))
     stock, config_path = tmp_path / "stock", tmp_path / "stock.yaml"
     OmegaConf.save(stock_config(ours, str(stock)), config_path)
-    ok(tune([], recipe="tests/stock_recipe.py", config=str(config_path)))
+    ok(tune([], recipe="benchmarks/stock_recipe.py", config=str(config_path)))
     ours_losses, stock_losses = logged(out / "logs", "loss"), logged(stock / "logs", "loss")
     assert len(ours_losses) == len(stock_losses) == STEPS
     for (s1, a), (s2, b) in zip(ours_losses, stock_losses):

@@ -1,21 +1,21 @@
-"""torchtune's own `full_finetune_distributed` recipe, the peer our recipe is measured against, run as
-it ships but for its CPU guards (shared/docs/TORCHTUNE_NOTES.md):
+"""torchtune's own recipes, the peers ours is measured against, run as they ship but for their CPU guards:
 
-    tune run --nproc_per_node 2 tests/stock_recipe.py --config CONFIG [key=value ...]
+    tune run --nproc_per_node 2 benchmarks/stock_recipe.py --config CONFIG [key=value ...]
 
-On CPU, `training.get_memory_stats` raises and `training.cleanup_before_training` calls
-`torch.cpu.empty_cache`, which does not exist; both are skipped there; without NCCL, process groups are
-gloo's. Nothing else changes.
+runs `full_finetune_distributed`. On CPU, `training.get_memory_stats` raises and
+`training.cleanup_before_training` calls `torch.cpu.empty_cache`, which does not exist; both are skipped
+there; without NCCL, process groups are gloo's. Nothing else changes.
 Another of torchtune's recipes runs the same way with REF_TUNING_STOCK_RECIPE set to its name (e.g.
 `lora_finetune_distributed`): `tune run` has no place for it, and the environment reaches every worker.
 `stock_config` makes its config from one of ours: the same model, tokenizer, data, optimizer and
-schedule, with torchtune's `FullModelHFCheckpointer` reading the same HF directory.
+schedule, with torchtune's `FullModelHFCheckpointer` reading the same HF directory. The parity tests
+(tests/) and `python -m benchmarks train` and `gpu` use it.
 """
 
 import os
 import runpy
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 import torchtune
@@ -32,10 +32,10 @@ def stock_config(ours: DictConfig, output_dir: str) -> DictConfig:
     """The stock recipe's config for the run that `ours` (one of our configs, resolved) describes."""
     checkpoint_dir = Path(ours.checkpointer.checkpoint_dir)
     index = checkpoint_dir / "pytorch_model.bin.index.json"
-    files: List[str] = (
+    files: list[str] = (
         sorted(set(OmegaConf.load(index).weight_map.values())) if index.is_file() else ["pytorch_model.bin"]
     )
-    cfg: Dict[str, Any] = {
+    cfg: dict[str, Any] = {
         "output_dir": output_dir,
         "model": OmegaConf.to_container(ours.model),
         "tokenizer": OmegaConf.to_container(ours.tokenizer),
@@ -77,7 +77,32 @@ def stock_config(ours: DictConfig, output_dir: str) -> DictConfig:
     return OmegaConf.create(cfg)
 
 
-def _memory_stats(device: torch.device, reset_stats: bool = True) -> Dict[str, float]:
+def write_stock_config(path: str, ours: str, *overrides: str) -> None:
+    """Write to `path` the stock recipe's config for our config file `ours` with `overrides`, logging through the
+    same metric logger; where ours packs, the same samples packed by torchtune's own `PackedDataset`."""
+    cfg = OmegaConf.merge(OmegaConf.load(ours), OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    stock = stock_config(cfg, cfg.output_dir)
+    stock.metric_logger._component_ = cfg.metric_logger._component_
+    stock.log_peak_memory_stats = cfg.device == "cuda"
+    if cfg.dataset.packed:  # the stock recipe reads `dataset.packed` to pick its collate function
+        stock.dataset._component_ = "benchmarks.stock_recipe.torchtune_packed"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(stock, path)
+
+
+def torchtune_packed(tokenizer, packed: bool = True, **kwargs):
+    """Our dataset of the same draw, packed the way torchtune's own builders pack: `PackedDataset`, in order,
+    samples kept whole."""
+    from torchtune.datasets import PackedDataset
+
+    from ref_tuning.data import codecontests_dataset
+
+    ds = codecontests_dataset(tokenizer, **kwargs)
+    return PackedDataset(ds, max_seq_len=kwargs["max_seq_len"], padding_idx=tokenizer.pad_id, split_across_pack=False)
+
+
+def _memory_stats(device: torch.device, reset_stats: bool = True) -> dict[str, float]:
     return _real_memory_stats(device, reset_stats) if device.type != "cpu" else dict(_NO_MEMORY_STATS)
 
 
