@@ -267,18 +267,3 @@ def add_subcommand(sub, module) -> None:
     p.add_argument("--methods", type=methods, default=keys, help=f"comma-separated (default {','.join(keys)})")
     module.add_arguments(p)
     p.set_defaults(func=module.main)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks import checkpoint, convert, data, gpu, precision, train  # here: they import this module
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=RAW)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module in (convert, data, train, checkpoint, precision, gpu):
-        add_subcommand(sub, module)
-    args = parser.parse_args(argv)
-    args.workdir = args.workdir.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / "logs").mkdir(exist_ok=True)
-    say(f"logs in {args.workdir / 'logs'}")
-    return args.func(args)

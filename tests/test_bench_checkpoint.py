@@ -5,12 +5,13 @@ import json
 import pytest
 
 import benchmarks as bench
+from benchmarks.__main__ import main as bench_main
 
 pytestmark = pytest.mark.slow  # benchmarks: `python -m pytest -q -m slow`
 
 
 def test_checkpoint_bench_prints_both_methods(tmp_path, capsys):
-    assert bench.main(["checkpoint", "--workdir", str(tmp_path), "--tiny", "--repeats", "1"]) == 0
+    assert bench_main(["checkpoint", "--workdir", str(tmp_path), "--tiny", "--repeats", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
     assert [row.split("|")[1].strip() for row in rows] == ["torchtune", "ours"]
     for row in rows:

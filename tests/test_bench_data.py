@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import benchmarks as bench
+from benchmarks.__main__ import main as bench_main
 from benchmarks import data as bench_data
 from benchmarks import synthetic
 from benchmarks.synthetic import JSONL, METADATA, PARAMS
@@ -202,7 +203,7 @@ def test_pad_layout_counts_each_batch_at_its_longest_sample():
 
 def test_a_missing_tokenizer_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="the LLaMA-2 tokenizer is not there; pass --tokenizer PATH"):
-        bench.main(["data", "--workdir", str(tmp_path), "--tokenizer", str(tmp_path / "none.model")])
+        bench_main(["data", "--workdir", str(tmp_path), "--tokenizer", str(tmp_path / "none.model")])
     assert not (tmp_path / "data").exists()
     # The default: $REF_TUNING_LLAMA_TOKENIZER, else the model's own inside the checkout.
     monkeypatch.delenv(bench.TOKENIZER_ENV, raising=False)
@@ -224,7 +225,7 @@ def _rows(text):
 
 def test_data_bench_prints_the_table_and_the_fill_table(tmp_path, capsys, llama_tokenizer_path):
     argv = ["data", "--workdir", str(tmp_path), "--lines", str(LINES), "--n-samples", str(N_SAMPLES)]
-    assert bench.main(argv + ["--repeats", "1", "--tokenizer", str(llama_tokenizer_path)]) == 0
+    assert bench_main(argv + ["--repeats", "1", "--tokenizer", str(llama_tokenizer_path)]) == 0
     out = capsys.readouterr().out
     rows = _rows(out)
     methods, fills = rows[2:7], rows[9:]
