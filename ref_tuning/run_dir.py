@@ -108,6 +108,5 @@ def record(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
         for path in (output_dir / name for name in RUN_OUTPUTS):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if not cfg.resume_from_checkpoint or not (output_dir / RUN_FILE).is_file():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_output(output_dir / RUN_FILE, overwrite=True) as tmp:
+        with atomic_output(output_dir / RUN_FILE, overwrite=True) as tmp:  # creates output_dir too
             tmp.write_text(json.dumps(identity(cfg, world_size), indent=2, default=str) + "\n")
