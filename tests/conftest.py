@@ -77,10 +77,17 @@ def overrides(assets, output_dir: Path, *extra: str, validation: bool = True) ->
     ]
 
 
-def tune_command(nproc: int, recipe: str, config: str, args: List[str]) -> List[str]:
-    tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
+def tune_command(nproc: int, recipe: str, config: str, args: List[str], literal: bool = False) -> List[str]:
+    """`tune run --nproc_per_node N recipe --config config args`. Unless `literal`, as the command that `tune run`
+    itself runs for a recipe file, torchrun with `-m recipes.name`: the same launcher code, without the 5 s
+    that the `tune` process spends importing torchtune before it starts torchrun."""
     # --standalone: a free port per run, so that runs never collide on torchrun's default one.
-    return [tune, "run", "--standalone", "--nproc_per_node", str(nproc), recipe, "--config", config, *args]
+    launch = ["--standalone", "--nproc_per_node", str(nproc)]
+    if literal:
+        tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
+        return [tune, "run", *launch, recipe, "--config", config, *args]
+    module = str(Path(recipe).with_suffix("")).replace("/", ".")
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "-m", module, "--config", config, *args]
 
 
 def tune(
@@ -90,10 +97,12 @@ def tune(
     watch: Optional[Callable[[subprocess.Popen], None]] = None,
     recipe: str = "recipes/ref_finetune.py",
     config: str = TINY_CONFIG,
+    literal: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`tune run` from the project root; `watch(process)`, if given, acts on the run while it runs."""
+    """`tune run` from the project root (see `tune_command`); `watch(process)`, if given, acts on the run while it
+    runs."""
     proc = subprocess.Popen(
-        tune_command(nproc, recipe, config, args),
+        tune_command(nproc, recipe, config, args, literal),
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

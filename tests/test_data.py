@@ -332,7 +332,8 @@ def test_the_draw_does_not_depend_on_the_number_of_ranks(tok, data, tmp_path, de
         tok, str(data), n_samples=60, correct_ratio=0.5, seed=4, max_per_problem=2, cache_dir=str(tmp_path / "alone")
     )
     args = (2, str(data), str(tmp_path / "two"), str(tmp_path / "init"), str(tmp_path / "out"))
-    torch.multiprocessing.spawn(_draw_in_process, args=args, nprocs=2)
+    # Forked: the children start with this process's imports, not afresh (9 s less).
+    torch.multiprocessing.start_processes(_draw_in_process, args=args, nprocs=2, start_method="fork")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"out.{rank}")
         assert got["lines"].tolist() == alone.lines.tolist()

@@ -24,7 +24,7 @@ from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.report import auroc, loss_histograms, run_report, summarize, verdict
 from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, open_store, score_dataset
 
-from conftest import descendants, run_in_process
+from conftest import descendants, run_in_process, tune_command
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # our `recipes` before torchtune's
@@ -40,16 +40,8 @@ def assets(tmp_path_factory):
     return paths
 
 
-def score_command(assets, out: Path, nproc: int, *extra: str):
-    tune = shutil.which("tune") or str(Path(sys.executable).parent / "tune")
+def score_args(assets, out: Path, *extra: str) -> list:
     return [
-        tune,
-        "run",
-        "--nproc_per_node",
-        str(nproc),
-        "recipes/ref_score.py",
-        "--config",
-        "configs/ref_score.yaml",
         f"model_dir={assets['model']}",
         f"output_dir={out}",
         "device=cpu",
@@ -58,6 +50,17 @@ def score_command(assets, out: Path, nproc: int, *extra: str):
         f"dataset.data_dir={assets['data']}",
         *extra,
     ]
+
+
+def score_command(assets, out: Path, nproc: int, *extra: str):
+    return tune_command(nproc, "recipes/ref_score.py", "configs/ref_score.yaml", score_args(assets, out, *extra))
+
+
+def score_alone(assets, out: Path, *extra: str) -> str:
+    """One process, in this process (a world of one, as `--nproc_per_node 1`): the log."""
+    code, text = run_in_process("score", score_args(assets, out, *extra))
+    assert code == 0, text[-3000:]
+    return text
 
 
 def run(command, **kwargs) -> subprocess.CompletedProcess:
@@ -199,12 +202,12 @@ def test_scoring_resumes_after_a_kill_with_another_number_of_processes(assets, t
     with open(next(out.glob("part-*.bin")), "ab") as f:
         f.write(b"\x00" * 10)
 
-    result = run(score_command(assets, out, 1, *extra))
-    assert f"{before} scored already, {96 - before} to score by 1 processes" in result.stderr + result.stdout
+    text = score_alone(assets, out, *extra)
+    assert f"{before} scored already, {96 - before} to score by 1 processes" in text
     store = ScoreStore(out)
     assert len(store) == 96 and len({s.line for s in store}) == 96
     fresh = tmp_path / "fresh"
-    run(score_command(assets, fresh, 1, *extra))
+    score_alone(assets, fresh, *extra)
     reference = ScoreStore(fresh)
     for s in reference:  # to float precision: the thread count (and so the sums' order) differs with nproc
         torch.testing.assert_close(store.losses(s.task_id), reference.losses(s.task_id), rtol=0, atol=1e-5)

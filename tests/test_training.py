@@ -65,9 +65,10 @@ def train(assets, output_dir: Path, *extra: str) -> str:
 
 @pytest.fixture(scope="module")
 def reference(assets, tmp_path_factory):
-    """An uninterrupted 2-process run of STEPS steps: its output folder and its output."""
+    """An uninterrupted 2-process run of STEPS steps, by the README's literal `tune run` command: its output folder
+    and its output."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    result = ok(tune(overrides(assets, out, *VALIDATION)))
+    result = ok(tune(overrides(assets, out, *VALIDATION), literal=True))
     return out, result.stdout + result.stderr
 
 
