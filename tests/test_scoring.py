@@ -40,6 +40,9 @@ def assets(tmp_path_factory):
     return paths
 
 
+VALID = ["dataset.split=valid", "dataset.n_samples=24", "dataset.correct_ratio=0.5", "batch_size=3"]
+
+
 def score_args(assets, out: Path, *extra: str) -> list:
     return [
         f"model_dir={assets['model']}",
@@ -81,11 +84,7 @@ def dataset_of(store: ScoreStore, assets):
 def valid_store(assets, tmp_path_factory):
     """The base model's scores of 24 samples of the valid split (correct and incorrect), 2 processes."""
     out = tmp_path_factory.mktemp("scores") / "valid"
-    run(
-        score_command(
-            assets, out, 2, "dataset.split=valid", "dataset.n_samples=24", "dataset.correct_ratio=0.5", "batch_size=3"
-        )
-    )
+    run(score_command(assets, out, 2, *VALID))
     return out
 
 
@@ -222,18 +221,8 @@ def test_a_damaged_part_is_found_on_open_and_scored_again(assets, valid_store, t
     lost = next(iter(damaged.damaged))
     with pytest.raises(ScoreError, match=f"{part.name}: the scores of task_id '{lost}' are cut off"):
         damaged.losses(lost)
-    result = run(
-        score_command(
-            assets,
-            store_dir,
-            1,
-            "dataset.split=valid",
-            "dataset.n_samples=24",
-            "dataset.correct_ratio=0.5",
-            "batch_size=3",
-        )
-    )
-    assert f"{len(damaged.damaged)} samples' scores are damaged (in {part.name}): scoring them again" in result.stderr
+    text = score_alone(assets, store_dir, *VALID)
+    assert f"{len(damaged.damaged)} samples' scores are damaged (in {part.name}): scoring them again" in text
     repaired, reference = ScoreStore(store_dir), ScoreStore(valid_store)
     assert len(repaired) == 24 and not repaired.damaged
     for s in reference:
@@ -241,23 +230,8 @@ def test_a_damaged_part_is_found_on_open_and_scored_again(assets, valid_store, t
 
 
 def test_a_store_of_another_model_or_data_is_refused(assets, valid_store):
-    result = subprocess.run(
-        score_command(
-            assets,
-            valid_store,
-            1,
-            "dataset.split=valid",
-            "dataset.n_samples=24",
-            "dataset.correct_ratio=0.5",
-            "dataset.seed=7",
-        ),
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode != 0
-    assert "holds scores of another run (differing in dataset)" in result.stderr
+    code, text = run_in_process("score", score_args(assets, valid_store, *VALID, "dataset.seed=7"))
+    assert code == 2 and "holds scores of another run (differing in dataset)" in text
     with pytest.raises(ScoreError, match="not a score store"):
         ScoreStore(assets["model"])
 
@@ -286,17 +260,7 @@ def test_preview_with_a_policy_directory_or_its_scores(assets, valid_store, tmp_
     assert text.count("### ") == 4 and "⟦" in text
     # The same from the policy's own score store.
     policy_scores = tmp_path / "policy-scores"
-    command = score_command(
-        assets,
-        policy_scores,
-        1,
-        "dataset.split=valid",
-        "dataset.n_samples=24",
-        "dataset.correct_ratio=0.5",
-        "batch_size=3",
-    )
-    command[command.index(f"model_dir={assets['model']}")] = f"model_dir={assets['other']}"
-    run(command)
+    score_alone(dict(assets, model=assets["other"]), policy_scores, *VALID)
     second = preview_module.preview(valid_store, policy_scores, tmp_path / "p2", k=0.6)
     assert second["shares"] == first["shares"] and second["selected"] == first["selected"]
 

@@ -226,12 +226,12 @@ def test_collective_timeouts_a_slow_setup_survives_and_a_hung_rank_is_a_clear_er
     ]
 
     def watch(proc: subprocess.Popen) -> None:
-        # Rank 0 stops for 5 s in setup (as when it indexes a first run's data alone) while rank 1 waits
+        # Rank 0 stops for 3 s in setup (as when it indexes a first run's data alone) while rank 1 waits
         # in a collective: that survives. Then rank 1 hangs after step 1: that is an error after 2 s.
         if reached(proc, (out / "logs").exists):
-            _pause(0, 5)(proc)
+            _pause(0, 3)(proc)
         if reached(proc, lambda: 1 in dict(logged(out / "logs", "loss"))):
-            _pause(1, 6)(proc)
+            _pause(1, 4)(proc)
 
     start = time.monotonic()
     result = tune(overrides(assets, out, *quick), watch=watch)
