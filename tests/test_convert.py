@@ -10,14 +10,15 @@ under test, wherever that is possible.
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import time
 import zipfile
@@ -346,41 +347,54 @@ def test_existing_output_needs_overwrite(src, tmp_path, capsys, command):
     assert hidden_entries(tmp_path) == []
 
 
+def _convert_in_fork(args: List[str], log: Path, file_size_limit: int = 0) -> multiprocessing.Process:
+    """`python -m ref_tuning.convert ARGS` in a forked child (it starts with this process's imports: seconds
+    less than a fresh interpreter), its stderr into `log`; with `file_size_limit`, no file it writes can grow
+    past that many bytes, as on a full disk."""
+
+    def child() -> None:
+        torch.set_num_threads(1)  # the parent's OpenMP threads do not exist in a fork: joining them would hang
+        with open(log, "wb") as f:
+            os.dup2(f.fileno(), 2)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        if file_size_limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+        os._exit(convert.main(args))
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    return proc
+
+
 def _convert_then_kill(args: List[str], out: Path, log: Path, kill_at_bytes: int) -> Tuple[int, int]:
-    """Run `python -m ref_tuning.convert ARGS` writing `out` and SIGKILL it once its temporary output
-    holds `kill_at_bytes` bytes (or at once if that output is gone, renamed to `out`). Progress, not
-    the clock, picks the moment: importing torch and torchtune takes seconds, and how long the write
-    then takes depends on the machine's load. Returns the pid and the exit status (-9 if killed)."""
+    """Run the conversion ARGS writing `out` and SIGKILL it once its temporary output holds `kill_at_bytes`
+    bytes (or at once if that output is gone, renamed to `out`). Progress, not the clock, picks the moment:
+    how long the write takes depends on the machine's load. Returns the pid and the exit status (-9 if killed)."""
     tmp_glob = f".{out.name}.tmp-*-{{pid}}-*"
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ref_tuning.convert", *args],
-            cwd=PROJECT_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-        )
-        try:
-            deadline, seen = time.monotonic() + 120, False
-            while proc.poll() is None:
-                assert time.monotonic() < deadline, "not done writing after 120 s"
-                tmps = list(out.parent.glob(tmp_glob.format(pid=proc.pid)))
-                try:
-                    written = sum(f.stat().st_size for f in tmps[0].iterdir()) if tmps else -1
-                except FileNotFoundError:  # renamed or removed while we looked
-                    written = kill_at_bytes
-                seen = seen or written >= 0
-                if written >= kill_at_bytes or (seen and not tmps):
-                    proc.send_signal(signal.SIGKILL)
-                    break
-                time.sleep(0.0005)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    proc = _convert_in_fork(args, log)
+    try:
+        deadline, seen = time.monotonic() + 120, False
+        while proc.is_alive():
+            assert time.monotonic() < deadline, "not done writing after 120 s"
+            tmps = list(out.parent.glob(tmp_glob.format(pid=proc.pid)))
+            try:
+                written = sum(f.stat().st_size for f in tmps[0].iterdir()) if tmps else -1
+            except FileNotFoundError:  # renamed or removed while we looked
+                written = kill_at_bytes
+            seen = seen or written >= 0
+            if written >= kill_at_bytes or (seen and not tmps):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+        proc.join(timeout=120)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
     if not seen:
-        pytest.fail(f"exited with {proc.returncode} before its temporary output was seen: {log.read_text()}")
-    return proc.pid, proc.returncode
+        pytest.fail(f"exited with {proc.exitcode} before its temporary output was seen: {log.read_text()}")
+    return proc.pid, proc.exitcode
 
 
 @pytest.fixture(scope="module")
@@ -685,15 +699,12 @@ def test_a_failed_write_is_an_error_naming_the_file_and_leaves_nothing(src, tmp_
     line naming the file, and leaves no output and no temporary files."""
     out = tmp_path / ("out.pt" if command == "hf-to-tune" else "out")
     limit = 500_000  # bytes per file: less than the weights of `src`
-    code = (
-        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-        "from ref_tuning.convert import main; sys.exit(main(sys.argv[1:]))"
-    )
-    args = [*command.split(), str(src), str(out), "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert proc.returncode == 2 and proc.stdout == "" and len(errors) == 1, proc.stderr
+    log = tmp_path.parent / f"{tmp_path.name}.log"  # outside tmp_path, which must stay empty
+    proc = _convert_in_fork([*command.split(), str(src), str(out), "--no-progress"], log, file_size_limit=limit)
+    proc.join(timeout=120)
+    stderr = log.read_text()
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert proc.exitcode == 2 and len(errors) == 1, stderr
     assert re.fullmatch(
         r"error: \S*/\.out(\.pt)?\.tmp-\S+-\d+-[0-9a-f]+\S*: writing failed \(.+\); [\d.]+ GB free on its "
         r"file system",
