@@ -133,6 +133,18 @@ def test_torchtunes_lora_recipe_resumes_exactly_with_our_checkpointer(assets, lo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def assert_same_outputs(a, b) -> None:
+    """checkpoint_final and adapter_final of runs `a` and `b` are bit-identical."""
+    outputs = {
+        "checkpoint_final": load_hf_state_dict,
+        "adapter_final": lambda d: load_file(d / "adapter_model.safetensors"),
+    }
+    for name, read in outputs.items():
+        x, y = read(a / name), read(b / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+@pytest.mark.slow  # the same with one process, stopped by SIGTERM, is in the default suite (below)
 def test_resume_after_sigkill_is_bit_identical(assets, lora_run, tmp_path):
     out = tmp_path / "run"
     # The whole run dies the moment step 6's checkpoint is begun: step 4's, adapters only, is the newest.
@@ -140,13 +152,7 @@ def test_resume_after_sigkill_is_bit_identical(assets, lora_run, tmp_path):
     killed = tune(overrides(assets, out, *ARGS), watch=when(begun, send(signal.SIGKILL)))
     assert killed.returncode != 0 and not (out / "checkpoint_final").exists()
     ok(tune(overrides(assets, out, *ARGS, "resume_from_checkpoint=true")))
-    outputs = {
-        "checkpoint_final": load_hf_state_dict,
-        "adapter_final": lambda d: load_file(d / "adapter_model.safetensors"),
-    }
-    for name, read in outputs.items():
-        a, b = read(out / name), read(lora_run / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_outputs(out, lora_run)
     expected = dict(logged(lora_run / "logs", "loss"))
     resumed = [(s, v) for s, v in logged(out / "logs", "loss") if s > 4]
     assert [s for s, _ in resumed][-(STEPS - 4) :] == list(range(5, STEPS + 1))
@@ -164,3 +170,10 @@ def test_sigterm_stops_with_an_adapter_checkpoint_and_the_resume_finishes(assets
     code, text = run_in_process("train", [*args, "resume_from_checkpoint=true"])
     assert code == 0 and (out / "checkpoint_final").is_dir() and (out / "adapter_final").is_dir(), text[-2000:]
     assert [s for s, _ in logged(out / "logs", "loss")][-1] == 2 * STEPS  # one process: twice the steps of two
+    # Bit-identical to the same run uninterrupted: outputs and the losses after the stop.
+    whole = tmp_path / "whole"
+    code, text = run_in_process("train", overrides(assets, whole, *ARGS, "save_every_n_steps=null", "dataset_val=null"))
+    assert code == 0, text[-2000:]
+    assert_same_outputs(out, whole)
+    expected = dict(logged(whole / "logs", "loss"))
+    assert all(v == expected[s] for s, v in logged(out / "logs", "loss"))

@@ -163,7 +163,7 @@ def test_per_step_losses_equal_torchtunes_full_finetune_distributed(assets, refe
 # Interrupted runs
 
 
-def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(assets, reference, tmp_path):
+def test_a_kill_during_a_checkpoint_write_then_ctrl_c_and_the_resumes_are_exact(assets, reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
     # The whole run (launcher and workers) dies the moment step 4's checkpoint is begun, as on a power cut.
@@ -172,28 +172,29 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_
     assert result.returncode != 0 and not (out / "checkpoint_final").exists()
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(left) == 2 and left[0].startswith(".step_000004.tmp-") and left[1] == "step_000002", left
-    ok(tune(overrides(assets, out, *VALIDATION, "resume_from_checkpoint=true")))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000006", "step_000008"]
-    assert_bit_identical(final_weights(out), final_weights(ref))
-    expected = dict(logged(ref / "logs", "loss"))
-    after = [(s, v) for s, v in logged(out / "logs", "loss") if s > 2]
-    assert [s for s, _ in after][-(STEPS - 2) :] == list(range(3, STEPS + 1))
-    assert all(v == expected[s] for s, v in after), (after, expected)
 
-
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_without_a_traceback(assets, tmp_path):
-    out = tmp_path / "run"
-    # Ctrl-C reaches the launcher, which passes SIGINT on to the workers.
+    # Resumed from step 2, it gets Ctrl-C after step 5: the launcher passes SIGINT on to the workers, which
+    # finish the step, write a checkpoint and exit without a traceback.
+    resume = [*VALIDATION, "resume_from_checkpoint=true"]
     result = tune(
-        overrides(assets, out, "save_every_n_steps=null"),
-        watch=when(lambda: 3 in dict(logged(out / "logs", "loss")), send(signal.SIGINT, launcher_only=True)),
+        overrides(assets, out, *resume),
+        watch=when(lambda: 5 in dict(logged(out / "logs", "loss")), send(signal.SIGINT, launcher_only=True)),
     )
     text = result.stderr + result.stdout
     assert "SIGINT: stopped after step" in text and "KeyboardInterrupt" not in text, text[-3000:]
     assert "]: Traceback" not in text  # no worker's traceback ("[rank0]: Traceback")
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert len(saved) == 1 and saved[0].startswith("step_") and not (out / "checkpoint_final").exists()
-    assert [s for s, _ in logged(out / "logs", "loss")] == list(range(1, int(saved[0][5:]) + 1))
+    stopped = int(re.search(r"SIGINT: stopped after step (\d+)", text).group(1))
+    # Step 4 written again swept the killed run's temporary; the stop's checkpoint is the newest.
+    assert len(saved) == 2 and saved[-1] == f"step_{stopped:06d}" and not (out / "checkpoint_final").exists(), saved
+
+    ok(tune(overrides(assets, out, *resume)))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000006", "step_000008"]
+    assert_bit_identical(final_weights(out), final_weights(ref))
+    expected = dict(logged(ref / "logs", "loss"))
+    after = [(s, v) for s, v in logged(out / "logs", "loss") if s > 2]
+    assert {s for s, _ in after} == set(range(3, STEPS + 1))
+    assert all(v == expected[s] for s, v in after), (after, expected)
 
 
 def test_sigterm_stops_like_ctrl_c(assets, tmp_path):
