@@ -66,12 +66,6 @@ def score_alone(assets, out: Path, *extra: str) -> str:
     return text
 
 
-def run(command, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, **kwargs)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return result
-
-
 def dataset_of(store: ScoreStore, assets):
     """The samples a store describes, rebuilt from its own record of its tokenizer and data."""
     d = store.description["dataset"]
@@ -82,9 +76,10 @@ def dataset_of(store: ScoreStore, assets):
 
 @pytest.fixture(scope="module")
 def valid_store(assets, tmp_path_factory):
-    """The base model's scores of 24 samples of the valid split (correct and incorrect), 2 processes."""
+    """The base model's scores of 24 samples of the valid split (correct and incorrect), one process (two
+    processes score in test_scoring_resumes_after_a_kill_with_another_number_of_processes)."""
     out = tmp_path_factory.mktemp("scores") / "valid"
-    run(score_command(assets, out, 2, *VALID))
+    score_alone(assets, out, *VALID)
     return out
 
 
@@ -109,7 +104,7 @@ def test_the_store_records_what_it_scored(assets, valid_store):
     store = ScoreStore(valid_store)
     assert store.description["model_dir"] == str(Path(assets["model"]).resolve())
     assert store.description["dataset"]["split"] == "valid" and store.description["store_dtype"] == "float32"
-    assert sorted(p.suffix for p in valid_store.glob("part-*")) == [".bin", ".bin", ".idx", ".idx"]  # one part a rank
+    assert sorted(p.suffix for p in valid_store.glob("part-*")) == [".bin", ".idx"]  # one part a process
     samples = list(store)
     assert sum(s.is_correct for s in samples) == 12 and all(s.difficulty >= 0 for s in samples)
     with pytest.raises(ScoreError, match=r"no scores for task_id 'nope' \(24 samples scored\)"):
@@ -195,6 +190,7 @@ def test_scoring_resumes_after_a_kill_with_another_number_of_processes(assets, t
     proc.wait()
     before = len(ScoreStore(out))
     assert 0 < before < 96, before  # killed in the middle
+    assert sorted(p.suffix for p in out.glob("part-*")) == [".bin", ".bin", ".idx", ".idx"]  # one part a rank
     # A crash may leave a line cut short and values without their index line: both are ignored.
     with open(next(out.glob("part-*.idx")), "a") as f:
         f.write('{"task_id": "half a li')
