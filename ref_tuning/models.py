@@ -25,35 +25,24 @@ SHEARED_LLAMA_2_7B = dict(
 )
 
 
-def sheared_llama_2_7b() -> TransformerDecoder:
-    """Sheared-LLaMA-2.7B: the LLaMA-2 architecture with 2,701,560,320 parameters."""
-    return llama2(**SHEARED_LLAMA_2_7B)
-
-
-def lora_sheared_llama_2_7b(
-    lora_attn_modules: List[str],
-    apply_lora_to_mlp: bool = False,
-    lora_rank: int = 16,
-    lora_alpha: float = 32.0,
-    lora_dropout: float = 0.0,
-) -> TransformerDecoder:
-    """Sheared-LLaMA-2.7B with torchtune's LoRA on `lora_attn_modules`, optionally the MLP: only the adapters train."""
-    return lora_llama2(
-        lora_attn_modules,
-        apply_lora_to_mlp,
-        # lora_llama2 takes no rope_base: it is always LLaMA-2's 10,000, as Sheared-LLaMA's is.
-        **{key: value for key, value in SHEARED_LLAMA_2_7B.items() if key != "rope_base"},
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-    )
+# Partials, as torchtune's own qlora builders: the config check reads llama2's keyword arguments.
+sheared_llama_2_7b = functools.partial(llama2, **SHEARED_LLAMA_2_7B)
+sheared_llama_2_7b.__doc__ = "Sheared-LLaMA-2.7B: the LLaMA-2 architecture with 2,701,560,320 parameters."
+# lora_llama2 takes no rope_base: it is always LLaMA-2's 10,000, as Sheared-LLaMA's is.
+lora_sheared_llama_2_7b = functools.partial(
+    lora_llama2,
+    **{key: value for key, value in SHEARED_LLAMA_2_7B.items() if key != "rope_base"},
+    lora_rank=16,
+    lora_alpha=32.0,
+    lora_dropout=0.0,
+)
+lora_sheared_llama_2_7b.__doc__ = "Sheared-LLaMA-2.7B with torchtune's LoRA on lora_attn_modules (and apply_lora_to_mlp)."
 
 
 # The tiny model of the demo, the tests and configs/tiny_cpu.yaml; its vocabulary follows the tokenizer.
 TINY_SHEARED_LLAMA = dict(
     num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=128, intermediate_dim=352, max_seq_len=2048
 )
-# A partial, as torchtune's own qlora builders: the config check reads llama2's keyword arguments.
 tiny_sheared_llama = functools.partial(llama2, **TINY_SHEARED_LLAMA)
 tiny_sheared_llama.__doc__ = "A tiny model of the family: fewer, narrower layers (overridable); `vocab_size` required."
 lora_tiny_sheared_llama = functools.partial(lora_llama2, **TINY_SHEARED_LLAMA)
