@@ -1,8 +1,9 @@
 """Model and tokenizer builders for the Sheared-LLaMA family, referenced from YAML by `_component_`."""
 
 import functools
+import inspect
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torchtune.models.llama2 import llama2, lora_llama2
@@ -25,18 +26,65 @@ SHEARED_LLAMA_2_7B = dict(
 )
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj")
+PEFT_NAMES = {"o_proj": "output_proj"}  # PEFT's (and HF's) names that differ from torchtune's
+
+
+def check_lora_args(lora_attn_modules: Any, lora_rank: Any, lora_alpha: Any, lora_dropout: Any, **_: Any) -> None:
+    """What torchtune's LoRA builders take without a word but train wrongly: an unknown target is dropped (q
+    alone trains), alpha 0 trains nothing, a rank of 0 or a dropout of 1.5 fail deep inside torch."""
+    modules = list(lora_attn_modules) if isinstance(lora_attn_modules, (list, tuple)) else lora_attn_modules
+    accepted = f"accepted: {', '.join(LORA_TARGETS)}"
+    if not isinstance(modules, list) or not modules:
+        raise ConfigError(
+            f"config key 'model.lora_attn_modules': expected a non-empty list ({accepted}), got {modules!r}"
+        )
+    for name in modules:
+        if name in PEFT_NAMES:
+            raise ConfigError(
+                f"config key 'model.lora_attn_modules': {name!r} is PEFT's name; torchtune's is {PEFT_NAMES[name]!r}"
+            )
+        if name not in LORA_TARGETS:
+            raise ConfigError(f"config key 'model.lora_attn_modules': unknown target {name!r} ({accepted})")
+    checks = {
+        "lora_rank": (type(lora_rank) is int and lora_rank > 0, "a positive integer", lora_rank),
+        "lora_alpha": (type(lora_alpha) in (int, float) and lora_alpha > 0, "a positive number", lora_alpha),
+        "lora_dropout": (type(lora_dropout) in (int, float) and 0 <= lora_dropout < 1, "in [0, 1)", lora_dropout),
+    }
+    for key, (ok, expected, value) in checks.items():
+        if not ok:
+            raise ConfigError(f"config key 'model.{key}': expected {expected}, got {value!r}")
+
+
+def _checked_lora(builder: functools.partial) -> Callable[..., TransformerDecoder]:
+    """`builder` with its LoRA arguments checked first; its signature stays the partial's, for the config check."""
+
+    @functools.wraps(builder)
+    def build(*args: Any, **kwargs: Any) -> TransformerDecoder:
+        bound = inspect.signature(builder).bind(*args, **kwargs)
+        bound.apply_defaults()
+        check_lora_args(**bound.arguments)
+        return builder(*args, **kwargs)
+
+    return build
+
+
 # Partials, as torchtune's own qlora builders: the config check reads llama2's keyword arguments.
 sheared_llama_2_7b = functools.partial(llama2, **SHEARED_LLAMA_2_7B)
 sheared_llama_2_7b.__doc__ = "Sheared-LLaMA-2.7B: the LLaMA-2 architecture with 2,701,560,320 parameters."
 # lora_llama2 takes no rope_base: it is always LLaMA-2's 10,000, as Sheared-LLaMA's is.
-lora_sheared_llama_2_7b = functools.partial(
-    lora_llama2,
-    **{key: value for key, value in SHEARED_LLAMA_2_7B.items() if key != "rope_base"},
-    lora_rank=16,
-    lora_alpha=32.0,
-    lora_dropout=0.0,
+lora_sheared_llama_2_7b = _checked_lora(
+    functools.partial(
+        lora_llama2,
+        **{key: value for key, value in SHEARED_LLAMA_2_7B.items() if key != "rope_base"},
+        lora_rank=16,
+        lora_alpha=32.0,
+        lora_dropout=0.0,
+    )
 )
-lora_sheared_llama_2_7b.__doc__ = "Sheared-LLaMA-2.7B with torchtune's LoRA on lora_attn_modules (and apply_lora_to_mlp)."
+lora_sheared_llama_2_7b.__doc__ = (
+    "Sheared-LLaMA-2.7B with torchtune's LoRA on lora_attn_modules (and apply_lora_to_mlp)."
+)
 
 
 # The tiny model of the demo, the tests and configs/tiny_cpu.yaml; its vocabulary follows the tokenizer.
@@ -45,7 +93,7 @@ TINY_SHEARED_LLAMA = dict(
 )
 tiny_sheared_llama = functools.partial(llama2, **TINY_SHEARED_LLAMA)
 tiny_sheared_llama.__doc__ = "A tiny model of the family: fewer, narrower layers (overridable); `vocab_size` required."
-lora_tiny_sheared_llama = functools.partial(lora_llama2, **TINY_SHEARED_LLAMA)
+lora_tiny_sheared_llama = _checked_lora(functools.partial(lora_llama2, **TINY_SHEARED_LLAMA))
 lora_tiny_sheared_llama.__doc__ = "Tiny, with LoRA: lora_attn_modules, lora_rank, lora_alpha and vocab_size required."
 
 

@@ -139,6 +139,12 @@ def score(*extra: str, out: Optional[str] = None) -> Callable[[dict], List[str]]
     return lambda w: _score_args(w, w[out] if out else w["root"] / "new_store", *[e.format(**w) for e in extra])
 
 
+def lora(*extra: str, targets: str = "q_proj,v_proj") -> Callable[[dict], List[str]]:
+    """A LoRA run of the tiny model; `extra` after the good settings."""
+    good = ["model._component_=ref_tuning.models.lora_tiny_sheared_llama", f"model.lora_attn_modules=[{targets}]"]
+    return train(*good, "model.lora_rank=4", "model.lora_alpha=8", *extra)
+
+
 def cli(*args: str) -> Callable[[dict], List[str]]:
     return lambda w: [a.format(**w) for a in args]
 
@@ -197,6 +203,15 @@ CASES = {
         "train", train("resume_from_checkpoint=true", "start_over=true", out="unfinished"), "choose one"
     ),
     "damaged step checkpoint": Case("train", train("resume_from_checkpoint=true", out="damaged_step"), "step_000006"),
+    # Training: LoRA settings that torchtune takes without a word and trains wrongly
+    "lora: PEFT's o_proj": Case("train", lora(targets="q_proj,o_proj"), "'o_proj' is PEFT's name"),
+    "lora: unknown target": Case("train", lora(targets="q_proj,bogus"), "unknown target 'bogus'"),
+    "lora: no target": Case("train", lora(targets=""), "model.lora_attn_modules"),
+    "lora: alpha 0": Case("train", lora("model.lora_alpha=0"), "model.lora_alpha"),
+    "lora: rank 0": Case("train", lora("model.lora_rank=0"), "model.lora_rank"),
+    "lora: negative rank": Case("train", lora("model.lora_rank=-4"), "model.lora_rank"),
+    "lora: rank a string": Case("train", lora("model.lora_rank=four"), "model.lora_rank"),
+    "lora: dropout 1.5": Case("train", lora("model.lora_dropout=1.5"), "model.lora_dropout"),
     # Scoring
     "score: unknown key": Case("score", score("bogus=1"), "'bogus'"),
     "score: zero batch": Case("score", score("batch_size=0"), "'batch_size'"),
