@@ -23,6 +23,8 @@ enable_activation_checkpointing fsdp_reshard_after_forward val_batch_size output
 checkpointer.max_shard_size dataset.cache_dir dataset_val.cache_dir""".split()
 # What a run leaves in its output directory besides its logs.
 RUN_OUTPUTS = (RUN_FILE, "checkpoints", "checkpoint_best", "checkpoint_final")
+# What a run reads from files: none of it may lie in what the run writes or deletes.
+INPUT_KEYS = ("checkpointer.checkpoint_dir", "tokenizer.path", "dataset.data_dir", "dataset_val.data_dir")
 
 
 class RunDirError(ValueError):
@@ -64,6 +66,7 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
             f"output_dir {output_dir}: cannot write in {existing} ({e.strerror}); choose another "
             "output_dir or fix its permissions"
         ) from None
+    _check_inputs_outside(output_dir, cfg)
     found = [name for name in RUN_OUTPUTS[1:] if (output_dir / name).exists()]  # run.json alone holds nothing
     steps = sorted(p.name for p in (output_dir / "checkpoints").glob("step_*"))
     finished = "checkpoint_final" in found
@@ -83,8 +86,8 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
     if resume and finished:
         raise RunDirError(
             f"output_dir {output_dir} holds a finished run (checkpoint_final): nothing to resume. To train it "
-            f"further, start a new experiment from it (checkpointer.checkpoint_dir={output_dir / 'checkpoint_final'}), "
-            "or start this one over with start_over=true instead of resume_from_checkpoint=true"
+            f"further, start a new experiment=NAME from it (checkpointer.checkpoint_dir={output_dir / 'checkpoint_final'}"
+            "); to train this one again from its base model, use start_over=true instead of resume_from_checkpoint=true"
         )
     run_file = output_dir / RUN_FILE
     diff = (
@@ -98,6 +101,23 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
             f"in {', '.join(key for key, _ in diff)}, so resuming would mix two runs; resume with the run's values, "
             "or start another experiment=NAME:\n  " + "\n  ".join(f"{key}: {what}" for key, what in diff)
         )
+
+
+def _check_inputs_outside(output_dir: Path, cfg: DictConfig) -> None:
+    """No input lies in an output this run writes, or deletes with `start_over`: outputs never eat inputs."""
+    for key in INPUT_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(value, str):
+            continue
+        source = Path(value).resolve()
+        for name in RUN_OUTPUTS[1:]:
+            output = (output_dir / name).resolve()
+            if source == output or output in source.parents:
+                fate = "deletes (start_over=true) and writes" if cfg.start_over else "writes"
+                raise RunDirError(
+                    f"config key '{key}': {value} lies in {output_dir / name}, which this run {fate}; copy it out "
+                    "of the run's folder first, or train into another experiment=NAME"
+                )
 
 
 def record(output_dir: Path, cfg: DictConfig, world_size: int) -> None:

@@ -199,6 +199,14 @@ CASES = {
     "resume with another draw": Case(
         "train", train("resume_from_checkpoint=true", "dataset.n_samples=12", out="unfinished"), "in dataset.n_samples"
     ),
+    "start over from its own checkpoint_final": Case(
+        "train",
+        train("checkpointer.checkpoint_dir={finished}/checkpoint_final", "start_over=true", out="finished"),
+        "config key 'checkpointer.checkpoint_dir'",
+    ),
+    "data inside the run's checkpoints": Case(
+        "train", train("dataset.data_dir={unfinished}/checkpoints", out="unfinished"), "config key 'dataset.data_dir'"
+    ),
     "resume and start over": Case(
         "train", train("resume_from_checkpoint=true", "start_over=true", out="unfinished"), "choose one"
     ),
