@@ -19,3 +19,12 @@ def check_separate(inputs: Iterable[PathLike], outputs: Iterable[PathLike]) -> N
                     f"the output {out} {how} the input {inp}: writing it would destroy the input; "
                     "choose an output outside the input"
                 )
+
+
+def check_new(out: Path, names: Iterable[str], overwrite: bool) -> None:
+    """Raise `ValueError` if `out` already holds one of the files `names`, unless `overwrite`."""
+    existing = [name for name in names if (Path(out) / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--out {out}: holds {existing[0]} already; pass --overwrite to replace it, or choose another --out"
+        )

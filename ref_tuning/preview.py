@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ref_tuning.atomic import atomic_output
 from ref_tuning.config import positive_int, share
-from ref_tuning.paths import check_separate
+from ref_tuning.paths import check_new, check_separate
 from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore, check_vocab, load_reference, score_dataset
 
 POSITION_BINS = 10  # tenths of the solution
@@ -130,11 +130,15 @@ def preview(
     batch_size: int = 4,
     progress: bool = True,
     base: Optional[Path] = None,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     try:
         check_separate([ref, policy, *([base] if base else [])], [out])
     except ValueError as e:
         raise ValueError(f"--out: {e}") from None
+    check_new(out, ("preview.md", "preview.json"), overwrite)
+    if base is not None and Path(base).resolve() == Path(ref).resolve():
+        raise ScoreError(f"--base {base}: the same store as REF_SCORES; give the base (untuned) reference's store")
     ref_store = ScoreStore(ref)
     description = ref_store.description
     tokenizer = tt_config.instantiate(OmegaConf.create(description["tokenizer"]))
@@ -266,6 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier preview in --out")
     args = parser.parse_args(argv)
     try:
         preview(**vars(args))

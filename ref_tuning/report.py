@@ -26,10 +26,11 @@ from ref_tuning.config import positive_int, share
 from ref_tuning.data import CodeContestsDataset, DataError, codecontests_dataset, measure_lengths, split_files
 from ref_tuning.line_index import SplitIndex, cache_folder
 from ref_tuning.models import sheared_llama_tokenizer
-from ref_tuning.paths import check_separate
+from ref_tuning.paths import check_new, check_separate
 from ref_tuning.scoring import check_vocab, load_reference, score_dataset
 
 DEFAULT_DATA = Path("storage/datasets/codecontests/processed")
+REPORT_FILES = ("report.md", "report.json", "report.png")
 
 
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
@@ -270,12 +271,15 @@ def run_report(
     dtype: str = "fp32",
     batch_size: int = 4,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Dict[str, Dict[str, float]]:
-    """Score both directories on the same held-out samples and write the report into `out`."""
+    """Score both directories on the same held-out samples and write the report into `out` (an earlier report
+    there only with `overwrite`)."""
     try:
         check_separate([base_dir, tuned_dir, data_dir], [out])
     except ValueError as e:
         raise ValueError(f"--out: {e}") from None
+    check_new(out, REPORT_FILES, overwrite)
     tokenizer = Path(tokenizer or base_dir / "tokenizer.model")
     if not tokenizer.is_file():
         raise SystemExit(f"{tokenizer}: no tokenizer; pass --tokenizer PATH")
@@ -333,13 +337,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seq-len", type=positive_int, default=2048)
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: BASE_DIR/tokenizer.model)")
-    parser.add_argument("--out", type=Path, help="where the report goes (default: TUNED_DIR/../report-SPLIT)")
+    out_help = "where the report goes (default: TUNED_DIR/../report-TUNED-SPLIT, TUNED the directory's name)"
+    parser.add_argument("--out", type=Path, help=out_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    out = args.out = args.out or args.tuned_dir.parent / f"report-{args.split}"
+    # One folder a model: checkpoint_best's report and checkpoint_final's never replace each other.
+    out = args.out = args.out or args.tuned_dir.parent / f"report-{args.tuned_dir.resolve().name}-{args.split}"
     try:
         run_report(**vars(args))
     except (DataError, ValueError) as e:

@@ -98,6 +98,10 @@ def world(tmp_path_factory):
     w["store"] = root / "store"
     code, text = run_in_process("score", _score_args(w, w["store"]))
     assert code == 0 and len(ScoreStore(w["store"])) == 6, text[-3000:]
+    w["earlier"] = root / "earlier"  # an earlier report and preview
+    w["earlier"].mkdir()
+    for name in ("report.md", "report.json", "report.png", "preview.md", "preview.json"):
+        (w["earlier"] / name).write_text(f"an earlier {name}\n")
     return w
 
 
@@ -293,6 +297,13 @@ CASES = {
         "preview", cli("{store}", "{model}", "--out", "{root}/out", "--k", "2", "--no-progress"), "--k"
     ),
     "preview: output is the store": Case("preview", cli("{store}", "{model}", "--out", "{store}"), "--out"),
+    "preview: base is the same store": Case(
+        "preview", cli("{store}", "{model}", "--base", "{store}", "--out", "{root}/out"), "the same store"
+    ),
+    "preview: existing output": Case("preview", cli("{store}", "{model}", "--out", "{earlier}"), "--overwrite"),
+    "report: existing output": Case(
+        "report", cli("{model}", "{model}", "--data-dir", "{data}", "--out", "{earlier}"), "--overwrite"
+    ),
 }
 
 

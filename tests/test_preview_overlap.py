@@ -156,13 +156,14 @@ def test_render_with_two_references_and_overlap_on_a_small_case():
 
 def test_identical_references_overlap_fully_through_the_command_line(stores):
     out = stores["root"] / "same"
+    twin = copy_store(stores["tuned"], stores["root"] / "tuned-copy")  # the same store itself is refused (below)
     code, text = run_in_process(
         "preview",
         [
             str(stores["tuned"]),
             str(stores["policy"]),
             "--base",
-            str(stores["tuned"]),
+            str(twin),
             "--out",
             str(out),
             "--no-progress",

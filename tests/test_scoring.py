@@ -343,3 +343,26 @@ def test_the_shipped_scoring_config_is_valid():
     from ref_tuning.config import validate_config
 
     validate_config(OmegaConf.load(PROJECT_ROOT / "configs" / "ref_score.yaml"), CONFIG_SCHEMA)
+
+
+def test_reports_of_checkpoint_best_and_final_go_to_folders_of_their_own_and_are_not_overwritten(
+    assets, tmp_path, capsys
+):
+    from ref_tuning import report as report_module
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_best", "checkpoint_final"):
+        shutil.copytree(assets["other"], run / name)
+    common = ["--data-dir", str(assets["data"]), "--n-samples", "6", "--tokenizer", str(assets["tokenizer"])]
+    for name in ("checkpoint_best", "checkpoint_final"):
+        assert report_module.main([str(assets["model"]), str(run / name), *common, "--no-progress"]) == 0
+    assert sorted(p.name for p in run.glob("report-*")) == [
+        "report-checkpoint_best-valid",
+        "report-checkpoint_final-valid",
+    ]
+    before = (run / "report-checkpoint_final-valid" / "report.json").read_bytes()
+    assert report_module.main([str(assets["model"]), str(run / "checkpoint_final"), *common, "--no-progress"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (run / "report-checkpoint_final-valid" / "report.json").read_bytes() == before
+    args = [str(assets["model"]), str(run / "checkpoint_final"), *common, "--no-progress", "--overwrite"]
+    assert report_module.main(args) == 0
