@@ -127,11 +127,16 @@ _tokenizer = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _tokenizer
-    _tokenizer = sheared_llama_tokenizer(tokenizer_path)
+    try:
+        _tokenizer = sheared_llama_tokenizer(tokenizer_path)
+    except Exception as e:  # raised by the first task: a Pool starts a worker whose initializer fails again, forever
+        _tokenizer = e
 
 
 def _count_tokens(records: List[Dict[str, Any]]) -> List[Tuple[int, int]]:
     """(tokens, prompt tokens) of each of one problem's records."""
+    if isinstance(_tokenizer, Exception):
+        raise _tokenizer
     return token_counts(_tokenizer, records, [r["task_id"] for r in records])
 
 
@@ -306,6 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if not args.tokenizer.is_file():
             raise PrepareError(f"{args.tokenizer}: tokenizer not found")
+        sheared_llama_tokenizer(str(args.tokenizer))  # here, once, before any worker starts
         plan = {split: raw_files(args.raw_dir, split) for split in args.splits}
         for split, files in plan.items():
             if not files:

@@ -259,6 +259,9 @@ CASES = {
     "prepare: missing tokenizer": Case(
         "prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{root}/nowhere.model"), "nowhere.model"
     ),
+    "prepare: empty tokenizer, two workers": Case(
+        "prepare", cli("{root}/raw", "{root}/out", "--tokenizer", "{root}/empty_file", "--workers", "2"), "empty_file"
+    ),
     "prepare: no raw files": Case(
         "prepare", cli("{root}/raw_empty", "{root}/out", "--tokenizer", "{tokenizer}"), "raw_empty"
     ),

@@ -4,6 +4,7 @@ caches the dataset then uses as they are."""
 import copy
 import json
 import re
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -292,3 +293,30 @@ def test_a_problem_without_solutions_field_or_nothing_kept_is_an_error(problems,
     )
     assert rc == 2 and "no solution kept" in err and "longer than --max-seq-len=8); nothing written" in err, err
     assert not out.exists() or not any(out.glob("train*"))
+
+
+def test_a_worker_that_cannot_start_fails_the_split_once(problems, tmp_path):
+    """A Pool restarts a worker whose initializer fails, forever: the failure must reach the caller once."""
+    write_jsonl(problems, tmp_path / "raw" / "train.jsonl")
+    (tmp_path / "empty.model").write_bytes(b"")
+    outcome = []
+
+    def prepare_with_two_workers():
+        try:
+            prepare.prepare_split(
+                [tmp_path / "raw" / "train.jsonl"],
+                tmp_path / "out",
+                "train",
+                tmp_path / "empty.model",
+                workers=2,
+                progress=False,
+            )
+        except Exception as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=prepare_with_two_workers, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "still running after 120 s: the pool restarts its failing workers"
+    assert len(outcome) == 1 and "empty.model" in str(outcome[0]) and "an empty file" in str(outcome[0])
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
