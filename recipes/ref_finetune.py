@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ref_tuning import lora, run_dir
 from ref_tuning.hf_checkpoint import CheckpointError
 from ref_tuning.line_index import DataError
-from ref_tuning.config import BOOL, COMPONENT, INT, POSITIVE_INT, POSITIVE_NUMBER, STRING, ConfigError, is_off
+from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, POSITIVE_NUMBER, SEED, STRING, ConfigError, is_off
 from ref_tuning.config import one_line_errors, one_of, raise_if_any, validate_config
 from ref_tuning.step_checkpoints import HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state
 from ref_tuning.step_checkpoints import set_rng_state
@@ -62,7 +62,7 @@ CONFIG_SCHEMA = {
         (one_of("cuda", "cpu"), "device"),
         (one_of(*PRECISIONS), "precision"),
         (one_of("bf16", "fp32"), "output_dtype"),
-        (INT, "seed"),
+        (SEED, "seed"),
         (BOOL, "compile shuffle enable_activation_checkpointing fsdp_reshard_after_forward"),
         (BOOL, "resume_from_checkpoint start_over"),
         (POSITIVE_INT, "batch_size val_batch_size epochs gradient_accumulation_steps"),
@@ -246,7 +246,9 @@ class RefFinetuneRecipe:
             run_dir.record(self._output_dir, cfg, self.world_size)
         dist.barrier()
         # Labels are shifted left by one; the last position of every row predicts nothing.
-        rows = max(cfg.batch_size, cfg.val_batch_size)
+        # Validation batches are no larger than a rank's share of the samples, whatever val_batch_size says.
+        val_rows = len(self._val_dataloader.dataset) if self._val_dataloader is not None else 0
+        rows = max(cfg.batch_size, min(cfg.val_batch_size, val_rows))
         self._ignore_labels_cache = torch.full((rows, 1), self._loss_fn.ignore_index, device=self._device)
 
     def _setup_model(

@@ -96,6 +96,8 @@ STRING = Kind(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 BOOL = Kind(lambda v: isinstance(v, bool), "true or false")
 INT = Kind(lambda v: _is_number(v, int), "an integer")
 POSITIVE_INT = Kind(lambda v: _is_number(v, int) and v > 0, "a positive integer")
+# torch, numpy and random all take it (torchtune's set_seed: 0 to 2**32 - 1, less the ranks, which it adds).
+SEED = Kind(lambda v: _is_number(v, int) and 0 <= v <= 2**32 - 1024, "an integer from 0 to 2**32 - 1024")
 POSITIVE_NUMBER = Kind(lambda v: _is_number(v) and v > 0, "a positive number")
 
 

@@ -61,7 +61,10 @@ def _checked_lora(builder: functools.partial) -> Callable[..., TransformerDecode
 
     @functools.wraps(builder)
     def build(*args: Any, **kwargs: Any) -> TransformerDecoder:
-        bound = inspect.signature(builder).bind(*args, **kwargs)
+        try:
+            bound = inspect.signature(builder).bind(*args, **kwargs)
+        except TypeError as e:  # "missing a required argument: 'lora_rank'"
+            raise ConfigError(f"config key 'model' ({builder.func.__name__} LoRA settings): {e}") from None
         bound.apply_defaults()
         check_lora_args(**bound.arguments)
         return builder(*args, **kwargs)

@@ -224,6 +224,12 @@ CASES = {
     "lora: negative rank": Case("train", lora("model.lora_rank=-4"), "model.lora_rank"),
     "lora: rank a string": Case("train", lora("model.lora_rank=four"), "model.lora_rank"),
     "lora: dropout 1.5": Case("train", lora("model.lora_dropout=1.5"), "model.lora_dropout"),
+    "lora: rank missing": Case(
+        "train",
+        train("model._component_=ref_tuning.models.lora_tiny_sheared_llama", "model.lora_attn_modules=[q_proj]"),
+        "'lora_rank'",
+    ),
+    "negative seed": Case("train", train("seed=-1"), "'seed'"),
     # Scoring
     "score: unknown key": Case("score", score("bogus=1"), "'bogus'"),
     "score: zero batch": Case("score", score("batch_size=0"), "'batch_size'"),

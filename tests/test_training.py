@@ -263,6 +263,15 @@ def test_resume_without_a_checkpoint_starts_from_the_base_model(assets, tmp_path
     assert "no checkpoint in" in text
 
 
+def test_a_val_batch_size_beyond_the_samples_validates_them_in_one_batch(assets, tmp_path):
+    small, huge = tmp_path / "small", tmp_path / "huge"
+    quick = ["epochs=1", "max_steps_per_epoch=1", "save_every_n_steps=null", "eval_every_n_steps=1"]
+    train(assets, small, *quick, "val_batch_size=2")
+    train(assets, huge, *quick, f"val_batch_size={10**11}")  # once allocated a label row per batch slot: 800 GB
+    (step, loss), (step_small, loss_small) = *logged(huge / "logs", "val_loss"), *logged(small / "logs", "val_loss")
+    assert step == step_small == 1 and loss == pytest.approx(loss_small, abs=1e-6)
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     out = tmp_path / "run"
     # A learning rate that blows the weights up within a few steps, without gradient clipping.
