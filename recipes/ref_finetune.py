@@ -522,11 +522,16 @@ class RefFinetuneRecipe:
         return metrics
 
     def _stop_non_finite(self, what: str, step: int) -> None:
+        # A resume would repeat the same steps, and a changed optimizer.lr or clip_grad_norm is another run.
         newest = self._checkpoints.newest()
+        since = ""
+        if newest is not None:
+            since = f"; from the newest checkpoint, {newest} (finite weights, though the run may have begun to "
+            since += f"diverge before it): python -m ref_tuning.convert step-to-hf {newest} DIR, then a new "
+            since += "experiment=NAME with checkpointer.checkpoint_dir=DIR"
         raise NonFiniteError(
-            f"{what} at step {step} (epoch {self.epoch + 1}); no checkpoint is written from it. The last good "
-            f"checkpoint is {newest or 'none (no step checkpoint yet)'}. Lower optimizer.lr, set clip_grad_norm or "
-            "check the data, then run again with resume_from_checkpoint=true"
+            f"{what} at step {step} (epoch {self.epoch + 1}); no checkpoint is written from it. Train with a lower "
+            f"optimizer.lr or a clip_grad_norm (or check the data): from the start with start_over=true{since}"
         )
 
     def _check_finite_weights(self) -> None:

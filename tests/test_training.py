@@ -289,7 +289,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp
     assert code == 2
     message = re.search(
         r"NonFiniteError: the (training loss|weights) (is|are) (nan|inf|not finite)[^\n]* at step (\d+)"
-        r"[^\n]*The last good checkpoint is (\S+)\. ",
+        r"[^\n]*from the newest checkpoint, (\S+) \(finite weights",
         text,
     )
     assert message, text[-3000:]
