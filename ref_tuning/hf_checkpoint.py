@@ -453,6 +453,14 @@ class HFBinCheckpointer:
                 )
         resume = should_load_recipe_state or resume_from_checkpoint
         self._recipe_state = self._output_dir / (recipe_checkpoint or RECIPE_STATE_FILE) if resume else None
+        # torchtune's recipes save epoch_N over whatever is there: only a resume may continue another run's epochs.
+        earlier = sorted(p.name for p in self._output_dir.glob("epoch_*"))
+        earlier += [RECIPE_STATE_FILE.split("/")[0]] if (self._output_dir / RECIPE_STATE_FILE).is_file() else []
+        if earlier and not resume:
+            raise CheckpointError(
+                f"{self._output_dir}: holds {', '.join(earlier)} of an earlier run, which this one would replace; "
+                "resume it (resume_from_checkpoint=True), or choose another output_dir"
+            )
         if resume and not self._recipe_state.is_file():
             raise CheckpointError(
                 f"{self._recipe_state}: not found; resuming needs the recipe state that an intermediate checkpoint"

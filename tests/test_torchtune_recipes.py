@@ -110,3 +110,11 @@ def test_wrong_checkpoint_files_or_model_type_are_clear_errors(assets, tmp_path)
         instantiate(cfg, model_type="QWEN2")
     with pytest.raises(CheckpointError, match=rf"{RECIPE_STATE_FILE}: not found; resuming needs the recipe state"):
         tt_config.instantiate(cfg.checkpointer, should_load_recipe_state=True)
+
+
+def test_a_new_run_into_a_finished_runs_output_dir_is_refused(assets, stock_run):
+    cfg, out = stock_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"holds epoch_0, epoch_1, recipe_state of an earlier run.* resume it"):
+        instantiate(cfg)  # what the stock recipe builds first, before it trains
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
