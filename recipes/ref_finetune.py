@@ -179,6 +179,7 @@ class RefFinetuneRecipe:
     def setup(self, cfg: DictConfig) -> None:
         # Whose directory this is first: a run never overwrites another or resumes one it is not.
         run_dir.check(self._output_dir, cfg, self.world_size)
+        self._hold_output_dir()
         # Data next: a batch larger than the data, or bad data, fails before any model is built.
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._loss_fn = config.instantiate(cfg.loss)
@@ -250,6 +251,23 @@ class RefFinetuneRecipe:
         val_rows = len(self._val_dataloader.dataset) if self._val_dataloader is not None else 0
         rows = max(cfg.batch_size, min(cfg.val_batch_size, val_rows))
         self._ignore_labels_cache = torch.full((rows, 1), self._loss_fn.ignore_index, device=self._device)
+
+    def _hold_output_dir(self) -> None:
+        """Rank 0 holds the output directory until this run ends; every rank stops if another run holds it."""
+        self._lock, refused = None, [None]
+        if self._is_rank_zero:
+            try:
+                self._lock = run_dir.hold(self._output_dir)
+            except run_dir.RunDirError as e:
+                refused[0] = str(e)
+        dist.broadcast_object_list(refused, src=0)
+        if refused[0]:
+            raise run_dir.RunDirError(refused[0])
+
+    def release_output_dir(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
 
     def _setup_model(
         self, model: torch.nn.Module, model_state_dict: Optional[Dict], cfg: DictConfig
@@ -691,11 +709,14 @@ def run(cfg: DictConfig) -> None:
         raise
     config.log_config(recipe_name="RefFinetuneRecipe", cfg=cfg)
     recipe = RefFinetuneRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    if recipe.epoch >= recipe.total_epochs:  # not stopped early by SIGTERM or SIGINT
-        recipe.save_final()
-    recipe.cleanup()
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        if recipe.epoch >= recipe.total_epochs:  # not stopped early by SIGTERM or SIGINT
+            recipe.save_final()
+        recipe.cleanup()
+    finally:  # at once, also after an error: a caller in the same process may start the next run here
+        recipe.release_output_dir()
 
 
 if __name__ == "__main__":

@@ -5,17 +5,21 @@ A fresh run into a directory that holds a run's outputs is refused (`start_over=
 resumed run must have the identity of the run it resumes; a finished run (`checkpoint_final`) is not resumed.
 """
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import IO, Any, Dict, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from ref_tuning.atomic import atomic_output
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".run.lock"  # held (flock) by the run using the directory: its host and pid inside
 # Changing these does not change what is trained: logging, cadences, speed, memory, where outputs go.
 MAY_CHANGE = """experiment output_dir resume_from_checkpoint start_over metric_logger log_every_n_steps eval_every_n_steps
 save_every_n_steps keep_last_n_checkpoints timeout_setup_s timeout_step_s peak_tflops compile
@@ -118,6 +122,28 @@ def _check_inputs_outside(output_dir: Path, cfg: DictConfig) -> None:
                     f"config key '{key}': {value} lies in {output_dir / name}, which this run {fate}; copy it out "
                     "of the run's folder first, or train into another experiment=NAME"
                 )
+
+
+def hold(output_dir: Path) -> IO[str]:
+    """Hold `output_dir` for this run's life (one process of the run): a second run into it is refused while this
+    one lives. The kernel lets go when the holder dies, however it dies, so a dead run's file blocks nothing."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(output_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise RunDirError(
+            f"output_dir {output_dir}: another run is using it now (host and pid: {holder}); wait for it to end, "
+            "or choose another experiment=NAME"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{socket.gethostname()} {os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def record(output_dir: Path, cfg: DictConfig, world_size: int) -> None:

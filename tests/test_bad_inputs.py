@@ -39,7 +39,7 @@ SCORE = [
     "dataset.n_samples=6",
     "batch_size=3",
 ]
-LOG_FILES = ("logs", "torchtune_config.yaml")  # a failed run's own log
+LOG_FILES = ("logs", "torchtune_config.yaml", ".run.lock")  # a failed run's own log, and its lock
 
 
 def snapshot(root: Path) -> Dict[str, str]:

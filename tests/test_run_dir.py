@@ -5,12 +5,15 @@ refusal as users meet it, from two processes.)"""
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict
 
 import pytest
 
 from conftest import overrides, run_in_process, tune
+from ref_tuning import run_dir
 
 QUICK = ["dataset_val=null", "epochs=1", "max_steps_per_epoch=4", "save_every_n_steps=2"]
 
@@ -89,3 +92,38 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_taken_over(assets, tmp
     shutil.rmtree(out / "checkpoint_best", ignore_errors=True)
     train(assets, out, "seed=3")
     assert '"seed": 3' in (out / "run.json").read_text()
+
+
+def test_a_run_into_a_directory_in_use_is_refused_and_a_dead_runs_lock_blocks_nothing(assets, tmp_path):
+    out = tmp_path / "run"
+    # Another live run holds the directory (its lock, taken from a process of its own).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out / run_dir.LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, text = run_in_process("train", overrides(assets, out, *QUICK))
+        errors = [line for line in text.splitlines() if "error:" in line]
+        assert (
+            code == 2
+            and len(errors) == 1
+            and "another run is using it now (host and pid: otherhost 12345)" in errors[0]
+        ), text[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == [run_dir.LOCK_FILE]  # nothing else touched
+    finally:
+        holder.kill()  # it dies without a word: the kernel lets go of its lock
+        holder.wait()
+    train(assets, out)
+    assert (out / "checkpoint_final").is_dir()
+
+
+# Hold a file's lock until killed, as a run's rank 0 does.
+HOLD = """
+import fcntl, os, sys, time
+os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+lock.write("otherhost 12345\\n"); lock.flush()
+print("held", flush=True)
+time.sleep(600)
+"""
