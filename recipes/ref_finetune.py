@@ -94,7 +94,7 @@ class _ValidationShard(Dataset):
     so that every rank runs the same number of forward passes (FSDP gathers weights in each)."""
 
     def __init__(self, ds: Dataset, rank: int, world_size: int):
-        self._ds, self._indices = ds, list(range(rank, len(ds), world_size))
+        self.ds, self._indices = ds, list(range(rank, len(ds), world_size))
         self._length = -(-len(ds) // world_size)
 
     def __len__(self) -> int:
@@ -102,8 +102,8 @@ class _ValidationShard(Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         if i < len(self._indices):
-            return self._ds[self._indices[i]]
-        sample = dict(self._ds[self._indices[0] if self._indices else 0])
+            return self.ds[self._indices[i]]
+        sample = dict(self.ds[self._indices[0] if self._indices else 0])
         labels = sample["labels"]
         ignore = CROSS_ENTROPY_IGNORE_IDX
         sample["labels"] = torch.full_like(labels, ignore) if torch.is_tensor(labels) else [ignore] * len(labels)
@@ -189,6 +189,7 @@ class RefFinetuneRecipe:
         self._val_dataloader = None
         if not is_off(cfg.get("dataset_val")):  # `dataset_val=null` turns validation off
             self._val_dataloader = self._setup_val_data(cfg.dataset_val, cfg.val_batch_size)
+        self._data_files = self._check_data_files(cfg)
         self._steps_per_epoch = len(self._dataloader) // self._grad_accum
         if self._steps_per_epoch == 0:
             raise ConfigError(
@@ -244,7 +245,7 @@ class RefFinetuneRecipe:
         # before this point leaves nothing but its log (`logs/`).
         dist.barrier()
         if self._is_rank_zero:
-            run_dir.record(self._output_dir, cfg, self.world_size)
+            run_dir.record(self._output_dir, cfg, self.world_size, self._data_files)
         dist.barrier()
         # Labels are shifted left by one; the last position of every row predicts nothing.
         # Validation batches are no larger than a rank's share of the samples, whatever val_batch_size says.
@@ -263,6 +264,19 @@ class RefFinetuneRecipe:
         dist.broadcast_object_list(refused, src=0)
         if refused[0]:
             raise run_dir.RunDirError(refused[0])
+
+    def _check_data_files(self, cfg: DictConfig) -> Dict[str, Dict[str, str]]:
+        """The splits' files and fingerprints, checked on resume against those the run began with."""
+        datasets = {"dataset": self._dataloader.dataset}
+        if self._val_dataloader is not None:
+            datasets["dataset_val"] = self._val_dataloader.dataset.ds
+        files = {
+            key: {"jsonl": str(Path(ds.jsonl).resolve()), "fingerprint": ds.fingerprint}
+            for key, ds in datasets.items()
+            if hasattr(ds, "fingerprint")  # another dataset builder's: not known
+        }
+        run_dir.check_data(self._output_dir, cfg, files)
+        return files
 
     def release_output_dir(self) -> None:
         if getattr(self, "_lock", None) is not None:

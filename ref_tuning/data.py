@@ -275,6 +275,7 @@ class CodeContestsDataset(Dataset):
         self, index: SplitIndex, lines: torch.Tensor, lengths: torch.Tensor, tokenizer: ModelTokenizer, max_seq_len: int
     ):
         self.jsonl, self.metadata, self.lines = index.jsonl, index.metadata, lines
+        self.fingerprint = index.fingerprint()  # of the split's files, for a resume to find them changed
         self.lengths = lengths.clamp(max=max_seq_len)  # tokens per item, after truncation
         self._full_lengths = lengths
         self._starts, self._ends = index.offsets[lines].clone(), index.offsets[lines + 1].clone()
@@ -331,6 +332,7 @@ class PackedCodeContestsDataset(Dataset):
 
     def __init__(self, samples: CodeContestsDataset, packs: Packs, max_seq_len: int, pad_id: int):
         self.samples, self.packs, self.lengths = samples, packs, samples.lengths
+        self.jsonl, self.fingerprint = samples.jsonl, samples.fingerprint
         self._max_seq_len, self._pad_id = max_seq_len, pad_id
 
     def __len__(self) -> int:

@@ -143,6 +143,15 @@ class SplitIndex:
         _save_atomic(_index_record(_identity(jsonl), _identity(metadata), *columns), cache / f"{jsonl.stem}.index.pt")
         return cls(jsonl, metadata, *columns)
 
+    def fingerprint(self) -> str:
+        """A digest of every line's length, correctness, difficulty and problem: which lines a draw can pick.
+        Cheap (the index is in memory), unlike a digest of a 17 GB file."""
+        h = hashlib.sha256()
+        for column in (self.offsets, self.is_correct, self.difficulty, self.problem):
+            h.update(column.numpy().tobytes())
+        h.update("\n".join(self.problems).encode())
+        return h.hexdigest()[:16]
+
     def read_line(self, i: int, fd: int) -> bytes:
         """The bytes of line i (without its newline), read from the open JSONL `fd`."""
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ref_tuning.atomic import atomic_output
 
 RUN_FILE = "run.json"
+DATA_KEY = "data_files"  # in RUN_FILE beside the identity: the training and validation splits' fingerprints
 LOCK_FILE = ".run.lock"  # held (flock) by the run using the directory: its host and pid inside
 # Changing these does not change what is trained: logging, cadences, speed, memory, where outputs go.
 MAY_CHANGE = """experiment output_dir resume_from_checkpoint start_over metric_logger log_every_n_steps eval_every_n_steps
@@ -94,11 +95,11 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
             "); to train this one again from its base model, use start_over=true instead of resume_from_checkpoint=true"
         )
     run_file = output_dir / RUN_FILE
-    diff = (
-        differences(json.loads(run_file.read_text()), identity(cfg, world_size))
-        if resume and run_file.is_file()
-        else []
-    )
+    diff = []
+    if resume and run_file.is_file():
+        recorded = json.loads(run_file.read_text())
+        recorded.pop(DATA_KEY, None)  # checked by `check_data`, once the data is read
+        diff = differences(recorded, identity(cfg, world_size))
     if diff:
         raise RunDirError(
             f"resume_from_checkpoint=true: this config differs from that of the run in {output_dir} ({RUN_FILE}) "
@@ -146,13 +147,31 @@ def hold(output_dir: Path) -> IO[str]:
     return lock
 
 
-def record(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
+def check_data(output_dir: Path, cfg: DictConfig, data: Dict[str, Dict[str, str]]) -> None:
+    """On resume: the data files (`data`: config key -> {"jsonl", "fingerprint"}) are the ones the run began with;
+    changed ones would make a draw of other samples."""
+    run_file = Path(output_dir) / RUN_FILE
+    if not cfg.resume_from_checkpoint or not run_file.is_file():
+        return
+    recorded = json.loads(run_file.read_text()).get(DATA_KEY) or {}  # none: a run from before data was recorded
+    for key, now in data.items():
+        if key in recorded and recorded[key]["fingerprint"] != now["fingerprint"]:
+            raise RunDirError(
+                f"resume_from_checkpoint=true: {now['jsonl']} (config key '{key}') or its metadata changed since the "
+                f"run in {output_dir} began (other lines, lengths or metadata), so the resumed run would draw other "
+                "samples; restore the files, or start over with start_over=true"
+            )
+
+
+def record(output_dir: Path, cfg: DictConfig, world_size: int, data: Dict[str, Dict[str, str]]) -> None:
     """Once `check` passed on every rank (rank 0 alone): delete an earlier run with `start_over`, and
-    record this run's identity."""
+    record this run's identity and its data files' fingerprints (see `check_data`)."""
     output_dir = Path(output_dir)
     if cfg.start_over and not cfg.resume_from_checkpoint:
         for path in (output_dir / name for name in RUN_OUTPUTS):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if not cfg.resume_from_checkpoint or not (output_dir / RUN_FILE).is_file():
         with atomic_output(output_dir / RUN_FILE, overwrite=True) as tmp:  # creates output_dir too
-            tmp.write_text(json.dumps(identity(cfg, world_size), indent=2, default=str) + "\n")
+            tmp.write_text(
+                json.dumps(dict(identity(cfg, world_size), **{DATA_KEY: data}), indent=2, default=str) + "\n"
+            )

@@ -4,6 +4,7 @@ with another run's checkpoints, and never resumes with a config that would make 
 refusal as users meet it, from two processes.)"""
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 
 from conftest import overrides, run_in_process, tune
 from ref_tuning import run_dir
+from ref_tuning.demo import read_problems
+from ref_tuning.prepare import prepare_split
 
 QUICK = ["dataset_val=null", "epochs=1", "max_steps_per_epoch=4", "save_every_n_steps=2"]
 
@@ -127,3 +130,23 @@ lock.write("otherhost 12345\\n"); lock.flush()
 print("held", flush=True)
 time.sleep(600)
 """
+
+
+def test_a_resume_after_the_data_changed_is_refused_naming_the_file(assets, tmp_path):
+    data = shutil.copytree(assets["data"], tmp_path / "data")
+    out = tmp_path / "run"
+    train(assets, out, f"dataset.data_dir={data}")
+    shutil.rmtree(out / "checkpoint_final")  # as a killed run leaves it
+    # The split prepared again without its first problem: other lines, and a metadata file to match.
+    rows = read_problems("train")[1:]
+    raw = tmp_path / "raw" / "train.jsonl"
+    raw.parent.mkdir()
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare_split([raw], data, "train", assets["tokenizer"], progress=False)
+    before = snapshot(out)
+    args = overrides(assets, out, *QUICK, f"dataset.data_dir={data}", "resume_from_checkpoint=true")
+    code, text = run_in_process("train", args)
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1, text[-3000:]
+    assert f"{data.resolve() / 'train.jsonl'} (config key 'dataset') or its metadata changed" in errors[0]
+    assert snapshot(out) == before
