@@ -131,6 +131,14 @@ def _check(cfg: DictConfig) -> List[str]:
             f"config key 'tokenizer.path': {raw} cannot name one file when model_dir is a list; set it to the "
             f"tokenizer of the models, e.g. tokenizer.path={Path(dirs[0]) / 'tokenizer.model'}"
         )
+    tokenizer = Path(str(cfg.tokenizer.get("path")))
+    for model_dir in dirs:  # a model scored with another tokenizer than its own gives losses of other tokens
+        own = Path(model_dir) / "tokenizer.model"
+        if own.is_file() and tokenizer.is_file() and own.read_bytes() != tokenizer.read_bytes():
+            raise ConfigError(
+                f"config key 'tokenizer.path': {tokenizer} is another tokenizer than {own}, the model's own; "
+                f"score with the model's (tokenizer.path={own})"
+            )
     for i, model_dir in enumerate(dirs if k > 1 else []):
         path = Path(model_dir) / METADATA_FILE
         try:

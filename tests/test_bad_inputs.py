@@ -70,6 +70,7 @@ def world(tmp_path_factory):
         lines = (data / "train.jsonl").read_text().splitlines()
         (data / "train.jsonl").write_text("".join(line + "\n" for line in damage(lines)))
     (root / "a_file").write_text("not a directory\n")
+    (root / "other.model").write_bytes(w["tokenizer"].read_bytes() + b"\0")  # another tokenizer file
     (root / "empty_file").write_bytes(b"")
     (root / "tokenizer_dir").mkdir()
     raw = root / "raw"
@@ -239,6 +240,9 @@ CASES = {
     "score: model of another architecture": Case("score", score("model_dir={gpt2}"), "gpt2"),
     "score: store inside the model": Case("score", score("output_dir={model}/scores"), "output_dir"),
     "score: store of another draw": Case("score", score("dataset.seed=7", out="store"), "holds scores of another run"),
+    "score: another tokenizer than the model's": Case(
+        "score", score("tokenizer.path={root}/other.model"), "is another tokenizer than"
+    ),
     "score: tokenizer is a directory": Case("score", score("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
     # Conversion
     "convert: output contains the source": Case(
