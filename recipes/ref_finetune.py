@@ -146,6 +146,7 @@ class RefFinetuneRecipe:
         self.best_val_loss = math.inf
         self.best_step: Optional[int] = None
         self._val_metrics: Dict[str, float] = {}
+        self._lock = None  # rank 0's hold on the output directory (`run_dir.hold`), from setup to the end
 
         # Preemption (SIGTERM) and Ctrl-C (torchrun passes SIGINT on) only raise a flag: the step in
         # progress finishes and a checkpoint is written.
@@ -255,7 +256,7 @@ class RefFinetuneRecipe:
 
     def _hold_output_dir(self) -> None:
         """Rank 0 holds the output directory until this run ends; every rank stops if another run holds it."""
-        self._lock, refused = None, [None]
+        refused = [None]
         if self._is_rank_zero:
             try:
                 self._lock = run_dir.hold(self._output_dir)
@@ -279,7 +280,7 @@ class RefFinetuneRecipe:
         return files
 
     def release_output_dir(self) -> None:
-        if getattr(self, "_lock", None) is not None:
+        if self._lock is not None:
             self._lock.close()
             self._lock = None
 

@@ -134,7 +134,8 @@ def _check(cfg: DictConfig) -> List[str]:
     tokenizer = Path(str(cfg.tokenizer.get("path")))
     for model_dir in dirs:  # a model scored with another tokenizer than its own gives losses of other tokens
         own = Path(model_dir) / "tokenizer.model"
-        if own.is_file() and tokenizer.is_file() and own.read_bytes() != tokenizer.read_bytes():
+        same_file = own.resolve() == tokenizer.resolve()
+        if not same_file and own.is_file() and tokenizer.is_file() and own.read_bytes() != tokenizer.read_bytes():
             raise ConfigError(
                 f"config key 'tokenizer.path': {tokenizer} is another tokenizer than {own}, the model's own; "
                 f"score with the model's (tokenizer.path={own})"

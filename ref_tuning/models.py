@@ -33,13 +33,12 @@ PEFT_NAMES = {"o_proj": "output_proj"}  # PEFT's (and HF's) names that differ fr
 def check_lora_args(lora_attn_modules: Any, lora_rank: Any, lora_alpha: Any, lora_dropout: Any, **_: Any) -> None:
     """What torchtune's LoRA builders take without a word but train wrongly: an unknown target is dropped (q
     alone trains), alpha 0 trains nothing, a rank of 0 or a dropout of 1.5 fail deep inside torch."""
-    modules = list(lora_attn_modules) if isinstance(lora_attn_modules, (list, tuple)) else lora_attn_modules
     accepted = f"accepted: {', '.join(LORA_TARGETS)}"
-    if not isinstance(modules, list) or not modules:
+    if not isinstance(lora_attn_modules, (list, tuple)) or not lora_attn_modules:
         raise ConfigError(
-            f"config key 'model.lora_attn_modules': expected a non-empty list ({accepted}), got {modules!r}"
+            f"config key 'model.lora_attn_modules': expected a non-empty list ({accepted}), got {lora_attn_modules!r}"
         )
-    for name in modules:
+    for name in lora_attn_modules:
         if name in PEFT_NAMES:
             raise ConfigError(
                 f"config key 'model.lora_attn_modules': {name!r} is PEFT's name; torchtune's is {PEFT_NAMES[name]!r}"

@@ -109,7 +109,8 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
 
 
 def _check_inputs_outside(output_dir: Path, cfg: DictConfig) -> None:
-    """No input lies in an output this run writes, or deletes with `start_over`: outputs never eat inputs."""
+    """No input lies in an output this run writes, or deletes with `start_over`: outputs never eat inputs. Not
+    `paths.check_separate`: that also refuses an output inside an input's folder, a layout runs may well have."""
     for key in INPUT_KEYS:
         value = OmegaConf.select(cfg, key, default=None)
         if not isinstance(value, str):
