@@ -653,7 +653,8 @@ class RefFinetuneRecipe:
         """The training split and the line of every sample drawn, for the report's memorization section."""
         ds = self._dataloader.dataset
         samples = getattr(ds, "samples", ds)  # packed rows hold the samples
-        return {"jsonl": str(Path(samples.jsonl).resolve()), "lines": samples.lines.tolist()}
+        trained = {"jsonl": str(Path(samples.jsonl).resolve()), "fingerprint": samples.fingerprint}
+        return trained | {"lines": samples.lines.tolist()}
 
     def save_checkpoint(self) -> Path:
         """A step checkpoint: weights and optimizer (each rank its own shards, in parallel), schedule,

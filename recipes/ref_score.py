@@ -27,8 +27,8 @@ from ref_tuning.config import Kind, validate_config
 from ref_tuning.data import problem_fold
 from ref_tuning.line_index import DataError
 from ref_tuning.paths import check_separate
-from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, new_run_id, open_store
-from ref_tuning.scoring import score_dataset
+from ref_tuning.scoring import DATA_KEY, ScoreError, ScoreStore, ScoreWriter, data_record, load_reference, new_run_id
+from ref_tuning.scoring import open_store, score_dataset
 
 log = utils.get_logger("INFO")
 
@@ -66,6 +66,7 @@ def score(cfg: DictConfig, dirs: List[str]) -> None:
     description |= {key: resolved[key] for key in ("dtype", "store_dtype", "dataset", "tokenizer")}
     store_entropy = bool(cfg.get("store_entropy", False))
     description |= {"store_entropy": True} if store_entropy else {}  # only when on: older stores keep theirs
+    description[DATA_KEY] = data_record(ds)
     if rank == 0:
         open_store(store_dir, description)
     dist.barrier()

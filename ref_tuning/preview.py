@@ -23,7 +23,8 @@ from tqdm import tqdm
 from ref_tuning.atomic import atomic_output
 from ref_tuning.config import positive_int, share
 from ref_tuning.paths import check_new, check_separate
-from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore, check_vocab, load_reference, score_dataset
+from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore, check_data, check_vocab, data_record, load_reference
+from ref_tuning.scoring import score_dataset
 
 POSITION_BINS = 10  # tenths of the solution
 
@@ -143,6 +144,7 @@ def preview(
     description = ref_store.description
     tokenizer = tt_config.instantiate(OmegaConf.create(description["tokenizer"]))
     ds = tt_config.instantiate(OmegaConf.create(description["dataset"]), tokenizer)
+    check_data(ref, description, data_record(ds))
     item_of = {line: i for i, line in enumerate(ds.lines.tolist())}  # dataset item of each line
     samples = [s for s in ref_store if s.line in item_of]
     if not samples:
@@ -150,6 +152,7 @@ def preview(
     base_store = ScoreStore(base) if base is not None else None
     if base_store is not None:
         _check_same_samples(base_store, ref_store)
+        check_data(base, base_store.description, data_record(ds))
         in_base, in_ref = {s.task_id for s in base_store}, {s.task_id for s in samples}
         left_out = {"tuned only": len(in_ref - in_base), "base only": len(in_base - in_ref)}
         samples = [s for s in samples if s.task_id in in_base]
@@ -167,6 +170,7 @@ def preview(
     if policy_store is not None:
         if policy_store.description["dataset"] != description["dataset"]:
             raise ScoreError(f"{policy}: scores other samples than {ref} (its dataset config differs)")
+        check_data(policy, policy_store.description, data_record(ds))
         policy_losses = {s.task_id: policy_store.losses(s.task_id) for s in policy_store}
     else:
         device = torch.device(device)

@@ -154,6 +154,9 @@ def trained_on(tuned_dir: Path, tokenizer, n_samples: int, seed: int, max_seq_le
         index = SplitIndex.open(*split_files(jsonl.parent, jsonl.stem), cache)
     except DataError as e:
         return f"{e}: {unknown}."
+    recorded = found.get("fingerprint")  # absent in runs from before it
+    if recorded is not None and recorded != index.fingerprint():
+        return f"{jsonl} changed since the tuned reference trained on it (its lines are other samples now): {unknown}."
     bad = next((i for i in lines if not 0 <= i < len(index)), None)
     if bad is not None:
         return (

@@ -22,6 +22,7 @@ from ref_tuning.hf_checkpoint import load_tune_state_dict, read_hf_config
 from ref_tuning.models import llama_from_hf_config
 
 STORE_CONFIG = "scores.json"
+DATA_KEY = "data_files"  # in STORE_CONFIG: the scored split's file and its fingerprint (`SplitIndex.fingerprint`)
 VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -145,11 +146,29 @@ def open_store(store: Path, description: Dict[str, Any]) -> None:
             tmp.write_text(json.dumps(description, indent=2) + "\n")
         return
     found = json.loads(path.read_text())
+    if DATA_KEY not in found:  # a store from before the record: continued unchecked, as before
+        description = {key: value for key, value in description.items() if key != DATA_KEY}
+    check_data(store, found, description.get(DATA_KEY))
     if found != description:
         changed = sorted(k for k in set(found) | set(description) if found.get(k) != description.get(k))
         raise ScoreError(
             f"{store}: holds scores of another run (differing in {', '.join(changed)}); "
             "choose another output_dir, or delete the store to score again"
+        )
+
+
+def data_record(ds) -> Dict[str, str]:
+    """What a store records of the split it scores, for `check_data`."""
+    return {"jsonl": str(Path(ds.jsonl).resolve()), "fingerprint": ds.fingerprint}
+
+
+def check_data(store: Path, description: Dict[str, Any], now: Optional[Dict[str, str]]) -> None:
+    """The split is the one the store scored: a store knows its samples by line, and a changed file moves them."""
+    recorded = description.get(DATA_KEY)
+    if recorded and now and recorded["jsonl"] == now["jsonl"] and recorded["fingerprint"] != now["fingerprint"]:
+        raise ScoreError(
+            f"{now['jsonl']}: changed since {store} was scored (its lines are no longer the samples scored); "
+            "score into a new output_dir, or delete the store to score the file as it is now"
         )
 
 

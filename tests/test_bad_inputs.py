@@ -18,6 +18,7 @@ import pytest
 
 from conftest import run_in_process
 from ref_tuning.demo import make_demo_assets, read_problems, write_tiny_checkpoint
+from ref_tuning.prepare import prepare_split
 from ref_tuning.scoring import ScoreStore
 
 TRAIN = [
@@ -99,6 +100,14 @@ def world(tmp_path_factory):
     w["store"] = root / "store"
     code, text = run_in_process("score", _score_args(w, w["store"]))
     assert code == 0 and len(ScoreStore(w["store"])) == 6, text[-3000:]
+    # A store of a split that was then prepared again without its first problem: other samples on its lines.
+    w["moving"] = shutil.copytree(w["data"], root / "data_moving", ignore=shutil.ignore_patterns(".ref_tuning_cache"))
+    w["moved_store"] = root / "moved_store"
+    code, text = run_in_process("score", _score_args(w, w["moved_store"], f"dataset.data_dir={w['moving']}"))
+    assert code == 0, text[-3000:]
+    (root / "raw_valid").mkdir()
+    (root / "raw_valid" / "valid.jsonl").write_text("".join(json.dumps(p) + "\n" for p in read_problems("valid")[1:]))
+    prepare_split([root / "raw_valid" / "valid.jsonl"], w["moving"], "valid", w["tokenizer"], progress=False)
     w["earlier"] = root / "earlier"  # an earlier report and preview
     w["earlier"].mkdir()
     for name in ("report.md", "report.json", "report.png", "preview.md", "preview.json"):
@@ -243,6 +252,9 @@ CASES = {
     "score: another tokenizer than the model's": Case(
         "score", score("tokenizer.path={root}/other.model"), "is another tokenizer than"
     ),
+    "score: a store continued after its data changed": Case(
+        "score", score("dataset.data_dir={moving}", out="moved_store"), "data_moving/valid.jsonl: changed since"
+    ),
     "score: tokenizer is a directory": Case("score", score("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
     # Conversion
     "convert: output contains the source": Case(
@@ -312,6 +324,9 @@ CASES = {
     "preview: output is the store": Case("preview", cli("{store}", "{model}", "--out", "{store}"), "--out"),
     "preview: base is the same store": Case(
         "preview", cli("{store}", "{model}", "--base", "{store}", "--out", "{root}/out"), "the same store"
+    ),
+    "preview: a store whose data changed": Case(
+        "preview", cli("{moved_store}", "{model}", "--out", "{root}/out", "--no-progress"), "changed since"
     ),
     "preview: existing output": Case("preview", cli("{store}", "{model}", "--out", "{earlier}"), "--overwrite"),
     "report: existing output": Case(

@@ -61,7 +61,8 @@ def tuned_dir(root: Path, assets, trained: object = None) -> Path:
 @pytest.fixture(scope="module")
 def report(assets, train, trained_lines, tmp_path_factory):
     root = tmp_path_factory.mktemp("memorization")
-    tuned = tuned_dir(root / "tuned", assets, {"jsonl": str(train.jsonl), "lines": trained_lines})
+    trained = {"jsonl": str(train.jsonl), "fingerprint": train.fingerprint(), "lines": trained_lines}
+    tuned = tuned_dir(root / "tuned", assets, trained)
     options = dict(n_samples=N, correct_ratio=0.5, max_seq_len=MAX_SEQ_LEN, tokenizer=assets["tokenizer"])
     run_report(assets["model"], tuned, root / "out", assets["data"], progress=False, **options)
     return tuned, json.loads((root / "out" / "report.json").read_text()), (root / "out" / "report.md").read_text()
@@ -122,6 +123,7 @@ def test_the_numbers_are_the_mean_of_score_dataset_losses(assets, train, report,
         (None, "has no `trained_on`"),
         ({"jsonl": "/nowhere/train.jsonl", "lines": [0]}, "/nowhere/train.jsonl, the split the tuned reference"),
         ({"jsonl": "{train}", "lines": [0, 10**6]}, "lists line 1000000, but"),
+        ({"jsonl": "{train}", "lines": [0], "fingerprint": "0" * 16}, "train.jsonl changed since the tuned reference"),
         ({"jsonl": "{train}", "lines": "0-9"}, '`trained_on` should be {"jsonl": path, "lines": [line numbers]}'),
     ],
 )

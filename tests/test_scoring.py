@@ -22,7 +22,7 @@ from ref_tuning.data import codecontests_dataset
 from ref_tuning.demo import make_demo_assets, write_tiny_checkpoint
 from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.report import auroc, loss_histograms, run_report, summarize, verdict
-from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, load_reference, open_store, score_dataset
+from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, data_record, load_reference, open_store, score_dataset
 
 from conftest import descendants, run_in_process, tune_command
 
@@ -230,6 +230,17 @@ def test_a_store_of_another_model_or_data_is_refused(assets, valid_store):
     assert code == 2 and "holds scores of another run (differing in dataset)" in text
     with pytest.raises(ScoreError, match="not a score store"):
         ScoreStore(assets["model"])
+
+
+def test_a_store_records_its_data_and_one_from_before_the_record_continues(assets, valid_store, tmp_path):
+    recorded = ScoreStore(valid_store).description["data_files"]
+    assert recorded == data_record(dataset_of(ScoreStore(valid_store), assets))
+    older = shutil.copytree(valid_store, tmp_path / "older")
+    description = json.loads((older / "scores.json").read_text())
+    del description["data_files"]
+    (older / "scores.json").write_text(json.dumps(description))
+    assert "24 scored already, 0 to score" in score_alone(assets, older, *VALID)
+    assert "data_files" not in json.loads((older / "scores.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from conftest import (
 )
 from ref_tuning import convert
 from ref_tuning.hf_checkpoint import METADATA_FILE, HFBinCheckpointer, load_hf_state_dict
-from ref_tuning.data import codecontests_dataset
+from ref_tuning.data import codecontests_dataset, split_files
+from ref_tuning.line_index import SplitIndex, cache_folder
 from ref_tuning.demo import validation_loss
 from ref_tuning.models import sheared_llama_tokenizer, tiny_sheared_llama
 from ref_tuning.step_checkpoints import load_weights
@@ -76,7 +77,7 @@ def reference(assets, tmp_path_factory):
 # The uninterrupted run
 
 
-def test_rotated_step_checkpoints_and_the_outputs(reference):
+def test_rotated_step_checkpoints_and_the_outputs(assets, reference):
     out, _ = reference
     assert [s for s, _ in logged(out / "logs", "loss")] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000006", "step_000008"]  # keep 2
@@ -87,6 +88,8 @@ def test_rotated_step_checkpoints_and_the_outputs(reference):
     final = json.loads((out / "checkpoint_final" / METADATA_FILE).read_text())
     assert final["step"] == STEPS and final["config"]["batch_size"] == 2 and final["validation"]["step"] == STEPS
     assert final["epoch"] == 2  # epochs=2 (it once said 3: the counter was read after the loop advanced it)
+    train = SplitIndex.open(*split_files(assets["data"], "train"), cache_folder(Path(assets["data"])))
+    assert final["trained_on"]["fingerprint"] == train.fingerprint()  # what the report checks its memorization by
 
 
 def test_progress_bar_and_summary(reference):
