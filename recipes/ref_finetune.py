@@ -642,6 +642,7 @@ class RefFinetuneRecipe:
             epoch = self.epoch + (1 if self.steps_in_epoch else 0)  # after the last epoch, `epoch` counts it already
             metadata = {"step": self.global_step, "epoch": epoch, "validation": self._val_metrics}
             metadata["config"] = OmegaConf.to_container(self._cfg, resolve=True)
+            metadata["world_size"] = self.world_size  # with the config, the run's identity (`run_dir.identity`)
             metadata |= {"lora": self._lora} if self._lora else {}
             metadata["trained_on"] = self._trained_on()  # last: a line number per sample
             path = self._checkpointer.save_checkpoint(checkpoint, name=name, metadata=metadata)

@@ -25,6 +25,7 @@ from ref_tuning.hf_checkpoint import METADATA_FILE, CheckpointError, read_hf_con
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, STRING, ConfigError, one_line_errors, one_of
 from ref_tuning.config import Kind, validate_config
 from ref_tuning.data import problem_fold
+from ref_tuning import run_dir
 from ref_tuning.line_index import DataError
 from ref_tuning.paths import check_separate
 from ref_tuning.scoring import DATA_KEY, ScoreError, ScoreStore, ScoreWriter, data_record, load_reference, new_run_id
@@ -141,10 +142,12 @@ def _check(cfg: DictConfig) -> List[str]:
                 f"config key 'tokenizer.path': {tokenizer} is another tokenizer than {own}, the model's own; "
                 f"score with the model's (tokenizer.path={own})"
             )
+    settings = []  # each fold model's run identity but its fold
     for i, model_dir in enumerate(dirs if k > 1 else []):
         path = Path(model_dir) / METADATA_FILE
         try:
-            trained = dict(json.loads(path.read_text())["config"]["dataset"])
+            meta = json.loads(path.read_text())
+            trained = dict(meta["config"]["dataset"])
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError(
                 f"config key 'model_dir' (item {i}): {path} holds no training config ('config.dataset'); cross-fitted "
@@ -162,11 +165,32 @@ def _check(cfg: DictConfig) -> List[str]:
                     f"({METADATA_FILE}), but scoring needs dataset.{key}={value!r} there; "
                     + (order if key in ("folds", "fold") else "score the data the models were trained on")
                 )
+        settings.append(run_dir.identity(OmegaConf.create(meta["config"]), meta.get("world_size")))
+        settings[-1].pop("dataset.fold", None)
+    for i, model_dir in enumerate(dirs[1:] if settings else [], 1):  # a cross-fit is one training, K times
+        a, b = settings[0], settings[i]
+        differ = [key for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key) and not _same_path(a, b, key)]
+        if differ:
+            shown = "; ".join(f"{key}: {a.get(key)!r} and {b.get(key)!r}" for key in differ)
+            raise ConfigError(
+                f"config key 'model_dir' (item {i}): {model_dir} was trained with other settings than {dirs[0]} "
+                f"({METADATA_FILE}: {shown}); the fold models must differ in dataset.fold alone: train them again alike"
+            )
     try:
         check_separate([*dirs, cfg.dataset.data_dir], [cfg.output_dir])
     except ValueError as e:
         raise ConfigError(f"config key 'output_dir': {e}") from None
     return dirs
+
+
+def _same_path(a: dict, b: dict, key: str) -> bool:
+    """One input file named two ways (relative, absolute, a link) is the same input."""
+    paths = [d.get(key) for d in (a, b)]
+    return (
+        key in run_dir.INPUT_KEYS
+        and all(isinstance(p, str) for p in paths)
+        and len({Path(p).resolve() for p in paths}) == 1
+    )
 
 
 @config.parse

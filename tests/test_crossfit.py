@@ -76,16 +76,23 @@ def test_bad_fold_keys_are_one_clear_error(assets, keys, message):
         codecontests_dataset(tok, str(assets["data"]), n_samples=8, **keys)
 
 
-def test_the_training_recipe_records_the_fold_keys(assets, tmp_path):
-    out = tmp_path / "run"
-    extra = ["dataset.folds=2", "dataset.fold=1", "dataset.n_samples=8", "epochs=1", "save_every_n_steps=null"]
-    code, text = run_in_process("train", overrides(assets, out, *extra, validation=False))
-    assert code == 0, text[-3000:]
-    assert "fold 1 is held out of this draw" in text
+def test_the_training_recipe_records_the_fold_keys_and_its_fold_runs_score_together(assets, tmp_path):
+    for fold in (0, 1):  # each fold its own experiment, as docs/rho1.md says
+        out = tmp_path / f"run{fold}"
+        extra = [f"experiment=fold{fold}", "dataset.folds=2", f"dataset.fold={fold}", "dataset.n_samples=8", "epochs=1"]
+        code, text = run_in_process(
+            "train", overrides(assets, out, *extra, "save_every_n_steps=null", validation=False)
+        )
+        assert code == 0, text[-3000:]
+        assert f"fold {fold} is held out of this draw" in text
     trained = json.loads((out / "checkpoint_final" / METADATA_FILE).read_text())["config"]["dataset"]
     assert (trained["folds"], trained["fold"]) == (2, 1)  # what the scoring recipe checks
     identity = json.loads((out / "run.json").read_text())  # a run of another fold is another run
     assert (identity["dataset.folds"], identity["dataset.fold"]) == (2, 1)
+    # The two runs differ only where fold runs must (the fold, their folders): scoring takes them.
+    models = [tmp_path / f"run{fold}" / "checkpoint_final" for fold in (0, 1)]
+    code, text = run_in_process("score", score_args(assets, models, tmp_path / "store"))
+    assert code == 0, text[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +103,8 @@ def fold_model(root: Path, assets, fold: int, **dataset) -> Path:
     """A tiny model (its own weights) and the ref_tuning.json of a run trained without `fold`."""
     model = write_tiny_checkpoint(root / f"fold{fold}", assets["vocab_size"], assets["tokenizer"], seed=10 + fold)
     config = {"dataset": dict(folds=K, fold=fold, data_dir=str(assets["data"]), split="train", **dataset)}
-    (model / METADATA_FILE).write_text(json.dumps({"step": 1, "config": config}))
+    config |= {"output_dir": str(root / f"run{fold}"), "optimizer": {"lr": 2e-5}}  # a run's own folder
+    (model / METADATA_FILE).write_text(json.dumps({"step": 1, "world_size": 2, "config": config}))
     return model
 
 
@@ -178,10 +186,12 @@ def test_a_stopped_cross_fitted_run_scores_only_what_is_missing(assets, models, 
         torch.testing.assert_close(resumed.losses(s.task_id), reference.losses(s.task_id), rtol=0, atol=1e-5)
 
 
-def retrain(model_dir: Path, **dataset) -> None:
-    """Make `model_dir`'s ref_tuning.json say it was trained with these dataset keys."""
+def retrain(model_dir: Path, lr=None, world_size=None, **dataset) -> None:
+    """Make `model_dir`'s ref_tuning.json say it was trained with these dataset keys, learning rate, processes."""
     meta = json.loads((model_dir / METADATA_FILE).read_text())
     meta["config"]["dataset"].update(dataset)
+    meta["config"]["optimizer"]["lr"] = lr or meta["config"]["optimizer"]["lr"]
+    meta["world_size"] = world_size or meta["world_size"]
     (model_dir / METADATA_FILE).write_text(json.dumps(meta))
 
 
@@ -193,6 +203,9 @@ REFUSED = {
     "no config": r"\(item 1\): \S+fold1/ref_tuning.json holds no training config",
     "tokenizer": r"'tokenizer.path': \$\{model_dir\}/tokenizer.model cannot name one file .* tokenizer.path=",
     "scored folds": r"'dataset.folds'/'dataset.fold': the samples to score are Rho-1's whole draw",
+    "learning rate": r"\(item 1\): \S+fold1 was trained with other settings than \S+fold0 \(ref_tuning.json: "
+    r"optimizer.lr: 2e-05 and 0.02\); the fold models must differ in dataset.fold alone",
+    "processes": r"\(item 1\): \S+fold1 was trained with other settings .*world_size: 2 and 4\)",
 }
 
 
@@ -212,6 +225,10 @@ def test_models_whose_training_does_not_match_their_fold_are_refused(assets, mod
         extra = ["tokenizer.path=${model_dir}/tokenizer.model"]
     elif change == "scored folds":
         extra = ["dataset.folds=2", "dataset.fold=0"]
+    elif change == "learning rate":  # three orders apart; the other runs' paths differ, as fold runs' do
+        retrain(dirs[1], lr=0.02)
+    elif change == "processes":
+        retrain(dirs[1], world_size=4)
     out = tmp_path / "store"
     code, text = run_in_process("score", score_args(assets, dirs, out, *extra))
     assert code == 2 and "error: ConfigError: config key" in text, text[-3000:]
