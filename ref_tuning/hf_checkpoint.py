@@ -7,12 +7,14 @@ dtype written, and the tokenizer and generation files. Files are read memory-map
 appear under their final name only once complete (`atomic_output`).
 """
 
+import hashlib
 import io
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ref_tuning.atomic import atomic_output
+from ref_tuning.checksums import damaged, file_sha256, write_sums
 
 # torchtune is imported where it is used: importing it takes 3 s, and `convert hf-to-hf` does not need it.
 MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG = "model", "adapter", "adapter_config"  # torchtune.training's
@@ -174,7 +177,10 @@ def _weight_map(checkpoint_dir: PathLike) -> tuple[Path, dict[str, str] | None]:
 
 def load_hf_state_dict(checkpoint_dir: PathLike) -> StateDict:
     """Every tensor of an HF directory (`.bin` or safetensors, sharded or not), memory-mapped, in the
-    index's order, checking that the index and the shards agree."""
+    index's order, checking that the index and the shards agree and, in a directory we wrote, their checksums."""
+    problem = damaged(Path(checkpoint_dir))
+    if problem:
+        raise CheckpointError(problem)
     map_path, weight_map = _weight_map(checkpoint_dir)
     if weight_map is None:
         return read_tensor_file(map_path)
@@ -285,9 +291,9 @@ def load_tune_state_dict(
 # Writing
 
 
-def save_tensor_file(path: Path, tensors: list[OutputTensor], safetensors: bool = False) -> None:
-    """Write `tensors` as one `torch.save` (or safetensors) file. They are all loaded first: unchanged
-    tensors of a memory-mapped source cost no memory, converted ones their size."""
+def save_tensor_file(path: Path, tensors: list[OutputTensor], safetensors: bool = False) -> str:
+    """Write `tensors` as one `torch.save` (or safetensors) file, and return its sha256. They are all loaded
+    first: unchanged tensors of a memory-mapped source cost no memory, converted ones their size."""
     state = {t.name: t.load().contiguous() for t in tensors}
     # torch.save writes a tensor's whole storage: a view into a larger one gets its own, so that the
     # file holds exactly its tensors' bytes, as the hub's files do.
@@ -295,6 +301,7 @@ def save_tensor_file(path: Path, tensors: list[OutputTensor], safetensors: bool 
     try:
         if safetensors:
             save_file(state, path, metadata={"format": "pt"})  # the format transformers expects
+            digest = file_sha256(path)  # read back while in the page cache: safetensors writes by path
             with open(path, "rb") as f:
                 _on_disk(f.fileno())
         else:
@@ -305,11 +312,13 @@ def save_tensor_file(path: Path, tensors: list[OutputTensor], safetensors: bool 
             try:
                 with _WriteThrough(path, "wb") as f:
                     torch.save(state, f)
+                digest = f.sha256.hexdigest()
             finally:
                 torch.serialization.set_crc32_options(crc32)
     except (RuntimeError, OSError, SafetensorError) as e:  # torch's writer reports a full disk as a RuntimeError
         free = shutil.disk_usage(path.parent).free / 1e9
         raise OSError(f"{path}: writing failed ({e}); {free:.2f} GB free on its file system") from e
+    return digest
 
 
 def _drop_cached(fd: int, end: int = 0) -> None:
@@ -326,15 +335,29 @@ def _on_disk(fd: int) -> None:
 
 
 class _WriteThrough(io.FileIO):
-    """A file whose pages are sent to disk as it is written and dropped from the page cache once there.
-    Left to the kernel, a 10 GB checkpoint's dirty pages filled memory beside the memory-mapped source,
-    and reclaiming them made a conversion twice as slow (`python -m benchmarks convert`)."""
+    """A file whose pages are sent to disk as it is written and dropped from the page cache once there, and
+    hashed (`sha256`) on the way. Left to the kernel, a 10 GB checkpoint's dirty pages filled memory beside the
+    memory-mapped source, and reclaiming them made a conversion twice as slow (`python -m benchmarks convert`).
+    Large writes are hashed in a thread beside the write, so that the hash costs no time the disk does not."""
 
     CHUNK = 256 * 2**20
     _advised = 0
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.sha256 = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1)  # one per file: a pool's threads do not survive a fork
+
     def write(self, data) -> int:
-        n = super().write(data)
+        view = memoryview(data).cast("B")
+        hashing = self._hasher.submit(self.sha256.update, view) if len(view) >= 2**20 else None
+        if hashing is None:
+            self.sha256.update(view)
+        n = 0
+        while n < len(view):  # all of it: the hash has it all
+            n += super().write(view[n:])
+        if hashing is not None:
+            hashing.result()
         end = self.tell()
         if end - self._advised >= self.CHUNK:
             _drop_cached(self.fileno(), end)
@@ -344,6 +367,7 @@ class _WriteThrough(io.FileIO):
     def close(self) -> None:
         if not self.closed:
             _on_disk(self.fileno())
+            self._hasher.shutdown()
         super().close()
 
 
@@ -382,10 +406,10 @@ def save_hf_dir(
     with atomic_output(out_dir, overwrite) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {Path(out_dir).name}", disable=not progress)
         tmp.mkdir()
-        weight_map = {}
+        weight_map, sums = {}, {}
         for k, shard in enumerate(shards, 1):
             name = f"{stem}-{k:05d}-of-{len(shards):05d}.{fmt}"
-            save_tensor_file(tmp / name, shard, safetensors)
+            sums[name] = save_tensor_file(tmp / name, shard, safetensors)
             bar.update(sum(t.nbytes for t in shard))
             weight_map.update({t.name: name for t in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -395,6 +419,7 @@ def save_hf_dir(
             _copy_side_files(side_files_from, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        write_sums(tmp, sums)
         os.chmod(tmp, 0o755)
     bar.close()
     return Path(out_dir)
@@ -536,4 +561,5 @@ class HFBinCheckpointer:
         with atomic_output(out_dir, overwrite=True) as tmp:
             tmp.mkdir()
             save_file({name: t.contiguous() for name, t in weights.items()}, tmp / "adapter_model.safetensors")
+            write_sums(tmp, {"adapter_model.safetensors": file_sha256(tmp / "adapter_model.safetensors")})
             (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import time
 import zipfile
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torchtune.models import convert_weights
 
 from ref_tuning import atomic, convert
+from ref_tuning.checksums import SUMS_FILE, damaged as damaged_files, file_sha256
 from ref_tuning.hf_checkpoint import (
     CheckpointError,
     expected_hf_shapes,
@@ -73,8 +75,11 @@ def bf16_dir(src, tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def damaged(src, tmp_path) -> Path:
-    """A private copy of `src` that a test may break."""
-    return Path(shutil.copytree(src, tmp_path / "damaged"))
+    """A private copy of `src` that a test may break, without its checksums, as the hub's directories come: what
+    the readers' own checks find (test_a_damaged_shard_of_a_directory_we_wrote_is_named: the checksums')."""
+    copy = Path(shutil.copytree(src, tmp_path / "damaged"))
+    (copy / SUMS_FILE).unlink()
+    return copy
 
 
 def run_main(capsys, *args) -> Tuple[int, str, str]:
@@ -269,7 +274,7 @@ def test_safetensors_layout(src, tmp_path, capsys):
     assert_same_tensors(written, torch_load_dir(src))
 
     # And back: safetensors shards, and a single model.safetensors as some hub models ship, as input.
-    single = Path(shutil.copytree(src, tmp_path / "single", ignore=shutil.ignore_patterns("pytorch_model*")))
+    single = Path(shutil.copytree(src, tmp_path / "single", ignore=shutil.ignore_patterns("pytorch_model*", SUMS_FILE)))
     save_file(written, single / "model.safetensors", metadata={"format": "pt"})
     for source in (out, single):
         back = tmp_path / f"{source.name}_back"
@@ -660,7 +665,39 @@ def test_corrupt_safetensors_is_named(src, tmp_path, capsys):
     assert run_main(capsys, "hf-to-hf", src, st, "--safetensors", "--max-shard-size", "1MB", "--no-progress")[0] == 0
     shard = sorted(st.glob("model-*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
+    (st / SUMS_FILE).unlink()  # what safetensors' reader says
     assert_refused(capsys, st, tmp_path, re.escape(str(shard)), "truncated or corrupt")
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_every_weight_file_we_write_has_its_sha256_recorded_in_sha256sum_format(src, tmp_path, capsys, fmt):
+    out = tmp_path / "out"
+    flags = ["--safetensors"] * (fmt == "safetensors")
+    assert run_main(capsys, "hf-to-hf", src, out, "--max-shard-size", "1MB", *flags, "--no-progress")[0] == 0
+    lines = (out / SUMS_FILE).read_text().splitlines()
+    shards = sorted(p.name for p in out.glob(f"*.{fmt}"))
+    assert len(shards) > 1 and lines == [f"{file_sha256(out / name)}  {name}" for name in shards]
+    if shutil.which("sha256sum"):  # the coreutils tool reads it as its own
+        subprocess.run(["sha256sum", "--check", "--quiet", SUMS_FILE], cwd=out, check=True)
+
+
+@pytest.mark.parametrize("command", ["hf-to-hf", "hf-to-tune", "verify"])
+def test_a_damaged_shard_of_a_directory_we_wrote_is_named(src, tmp_path, capsys, command):
+    """A flipped byte inside a tensor's data: torch.load reads it as another weight (0.0096 -> -157.6)."""
+    ours = Path(shutil.copytree(src, tmp_path / "ours"))
+    data = bytearray((ours / SHARD1).read_bytes())
+    data[len(data) // 2] ^= 0x80
+    (ours / SHARD1).write_bytes(data)
+    assert torch.load(ours / SHARD1, weights_only=True)  # torch reads it without a word
+    out = tmp_path / ("out.pt" if command == "hf-to-tune" else "out")
+    rc, stdout, err = run_main(capsys, command, ours, *([out, "--no-progress"] if command != "verify" else []))
+    assert rc == 2 and err.count("error:") == 1 and not out.exists(), (rc, stdout, err)
+    assert f"{ours / SHARD1}: damaged: its sha256 is not the one recorded in {ours / SUMS_FILE}" in err
+    (ours / SHARD1).unlink()
+    assert (
+        damaged_files(ours)
+        == f"{ours / SHARD1}: listed in {ours / SUMS_FILE} but missing; copy the directory again from its source"
+    )
 
 
 def test_a_bin_of_something_else_than_named_tensors_is_refused(damaged, tmp_path, capsys):

@@ -1,0 +1,51 @@
+"""`SHA256SUMS` in each weights directory ref-tuning writes: the sha256 of every weight file, in `sha256sum`'s
+format (so `sha256sum -c SHA256SUMS` checks it too). torch.load and safetensors check nothing: a flipped byte in a
+shard loads as a wrong weight. Writers hash the bytes as they write them; a check reads every listed file once, in
+parallel (hashlib lets go of the GIL), at about 1.3 GB/s a core (sha256 with SHA-NI)."""
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, Optional
+
+SUMS_FILE = "SHA256SUMS"
+
+
+def file_sha256(path: Path) -> Optional[str]:
+    """The file's sha256 in hex, or None if it is missing."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def write_sums(folder: Path, sums: Dict[str, str]) -> None:
+    """Record `sums` (file name in `folder` -> sha256) in `folder/SHA256SUMS`."""
+    (folder / SUMS_FILE).write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+
+
+def damaged(folder: Path) -> Optional[str]:
+    """Why the weight files of `folder` are not those written, in one line; None if they are, or if nothing was
+    recorded (a directory from the hub, or from before the record)."""
+    path = Path(folder) / SUMS_FILE
+    if not path.is_file():
+        return None
+    recorded = {}
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            return f"{path}:{number}: expected '<sha256>  <file name>', found {line[:80]!r}; the record is damaged"
+        recorded[name] = digest
+    with ThreadPoolExecutor(min(len(recorded), os.cpu_count() or 1) or 1) as pool:
+        found = dict(zip(recorded, pool.map(file_sha256, (path.parent / name for name in recorded))))
+    for name, digest in recorded.items():
+        if found[name] is None:
+            return f"{path.parent / name}: listed in {path} but missing; copy the directory again from its source"
+        if found[name] != digest:
+            return (
+                f"{path.parent / name}: damaged: its sha256 is not the one recorded in {path} when it was written; "
+                "copy the directory again from its source, or use another checkpoint"
+            )
+    return None
