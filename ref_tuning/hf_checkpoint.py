@@ -15,6 +15,7 @@ import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,11 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ref_tuning.atomic import atomic_output
+from ref_tuning.atomic import atomic_output, temporary
 from ref_tuning.checksums import damaged, file_sha256, write_sums
 
 # torchtune is imported where it is used: importing it takes 3 s, and `convert hf-to-hf` does not need it.
 MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG = "model", "adapter", "adapter_config"  # torchtune.training's
+ADAPTER_SUBDIR = "adapter"  # a LoRA run's adapter inside its merged model's directory; `adapter_*` links to it
 METADATA_FILE = "ref_tuning.json"  # what made an output directory: step, validation metrics, config
 WEIGHT_MAP_FILES = {"bin": "pytorch_model.bin.index.json", "safetensors": "model.safetensors.index.json"}
 SINGLE_FILES = {"bin": "pytorch_model.bin", "safetensors": "model.safetensors"}
@@ -387,10 +389,11 @@ def save_hf_dir(
     overwrite: bool = False,
     progress: bool = False,
     extra_files: dict[str, str] | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete HF directory: shards in the hub layout and their index, `config.json` with
-    the dtype written, the side files of `side_files_from`, and `extra_files` (name -> text), all
-    appearing at once. One shard is loaded at a time."""
+    the dtype written, the side files of `side_files_from`, `extra_files` (name -> text) and what `write_more`
+    writes into the folder, all appearing at once. One shard is loaded at a time."""
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors if t.dtype.is_floating_point}
     if len(dtypes) != 1:
         raise CheckpointError(f"expected one floating dtype among the weights, found {sorted(dtypes)}")
@@ -420,6 +423,8 @@ def save_hf_dir(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         write_sums(tmp, sums)
+        if write_more is not None:
+            write_more(tmp)
         os.chmod(tmp, 0o755)
     bar.close()
     return Path(out_dir)
@@ -530,25 +535,39 @@ class HFBinCheckpointer:
         """Write `state_dict["model"]` (torchtune names) as the HF directory `output_dir/name` (an
         absolute `name` is used as it is), with `metadata` as `ref_tuning.json` inside it; or, for torchtune's
         recipes, `output_dir/epoch_{epoch}` and, if intermediate, the rest of `state_dict` as RECIPE_STATE_FILE.
-        A LoRA model's adapter (torchtune's ADAPTER_KEY and ADAPTER_CONFIG) goes beside it in the PEFT layout,
-        `output_dir/adapter_epoch_{epoch}` (or `adapter_final` beside `checkpoint_final`); with `adapter_only`, alone."""
+        A LoRA model's adapter (torchtune's ADAPTER_KEY and ADAPTER_CONFIG), in the PEFT layout, goes into that
+        directory's `ADAPTER_SUBDIR`, and `adapter_epoch_{epoch}` (or `adapter_final` beside `checkpoint_final`) links
+        there: one directory swapped in at once, so that a reader never finds the two from different steps. With
+        `adapter_only`, the adapter alone, as `adapter_*`."""
         out = self._output_dir / (name if epoch is None else f"epoch_{epoch}")
-        if ADAPTER_KEY in state_dict:
-            adapter_dir = out.with_name(f"adapter_{out.name.removeprefix('checkpoint_')}")
-            self._save_peft_adapter(state_dict[ADAPTER_KEY], state_dict[ADAPTER_CONFIG], adapter_dir)
+        lora = ADAPTER_KEY in state_dict
+        adapter_dir = out.with_name(f"adapter_{out.name.removeprefix('checkpoint_')}")
+        write_adapter = partial(self._write_peft_adapter, state_dict.get(ADAPTER_KEY), state_dict.get(ADAPTER_CONFIG))
+        if lora and adapter_only:
+            with atomic_output(adapter_dir, overwrite=True) as tmp:
+                write_adapter(tmp)
         if not adapter_only:
+            if lora and adapter_dir.is_dir() and not adapter_dir.is_symlink():
+                shutil.rmtree(adapter_dir)  # an older layout's own folder: gone, rather than of another step
             tensors = converted(tensor_sources(state_dict[MODEL_KEY]), tune_to_hf, self.config)
             extra = {METADATA_FILE: json.dumps(metadata, indent=2, default=str) + "\n"} if metadata is not None else {}
             side, shards = self._checkpoint_dir, self._max_shard_size
-            save_hf_dir(tensors, out, self.config, side, shards, self._safetensors, overwrite=True, extra_files=extra)
+            more = (lambda tmp: write_adapter(tmp / ADAPTER_SUBDIR)) if lora else None
+            save_hf_dir(
+                tensors, out, self.config, side, shards, self._safetensors, True, extra_files=extra, write_more=more
+            )
+            if lora:  # a link replaces a link in one step
+                link = temporary(adapter_dir)
+                link.symlink_to(f"{out.name}/{ADAPTER_SUBDIR}", target_is_directory=True)  # relative: the run may move
+                os.replace(link, adapter_dir)
         if intermediate_checkpoint:  # after the model: the recipe state never names a directory not yet written
             with atomic_output(self._output_dir / RECIPE_STATE_FILE, overwrite=True) as tmp:
                 torch.save({k: v for k, v in state_dict.items() if k != MODEL_KEY}, tmp)  # adapters too, for resume
         return out if not adapter_only else adapter_dir
 
-    def _save_peft_adapter(self, adapter: StateDict, settings: Config, out_dir: Path) -> None:
-        """The adapter in the PEFT layout (`adapter_config.json`, `adapter_model.safetensors`), which
-        `peft.PeftModel.from_pretrained` loads onto the base model at `checkpoint_dir`."""
+    def _write_peft_adapter(self, adapter: StateDict, settings: Config, out_dir: Path) -> None:
+        """The adapter in the PEFT layout (`adapter_config.json`, `adapter_model.safetensors`) in the new folder
+        `out_dir`, which `peft.PeftModel.from_pretrained` loads onto the base model at `checkpoint_dir`."""
         from torchtune.models.convert_weights import tune_to_peft_adapter_config, tune_to_peft_adapter_weights
 
         heads, kv_heads, _ = _heads(self.config)
@@ -558,8 +577,7 @@ class HFBinCheckpointer:
         peft_config = tune_to_peft_adapter_config(
             peft_config, base_model_name_or_path=str(self._checkpoint_dir.resolve())
         )
-        with atomic_output(out_dir, overwrite=True) as tmp:
-            tmp.mkdir()
-            save_file({name: t.contiguous() for name, t in weights.items()}, tmp / "adapter_model.safetensors")
-            write_sums(tmp, {"adapter_model.safetensors": file_sha256(tmp / "adapter_model.safetensors")})
-            (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+        out_dir.mkdir()
+        save_file({name: t.contiguous() for name, t in weights.items()}, out_dir / "adapter_model.safetensors")
+        write_sums(out_dir, {"adapter_model.safetensors": file_sha256(out_dir / "adapter_model.safetensors")})
+        (out_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")

@@ -27,7 +27,7 @@ save_every_n_steps keep_last_n_checkpoints timeout_setup_s timeout_step_s peak_t
 enable_activation_checkpointing fsdp_reshard_after_forward val_batch_size output_dtype checkpointer.output_dir
 checkpointer.max_shard_size dataset.cache_dir dataset_val.cache_dir""".split()
 # What a run leaves in its output directory besides its logs.
-RUN_OUTPUTS = (RUN_FILE, "checkpoints", "checkpoint_best", "checkpoint_final")
+RUN_OUTPUTS = (RUN_FILE, "checkpoints", "checkpoint_best", "checkpoint_final", "adapter_best", "adapter_final")
 # What a run reads from files: none of it may lie in what the run writes or deletes.
 INPUT_KEYS = ("checkpointer.checkpoint_dir", "tokenizer.path", "dataset.data_dir", "dataset_val.data_dir")
 
@@ -170,7 +170,7 @@ def record(output_dir: Path, cfg: DictConfig, world_size: int, data: Dict[str, D
     output_dir = Path(output_dir)
     if cfg.start_over and not cfg.resume_from_checkpoint:
         for path in (output_dir / name for name in RUN_OUTPUTS):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
     if not cfg.resume_from_checkpoint or not (output_dir / RUN_FILE).is_file():
         with atomic_output(output_dir / RUN_FILE, overwrite=True) as tmp:  # creates output_dir too
             tmp.write_text(

@@ -5,6 +5,7 @@ with the LoRA model's logits."""
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import PROJECT_ROOT, TINY_CONFIG, logged, ok, overrides, preempt_this_process_after, run_in_process
 from conftest import send, tune, when
-from ref_tuning import convert
-from ref_tuning.hf_checkpoint import METADATA_FILE, CheckpointError, load_hf_state_dict, load_tune_state_dict
+from ref_tuning import convert, hf_checkpoint
+from ref_tuning.hf_checkpoint import METADATA_FILE, CheckpointError, HFBinCheckpointer, load_hf_state_dict
+from ref_tuning.hf_checkpoint import load_tune_state_dict
 from ref_tuning.models import lora_tiny_sheared_llama
 from ref_tuning.scoring import load_reference
 from ref_tuning.step_checkpoints import load_weights
@@ -82,6 +84,38 @@ def test_validation_and_the_best_checkpoint_work_as_for_full_fine_tuning(lora_ru
     assert [s for s, _ in val] == [4, 8]
     best = json.loads((lora_run / "checkpoint_best" / METADATA_FILE).read_text())
     assert best["step"] == min(val, key=lambda sv: sv[1])[0] and (lora_run / "adapter_best").is_dir()
+
+
+def test_the_adapter_lives_inside_its_merged_model_so_a_failed_write_never_splits_the_pair(
+    assets, lora_run, tmp_path, monkeypatch
+):
+    for which in ("best", "final"):  # adapter_* links to the adapter inside checkpoint_*: one directory, one step
+        assert (lora_run / f"adapter_{which}").readlink() == Path(f"checkpoint_{which}/adapter")
+    run = Path(shutil.copytree(lora_run, tmp_path / "run", symlinks=True))
+    (run / "adapter_final").unlink()  # as a run from before the layout left it: a folder of its own
+    shutil.copytree(run / "checkpoint_final" / "adapter", run / "adapter_final")
+    state = {
+        "model": load_tune_state_dict(run / "checkpoint_final"),
+        "adapter": load_weights(run / "checkpoints" / f"step_{STEPS:06d}"),
+        "adapter_config": json.loads((run / "checkpoint_final" / METADATA_FILE).read_text())["lora"],
+    }
+    checkpointer = HFBinCheckpointer(str(assets["model"]), str(run))
+    before = {p: p.read_bytes() for p in sorted((run / "adapter_best").iterdir())}
+    best = (run / "checkpoint_best" / METADATA_FILE).read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the disk fills while the merged model is written, after the adapter was
+        m.setattr(hf_checkpoint, "save_tensor_file", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            checkpointer.save_checkpoint(state, name="checkpoint_best", metadata={"step": 99})
+    assert {p: p.read_bytes() for p in sorted((run / "adapter_best").iterdir())} == before
+    assert (run / "checkpoint_best" / METADATA_FILE).read_bytes() == best
+    checkpointer.save_checkpoint(state, name="checkpoint_final", metadata={"step": 99})
+    assert (run / "adapter_final").readlink() == Path("checkpoint_final/adapter")  # the old folder replaced
+    written = load_file(run / "adapter_final" / "adapter_model.safetensors")
+    assert written.keys() == load_file(lora_run / "adapter_final" / "adapter_model.safetensors").keys()
 
 
 def test_a_lora_step_checkpoint_is_refused_by_step_to_hf(lora_run, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import overrides, run_in_process, tune
 from ref_tuning import run_dir
@@ -77,6 +78,16 @@ def test_a_refused_resume_names_every_difference_and_cadence_may_change(assets, 
     # Logging and checkpoint cadence may change on resume.
     train(assets, unfinished, "resume_from_checkpoint=true", "save_every_n_steps=null", "log_every_n_steps=2")
     assert (unfinished / "checkpoint_final" / "config.json").is_file()
+
+
+def test_start_over_deletes_a_lora_runs_adapter_links_with_the_models(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint_final" / "adapter").mkdir(parents=True)
+    (out / "adapter_final").symlink_to("checkpoint_final/adapter", target_is_directory=True)
+    (out / "adapter_best").symlink_to("checkpoint_best/adapter", target_is_directory=True)  # dangling
+    cfg = OmegaConf.create({"start_over": True, "resume_from_checkpoint": False, "seed": 0})
+    run_dir.record(out, cfg, 1, {})
+    assert sorted(p.name for p in out.iterdir()) == [run_dir.RUN_FILE]
 
 
 def test_start_over_replaces_the_earlier_run(assets, unfinished):
