@@ -177,10 +177,10 @@ def _weight_map(checkpoint_dir: PathLike) -> tuple[Path, dict[str, str] | None]:
     return map_path, weight_map
 
 
-def load_hf_state_dict(checkpoint_dir: PathLike) -> StateDict:
+def load_hf_state_dict(checkpoint_dir: PathLike, check_sums: bool = True) -> StateDict:
     """Every tensor of an HF directory (`.bin` or safetensors, sharded or not), memory-mapped, in the
-    index's order, checking that the index and the shards agree and, in a directory we wrote, their checksums."""
-    problem = damaged(Path(checkpoint_dir))
+    index's order, checking that the index and the shards agree and (`check_sums`) their checksums, if recorded."""
+    problem = damaged(Path(checkpoint_dir)) if check_sums else None
     if problem:
         raise CheckpointError(problem)
     map_path, weight_map = _weight_map(checkpoint_dir)
@@ -217,10 +217,10 @@ def check_hf_tensors(tensors: dict[str, Any], config: Config, where: PathLike) -
         raise CheckpointError(f"{where}: weights do not match config.json: " + "; ".join(problems[:5]))
 
 
-def read_hf_checkpoint(checkpoint_dir: PathLike) -> tuple[Config, StateDict]:
+def read_hf_checkpoint(checkpoint_dir: PathLike, check_sums: bool = True) -> tuple[Config, StateDict]:
     """The config and the weights of an HF directory, checked against each other, in the model's order."""
     config = read_hf_config(checkpoint_dir)
-    tensors = load_hf_state_dict(checkpoint_dir)
+    tensors = load_hf_state_dict(checkpoint_dir, check_sums)
     check_hf_tensors(tensors, config, checkpoint_dir)
     return config, {name: tensors[name] for name in expected_hf_shapes(config)}
 
