@@ -23,19 +23,52 @@ def raise_if_any(errors: List[str]) -> None:
         raise ConfigError("invalid config: " + (errors[0] if len(errors) == 1 else "\n  " + "\n  ".join(errors)))
 
 
+PEER_FAILED = "ref_tuning/failed"  # in the process group's store: the rank whose known error ended the run
+
+
 @contextmanager
 def one_line_errors(*known: Type[BaseException]) -> Iterator[None]:
     """A known mistake ends the process with its one-line message and exit status 2 on every rank that
-    raised it (an error on one rank alone must not be hidden); anything else is a bug and keeps its traceback."""
+    raised it (an error on one rank alone must not be hidden); anything else is a bug and keeps its traceback,
+    unless it is what a collective raises on a peer of a rank that failed so: that peer says so in one line."""
+    rank = os.environ.get("RANK", "0")
     try:
         yield
     except known as e:
-        rank = os.environ.get("RANK", "0")
         where = "" if rank == "0" else f" [rank {rank}]"
         print(f"error: {type(e).__name__}: {e}{where}", file=sys.stderr, flush=True)
-        if dist.is_initialized():  # for callers in the same process (tests); a recipe's process ends here
-            dist.destroy_process_group()
-        sys.exit(2)
+        _set_failed(rank)
+        _end(2)
+    except Exception:
+        failed = _failed_rank()
+        if failed is None:
+            raise
+        print(f"rank {rank} stopped: rank {failed} failed, with the error above", file=sys.stderr, flush=True)
+        _end(2)
+
+
+def _store() -> Any:
+    """The process group's key-value store; torchrun's agent holds it, so it outlives a failed worker."""
+    return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None  # no public accessor
+
+
+def _set_failed(rank: str) -> None:
+    with suppress(Exception):  # no store, or the agent gone: the peers then keep their traceback
+        _store().set(PEER_FAILED, rank)
+
+
+def _failed_rank() -> Any:
+    try:
+        store = _store()
+        return store.get(PEER_FAILED).decode() if store is not None and store.check([PEER_FAILED]) else None
+    except Exception:
+        return None
+
+
+def _end(code: int) -> None:
+    if dist.is_initialized():  # for callers in the same process (tests); a recipe's process ends here
+        dist.destroy_process_group()
+    sys.exit(code)
 
 
 def _unknown_key_message(path: str, key: str, known: Iterable[str]) -> str:
