@@ -45,7 +45,7 @@ from ref_tuning.line_index import DataError
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, POSITIVE_NUMBER, SEED, STRING, ConfigError, is_off
 from ref_tuning.config import one_line_errors, one_of, raise_if_any, validate_config
 from ref_tuning.step_checkpoints import HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state
-from ref_tuning.step_checkpoints import set_rng_state
+from ref_tuning.step_checkpoints import set_rng_state, weight_sources
 
 log = utils.get_logger("INFO")
 
@@ -374,6 +374,18 @@ class RefFinetuneRecipe:
         return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=self._collate_fn(ds))
 
     def _resume(self, path: Path) -> None:
+        try:  # a LoRA run's checkpoint holds only adapters: told apart before DCP calls it a missing key
+            lora_checkpoint = any(".lora_" in name for name in weight_sources(path))
+        except Exception:  # no readable metadata: load_state below says so
+            lora_checkpoint = bool(self._lora)
+        if lora_checkpoint != bool(self._lora):
+            held, now = (
+                ("a LoRA run's adapters", "the full model") if lora_checkpoint else ("a full run's weights", "LoRA")
+            )
+            raise CheckpointError(
+                f"{path}: holds {held}, but this config trains {now}; resume with the model settings the run "
+                "began with (model._component_ and its keys), or start another experiment=NAME"
+            )
         try:
             train_state, rank_state = load_state(path, self._model, self._optimizer)
         except (Exception, dcp.CheckpointException) as e:  # a truncated or corrupt file (DCP raises a BaseException)

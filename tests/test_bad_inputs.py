@@ -94,6 +94,17 @@ def world(tmp_path_factory):
     w["unfinished"] = shutil.copytree(w["finished"], root / "unfinished")
     for name in ("checkpoint_final", "checkpoint_best"):
         shutil.rmtree(w["unfinished"] / name)
+    # Runs from before run.json (no identity to compare): what their step checkpoints hold is checked instead.
+    w["full_unrecorded"] = shutil.copytree(w["unfinished"], root / "full_unrecorded")
+    w["lora_unrecorded"] = root / "lora_unrecorded"
+    code, text = run_in_process(
+        "train", _train_args(w, w["lora_unrecorded"], *LORA_MODEL, "model.lora_attn_modules=[q_proj]")
+    )
+    assert code == 0, text[-3000:]
+    for run in (w["full_unrecorded"], w["lora_unrecorded"]):
+        for name in ("run.json", "checkpoint_final", "checkpoint_best", "adapter_final", "adapter_best"):
+            path = run / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
     w["damaged_step"] = shutil.copytree(w["unfinished"], root / "damaged_step")
     newest = sorted((w["damaged_step"] / "checkpoints").glob("step_*"))[-1]
     shard = max(newest.rglob("*.distcp"), key=lambda p: p.stat().st_size)
@@ -154,10 +165,12 @@ def score(*extra: str, out: Optional[str] = None) -> Callable[[dict], List[str]]
     return lambda w: _score_args(w, w[out] if out else w["root"] / "new_store", *[e.format(**w) for e in extra])
 
 
-def lora(*extra: str, targets: str = "q_proj,v_proj") -> Callable[[dict], List[str]]:
+LORA_MODEL = ["model._component_=ref_tuning.models.lora_tiny_sheared_llama", "model.lora_rank=4", "model.lora_alpha=8"]
+
+
+def lora(*extra: str, targets: str = "q_proj,v_proj", out: str = "new_run") -> Callable[[dict], List[str]]:
     """A LoRA run of the tiny model; `extra` after the good settings."""
-    good = ["model._component_=ref_tuning.models.lora_tiny_sheared_llama", f"model.lora_attn_modules=[{targets}]"]
-    return train(*good, "model.lora_rank=4", "model.lora_alpha=8", *extra)
+    return train(*LORA_MODEL, f"model.lora_attn_modules=[{targets}]", *extra, out=out)
 
 
 def cli(*args: str) -> Callable[[dict], List[str]]:
@@ -226,6 +239,12 @@ CASES = {
         "train", train("resume_from_checkpoint=true", "start_over=true", out="unfinished"), "choose one"
     ),
     "damaged step checkpoint": Case("train", train("resume_from_checkpoint=true", out="damaged_step"), "step_000006"),
+    "resume a LoRA run as full fine-tuning": Case(
+        "train", train("resume_from_checkpoint=true", out="lora_unrecorded"), "holds a LoRA run's adapters"
+    ),
+    "resume a full run as LoRA": Case(
+        "train", lora("resume_from_checkpoint=true", out="full_unrecorded"), "holds a full run's weights"
+    ),
     # Training: LoRA settings that torchtune takes without a word and trains wrongly
     "lora: PEFT's o_proj": Case("train", lora(targets="q_proj,o_proj"), "'o_proj' is PEFT's name"),
     "lora: unknown target": Case("train", lora(targets="q_proj,bogus"), "unknown target 'bogus'"),
