@@ -40,6 +40,7 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from ref_tuning import lora, run_dir
+from ref_tuning.atomic import WriteError
 from ref_tuning.hf_checkpoint import CheckpointError
 from ref_tuning.line_index import DataError
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, POSITIVE_NUMBER, SEED, STRING, ConfigError, is_off
@@ -657,7 +658,12 @@ class RefFinetuneRecipe:
             metadata["world_size"] = self.world_size  # with the config, the run's identity (`run_dir.identity`)
             metadata |= {"lora": self._lora} if self._lora else {}
             metadata["trained_on"] = self._trained_on()  # last: a line number per sample
-            path = self._checkpointer.save_checkpoint(checkpoint, name=name, metadata=metadata)
+            try:
+                path = self._checkpointer.save_checkpoint(checkpoint, name=name, metadata=metadata)
+            except WriteError as e:
+                newest = self._checkpoints.newest()
+                again = f"resume (resume_from_checkpoint=true) from {newest}" if newest else "run again"
+                raise WriteError(f"{e}; {self._output_dir / name} is as it was: free space, then {again}") from e
             log.info(f"HF checkpoint written to {path} (step {self.global_step})")
         del checkpoint
         dist.barrier()
@@ -675,13 +681,16 @@ class RefFinetuneRecipe:
         self._check_finite_weights()
         start = time.perf_counter()
         tmp = self._checkpoints.begin(self.global_step)
-        save_sharded(tmp, self._model, self._optimizer)
-        if self._is_rank_zero:
-            self._checkpointer.save_config(tmp / HF_DIR)
-        train_state = {key: getattr(self, key) for key in (*COUNTERS, "world_size", "seed")}
-        train_state["lr_scheduler"] = self._lr_scheduler.state_dict()
-        rank_state = {"dataloader": self._dataloader.state_dict(), "rng": rng_state()}
-        save_state(tmp, train_state, rank_state)
+        try:
+            save_sharded(tmp, self._model, self._optimizer)
+            if self._is_rank_zero:
+                self._checkpointer.save_config(tmp / HF_DIR)
+            train_state = {key: getattr(self, key) for key in (*COUNTERS, "world_size", "seed")}
+            train_state["lr_scheduler"] = self._lr_scheduler.state_dict()
+            rank_state = {"dataloader": self._dataloader.state_dict(), "rng": rng_state()}
+            save_state(tmp, train_state, rank_state)
+        except (OSError, RuntimeError, dcp.CheckpointException) as e:  # a full disk: torch's zip writer, DCP's wrap
+            raise self._checkpoints.abandon(tmp, self.global_step, e) from e
         path = self._checkpoints.commit(tmp, self.global_step)
         utils.log_rank_zero(log, f"checkpoint written to {path} in {time.perf_counter() - start:.1f} s")
         return path
@@ -720,7 +729,7 @@ def _check_values(cfg: DictConfig) -> None:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     with one_line_errors(
-        ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout
+        ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout, WriteError
     ):
         run(cfg)
 

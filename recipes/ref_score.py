@@ -26,6 +26,7 @@ from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, STRING, ConfigError
 from ref_tuning.config import Kind, validate_config
 from ref_tuning.data import problem_fold
 from ref_tuning import run_dir
+from ref_tuning.atomic import WriteError
 from ref_tuning.line_index import DataError
 from ref_tuning.paths import check_separate
 from ref_tuning.scoring import DATA_KEY, ScoreError, ScoreStore, ScoreWriter, data_record, load_reference, new_run_id
@@ -195,7 +196,7 @@ def _same_path(a: dict, b: dict, key: str) -> bool:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    with one_line_errors(ConfigError, DataError, CheckpointError, ScoreError):
+    with one_line_errors(ConfigError, DataError, CheckpointError, ScoreError, WriteError):
         score(cfg, _check(cfg))
 
 

@@ -19,6 +19,19 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # several nodes may share a file system
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+
+
+class WriteError(OSError):
+    """An output that could not be written; the message names it and the space left on its file system."""
+
+
+def write_error(path: Path, error: BaseException) -> WriteError:
+    """`error`, raised while writing `path`, as one line naming the path and the free space."""
+    reason = ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1]
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    free = shutil.disk_usage(existing).free / 1e9
+    return WriteError(f"{path}: writing failed ({reason[:200]}); {free:.2f} GB free on its file system")
 
 
 @contextmanager
@@ -33,6 +46,10 @@ def atomic_output(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     try:
         yield tmp
         commit(tmp, target)
+    except OSError as e:
+        if isinstance(e, WriteError) or e.errno not in _NO_ROOM:
+            raise
+        raise write_error(tmp, e) from e
     finally:
         remove(tmp)  # after a swap: the old version
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ref_tuning.atomic import atomic_output, temporary
+from ref_tuning.atomic import atomic_output, temporary, write_error
 from ref_tuning.checksums import damaged, file_sha256, write_sums
 
 # torchtune is imported where it is used: importing it takes 3 s, and `convert hf-to-hf` does not need it.
@@ -318,8 +318,7 @@ def save_tensor_file(path: Path, tensors: list[OutputTensor], safetensors: bool 
             finally:
                 torch.serialization.set_crc32_options(crc32)
     except (RuntimeError, OSError, SafetensorError) as e:  # torch's writer reports a full disk as a RuntimeError
-        free = shutil.disk_usage(path.parent).free / 1e9
-        raise OSError(f"{path}: writing failed ({e}); {free:.2f} GB free on its file system") from e
+        raise write_error(path, e) from e
     return digest
 
 

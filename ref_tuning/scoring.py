@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
-from ref_tuning.atomic import atomic_output
+from ref_tuning.atomic import atomic_output, write_error
 from ref_tuning.hf_checkpoint import load_tune_state_dict, read_hf_config
 from ref_tuning.models import llama_from_hf_config
 
@@ -115,17 +115,22 @@ class ScoreWriter:
                 found = "none" if entropies is None else f"shape {tuple(entropies.shape)}"
                 raise ValueError(f"store_entropy: expected an entropy per loss ({len(losses)}), got {found}")
             values = torch.cat([losses, entropies])
-        self._bin.write(values.to(self._dtype).numpy().tobytes())
+        try:
+            self._bin.write(values.to(self._dtype).numpy().tobytes())
+        except OSError as e:  # a full disk: the samples not in the table yet are scored again by the next run
+            raise write_error(Path(self._bin.name), e) from e
         self._pending.append(dict(info, offset=self._offset, count=len(losses)))
         self._offset += len(values)
 
     def flush(self) -> None:
         """Make what was written durable: the values first, then their sample lines."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._table.writelines(json.dumps(entry) + "\n" for entry in self._pending)
-        self._table.flush()
-        os.fsync(self._table.fileno())
+        for f, lines in ((self._bin, []), (self._table, [json.dumps(entry) + "\n" for entry in self._pending])):
+            try:
+                f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:  # a line cut short by a full disk is left out by the reader, and scored again
+                raise write_error(Path(f.name), e) from e
         self._pending = []
 
     def close(self) -> None:

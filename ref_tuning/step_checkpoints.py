@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import state_dict as dcp_sd
 from torchtune.utils import get_world_size_and_rank
 
-from ref_tuning.atomic import commit, remove, temporary
+from ref_tuning.atomic import WriteError, commit, remove, temporary, write_error
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 TRAIN_STATE = "train_state.pt"
@@ -61,6 +61,16 @@ class StepCheckpoints:
         if dist.is_initialized():
             dist.broadcast_object_list(tmp, src=0)
         return tmp[0]
+
+    def abandon(self, tmp: Path, step: int, error: BaseException) -> WriteError:
+        """After a failed write of step `step` into `tmp` (on any rank): `tmp` removed, and the error to raise."""
+        remove(tmp)
+        newest = self.newest()
+        left = f"{newest} is intact" if newest else "no earlier step checkpoint exists"
+        reason = write_error(self.root / f"step_{step:06d}", error)
+        return WriteError(
+            f"{reason}; nothing of it is left, {left}: free space, then resume (resume_from_checkpoint=true)"
+        )
 
     def commit(self, tmp: Path, step: int) -> Path:
         """Once every rank has written into `tmp`: make it `step_{step}` and drop the oldest."""

@@ -10,12 +10,17 @@ own log (`logs/`, `torchtune_config.yaml`); nothing else may change.
 import hashlib
 import importlib.util
 import json
+import os
+import re
+import resource
+import signal
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
+import torch
 
 from conftest import PROJECT_ROOT, TINY_CONFIG, run_in_process, tune_command
 from ref_tuning.demo import make_demo_assets, read_problems, write_tiny_checkpoint
@@ -105,6 +110,8 @@ def world(tmp_path_factory):
         for name in ("run.json", "checkpoint_final", "checkpoint_best", "adapter_final", "adapter_best"):
             path = run / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    w["one_step_left"] = shutil.copytree(w["unfinished"], root / "one_step_left")  # to resume at step 6
+    shutil.rmtree(sorted((w["one_step_left"] / "checkpoints").glob("step_*"))[-1])
     w["damaged_step"] = shutil.copytree(w["unfinished"], root / "damaged_step")
     newest = sorted((w["damaged_step"] / "checkpoints").glob("step_*"))[-1]
     shard = max(newest.rglob("*.distcp"), key=lambda p: p.stat().st_size)
@@ -367,6 +374,68 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(world, name):
     after = snapshot(world["root"])
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"changed: {changed[:10]}\n{text[-2000:]}"
+
+
+def run_with_file_size_limit(entry: str, args: List[str], limit: int) -> Tuple[int, str]:
+    """`run_in_process` in a forked child whose files cannot grow past `limit` bytes, as on a full disk."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its result goes back through the pipe, which the limit does not cover
+        os.close(read)
+        torch.set_num_threads(1)  # the parent's OpenMP threads do not exist in a fork: joining them would hang
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        code, text = 1, "the child failed before the run"
+        try:
+            code, text = run_in_process(entry, args)
+        finally:
+            with os.fdopen(write, "w") as f:
+                f.write(f"{code}\n{text}")
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        code, _, text = f.read().partition("\n")
+    os.waitpid(pid, 0)
+    return int(code), text
+
+
+# A write that fails for want of room: (case, file-size limit in bytes, what the line says besides the path).
+FULL_DISK = {
+    "a step checkpoint": (
+        Case("train", train("resume_from_checkpoint=true", out="one_step_left"), "checkpoints/step_000008"),
+        1_000_000,
+        "step_000006 is intact: free space, then resume",
+    ),
+    "checkpoint_final": (
+        Case("train", train("resume_from_checkpoint=true", out="unfinished"), ".checkpoint_"),
+        400_000,
+        "is as it was: free space, then resume (resume_from_checkpoint=true) from",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FULL_DISK)
+def test_a_full_disk_is_one_line_naming_the_path_and_the_run_is_left_as_it_was(world, name):
+    case, limit, says = FULL_DISK[name]
+    before = snapshot(world["root"])
+    code, text = run_with_file_size_limit(case.entry, case.args(world), limit)
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert case.names in errors[0] and "writing failed" in errors[0] and "GB free on its file system" in errors[0]
+    assert says in errors[0], errors[0]
+    assert snapshot(world["root"]) == before  # earlier checkpoints intact, no temporary left
+    assert not [p for p in world["root"].rglob(".*tmp-*")], "a temporary was left"
+
+
+def test_a_full_disk_while_scoring_leaves_a_store_the_next_run_completes(world, tmp_path):
+    out = tmp_path / "store"
+    code, text = run_with_file_size_limit("score", _score_args(world, out, "dataset.n_samples=24"), 3000)
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert re.search(r"part-\w+-00000\.bin: writing failed \(.*File too large\); [\d.]+ GB free", errors[0])
+    assert len(ScoreStore(out)) < 24
+    code, text = run_in_process("score", _score_args(world, out, "dataset.n_samples=24"))
+    assert code == 0 and len(ScoreStore(out)) == 24 and not ScoreStore(out).damaged, text[-3000:]
 
 
 # What one rank finds alone (rank 0 indexes the data, opens the store) while its peer waits in a collective.
