@@ -11,9 +11,12 @@ per-step losses against both stock recipes, on CPU with gloo.
 import math
 import os
 import signal
+import socket
 import statistics
 import sys
+import tempfile
 import time
+import urllib.parse
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
@@ -208,6 +211,7 @@ class RefFinetuneRecipe:
         if cfg.resume_from_checkpoint and resume is None:
             utils.log_rank_zero(log, f"no checkpoint in {self._checkpoints.root}: starting from the base model")
         if self._is_rank_zero:
+            _check_tracking_uri(cfg.metric_logger)
             try:
                 self._metric_logger = config.instantiate(cfg.metric_logger)
             except ImportError as e:  # TensorBoardLogger without tensorboard, WandBLogger without wandb
@@ -710,6 +714,31 @@ def _set_timeout(timeout: timedelta) -> None:
     still runs under the old timeout (as torchtitan's `set_pg_timeouts` does)."""
     dist.barrier()
     _set_pg_timeout(timeout)
+
+
+def _check_tracking_uri(node: DictConfig) -> None:
+    """MLflow retries a server it cannot reach for minutes, and meets a store it cannot write with six chained
+    tracebacks: one try each, and one line."""
+    uri = str(node.get("tracking_uri") or "")
+    where = urllib.parse.urlparse(uri)
+    key = "config key 'metric_logger.tracking_uri'"
+    if where.scheme in ("http", "https"):
+        try:
+            socket.create_connection((where.hostname, where.port or 80), timeout=5).close()
+        except OSError as e:
+            raise ConfigError(
+                f"{key}: cannot reach {uri} ({e.strerror or e}); start the MLflow server, or log to a folder "
+                "(tracking_uri=file:PATH)"
+            ) from None
+    elif uri and where.scheme in ("file", ""):
+        folder = Path(where.path)
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        try:
+            tempfile.TemporaryDirectory(dir=existing).cleanup()
+        except OSError as e:
+            raise ConfigError(
+                f"{key}: {uri}: cannot write in {existing} ({e.strerror}); choose a folder you can write"
+            ) from None
 
 
 def _check_values(cfg: DictConfig) -> None:

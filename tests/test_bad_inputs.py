@@ -184,6 +184,7 @@ def cli(*args: str) -> Callable[[dict], List[str]]:
     return lambda w: [a.format(**w) for a in args]
 
 
+MLFLOW = ["metric_logger._component_=torchtune.training.metric_logging.MLFlowLogger", "~metric_logger.log_dir"]
 CASES = {
     # Training: config keys
     "unknown key": Case("train", train("bogus=1"), "'bogus'"),
@@ -207,6 +208,17 @@ CASES = {
                 "pip install tensorboard",
             )
         }
+    ),
+    **(
+        {
+            f"mlflow: {what}": Case("train", train(*MLFLOW, f"metric_logger.tracking_uri={uri}"), uri)
+            for what, uri in (
+                ("a server not running", "http://127.0.0.1:9"),
+                ("a store not writable", "file:/sys/mlruns"),
+            )
+        }
+        if importlib.util.find_spec("mlflow")
+        else {}
     ),
     # Training: files
     "model of another vocabulary": Case("train", train("model.vocab_size=512"), "vocab_size"),
