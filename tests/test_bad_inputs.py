@@ -15,14 +15,13 @@ import re
 import resource
 import signal
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, TINY_CONFIG, run_in_process, tune_command
+from conftest import run_in_forks, run_in_process
 from ref_tuning.demo import make_demo_assets, read_problems, write_tiny_checkpoint
 from ref_tuning.prepare import prepare_split
 from ref_tuning.scoring import ScoreStore
@@ -457,18 +456,11 @@ TWO_PROCESSES = ["blank line in the data", "score: a store continued after its d
 @pytest.mark.parametrize("name", TWO_PROCESSES)
 def test_with_two_processes_the_peer_of_the_failed_rank_ends_quietly(world, name):
     case = CASES[name]
-    recipe, config = {
-        "train": ("recipes/ref_finetune.py", TINY_CONFIG),
-        "score": ("recipes/ref_score.py", "configs/ref_score.yaml"),
-    }[case.entry]
     before = snapshot(world["root"])
-    proc = subprocess.run(
-        tune_command(2, recipe, config, case.args(world)), cwd=PROJECT_ROOT, capture_output=True, text=True
-    )
-    text = proc.stdout + proc.stderr
+    codes, text = run_in_forks(case.entry, case.args(world))
     errors = [line for line in text.splitlines() if "error:" in line]
-    assert proc.returncode != 0 and len(errors) == 1 and case.names in errors[0], text[-3000:]
-    assert "rank 1 stopped: rank 0 failed, with the error above" in text and "]: Traceback" not in text, text[-3000:]
+    assert codes == [2, 2] and len(errors) == 1 and case.names in errors[0], text[-3000:]
+    assert "rank 1 stopped: rank 0 failed, with the error above" in text and "Traceback" not in text, text[-3000:]
     assert snapshot(world["root"]) == before
 
 
