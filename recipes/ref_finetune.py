@@ -47,7 +47,7 @@ from ref_tuning.atomic import WriteError
 from ref_tuning.hf_checkpoint import CheckpointError
 from ref_tuning.line_index import DataError
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, POSITIVE_NUMBER, SEED, STRING, ConfigError, is_off
-from ref_tuning.config import one_line_errors, one_of, raise_if_any, validate_config
+from ref_tuning.config import one_line_errors, one_of, parse, raise_if_any, validate_config
 from ref_tuning.step_checkpoints import HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state
 from ref_tuning.step_checkpoints import set_rng_state, weight_sources
 
@@ -755,7 +755,7 @@ def _check_values(cfg: DictConfig) -> None:
     raise_if_any(errors)
 
 
-@config.parse
+@parse
 def recipe_main(cfg: DictConfig) -> None:
     with one_line_errors(
         ConfigError, DataError, CheckpointError, run_dir.RunDirError, NonFiniteError, CollectiveTimeout, WriteError

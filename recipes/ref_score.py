@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ref_tuning.hf_checkpoint import METADATA_FILE, CheckpointError, read_hf_config
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, STRING, ConfigError, one_line_errors, one_of
-from ref_tuning.config import Kind, validate_config
+from ref_tuning.config import Kind, parse, validate_config
 from ref_tuning.data import problem_fold
 from ref_tuning import run_dir
 from ref_tuning.atomic import WriteError
@@ -194,7 +194,7 @@ def _same_path(a: dict, b: dict, key: str) -> bool:
     )
 
 
-@config.parse
+@parse
 def recipe_main(cfg: DictConfig) -> None:
     with one_line_errors(ConfigError, DataError, CheckpointError, ScoreError, WriteError):
         score(cfg, _check(cfg))

@@ -3,14 +3,17 @@ the wrong kind is an error that names the key, never ignored."""
 
 import argparse
 import difflib
+import functools
 import inspect
 import os
 import sys
 from contextlib import contextmanager, suppress
-from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Type
 
 import torch.distributed as dist
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune import config as tt_config
 from torchtune.config._utils import _get_component_from_path
 
 
@@ -21,6 +24,40 @@ class ConfigError(ValueError):
 def raise_if_any(errors: List[str]) -> None:
     if errors:
         raise ConfigError("invalid config: " + (errors[0] if len(errors) == 1 else "\n  " + "\n  ".join(errors)))
+
+
+def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """torchtune's `config.parse`, with a config it cannot read said in one line: a missing file, YAML that does not
+    parse (in the file or an override; where), an override not of the form key=value."""
+    parsed = tt_config.parse(recipe_main)
+
+    @functools.wraps(recipe_main)
+    def wrapper() -> Any:
+        try:
+            return parsed()
+        except (yaml.YAMLError, FileNotFoundError, ValueError) as e:
+            if isinstance(e, ValueError) and "Command-line overrides" not in str(e):
+                raise
+            mark = getattr(e, "problem_mark", None)
+            if isinstance(e, yaml.MarkedYAMLError) and mark is not None:
+                if mark.name == "<unicode string>":  # an override's value: which one, the message does not say
+                    e = f"the override {_unreadable_override()!r}: {e.problem} ({e.context})"
+                else:
+                    e = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: {e.problem} ({e.context})"
+            print(f"error: cannot read the config: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _unreadable_override() -> Optional[str]:
+    for arg in sys.argv[1:]:
+        key, eq, value = arg.partition("=")
+        try:
+            yaml.safe_load(value) if eq and not key.startswith("-") else None
+        except yaml.YAMLError:
+            return arg
+    return None
 
 
 PEER_FAILED = "ref_tuning/failed"  # in the process group's store: the rank whose known error ended the run

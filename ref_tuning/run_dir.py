@@ -61,6 +61,12 @@ def check(output_dir: Path, cfg: DictConfig, world_size: int) -> None:
     """Raise `RunDirError` unless this run may use `output_dir`. Every rank checks (they see the same
     files), all before rank 0 changes anything (`record`)."""
     output_dir = Path(output_dir)
+    dangling = next((p for p in (output_dir, *output_dir.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise RunDirError(
+            f"output_dir {output_dir}: {dangling} is a link to {os.readlink(dangling)}, which does not exist; "
+            "create that folder (a disk not mounted?), or remove the link"
+        )
     existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise RunDirError(f"output_dir {output_dir}: {existing} is a file, not a directory; choose another output_dir")

@@ -76,6 +76,8 @@ def world(tmp_path_factory):
         lines = (data / "train.jsonl").read_text().splitlines()
         (data / "train.jsonl").write_text("".join(line + "\n" for line in damage(lines)))
     (root / "a_file").write_text("not a directory\n")
+    (root / "bad.yaml").write_text("batch_size: [1\nepochs: 2\n")  # a bracket left open
+    (root / "dangling").symlink_to(root / "unmounted", target_is_directory=True)
     (root / "other.model").write_bytes(w["tokenizer"].read_bytes() + b"\0")  # another tokenizer file
     (root / "empty_file").write_bytes(b"")
     (root / "tokenizer_dir").mkdir()
@@ -219,6 +221,11 @@ CASES = {
         if importlib.util.find_spec("mlflow")
         else {}
     ),
+    # Training: the config file and the command line
+    "config: YAML that does not parse": Case("train", cli("--config", "{root}/bad.yaml"), "bad.yaml, line 2, column 7"),
+    "config: a missing file": Case("train", cli("--config", "{root}/nowhere.yaml"), "nowhere.yaml"),
+    "config: an override YAML cannot read": Case("train", train("batch_size=[1"), "the override 'batch_size=[1'"),
+    "config: an override without a value": Case("train", train("batch_size"), "key=value, got batch_size"),
     # Training: files
     "model of another vocabulary": Case("train", train("model.vocab_size=512"), "vocab_size"),
     "tokenizer is a directory": Case("train", train("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
@@ -235,6 +242,8 @@ CASES = {
     # Training: the output directory
     "output_dir is a file": Case("train", train(out="a_file"), "a_file"),
     "output_dir under a file": Case("train", train("output_dir={root}/a_file/run"), "a_file"),
+    "output_dir a dangling link": Case("train", train(out="dangling"), "is a link to"),
+    "output_dir under a dangling link": Case("train", train("output_dir={root}/dangling/run"), "dangling is a link"),
     "output_dir not writable": Case("train", train(out="/sys/ref-tuning-run"), "/sys"),
     "fresh run over a finished one": Case("train", train(out="finished"), "holds a finished run"),
     "fresh run over an unfinished one": Case("train", train(out="unfinished"), "holds an unfinished run"),
@@ -293,6 +302,7 @@ CASES = {
     "score: a store continued after its data changed": Case(
         "score", score("dataset.data_dir={moving}", out="moved_store"), "data_moving/valid.jsonl: changed since"
     ),
+    "score: YAML that does not parse": Case("score", cli("--config", "{root}/bad.yaml"), "bad.yaml, line 2"),
     "score: tokenizer is a directory": Case("score", score("tokenizer.path={root}/tokenizer_dir"), "tokenizer.path"),
     # Conversion
     "convert: output contains the source": Case(
