@@ -208,6 +208,11 @@ class RefFinetuneRecipe:
 
         self._checkpoints = StepCheckpoints(self._output_dir / "checkpoints", cfg.keep_last_n_checkpoints)
         resume = self._checkpoints.newest() if cfg.resume_from_checkpoint else None
+        skipped = [p.name for p in self._checkpoints.incomplete()] if cfg.resume_from_checkpoint else []
+        if skipped:
+            utils.log_rank_zero(
+                log, f"skipping {', '.join(skipped)} in {self._checkpoints.root}: incomplete (no train_state.pt)"
+            )
         if cfg.resume_from_checkpoint and resume is None:
             utils.log_rank_zero(log, f"no checkpoint in {self._checkpoints.root}: starting from the base model")
         if self._is_rank_zero:

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint import state_dict as dcp_sd
 from torchtune.utils import get_world_size_and_rank
 
 from ref_tuning.atomic import WriteError, commit, remove, temporary, write_error
+from ref_tuning.hf_checkpoint import CheckpointError
 
 _STEP_DIR = re.compile(r"step_(\d+)")
 TRAIN_STATE = "train_state.pt"
@@ -47,6 +48,11 @@ class StepCheckpoints:
         paths = self.root.iterdir() if self.root.is_dir() else []
         found = [(_STEP_DIR.fullmatch(p.name), p) for p in paths if (p / TRAIN_STATE).is_file()]
         return sorted((int(match.group(1)), p) for match, p in found if match)
+
+    def incomplete(self) -> List[Path]:
+        """`step_*` folders without the train state that marks one complete (a copy cut short): never resumed from."""
+        paths = self.root.iterdir() if self.root.is_dir() else []
+        return sorted(p for p in paths if _STEP_DIR.fullmatch(p.name) and not (p / TRAIN_STATE).is_file())
 
     def newest(self) -> Optional[Path]:
         found = self.complete()
@@ -89,8 +95,10 @@ def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ..
     """The weights of step checkpoint `step_dir` (torchtune names, training precision) as (dtype, shape, load)
     for `hf_checkpoint.converted`, each tensor read when loaded, in one process, whatever the ranks that wrote it."""
     reader = dcp.FileSystemReader(Path(step_dir) / STATE_DIR)
+    metadata = reader.read_metadata()
+    check_shards(Path(step_dir) / STATE_DIR, metadata)
     sources = {}
-    for fqn, meta in reader.read_metadata().state_dict_metadata.items():
+    for fqn, meta in metadata.state_dict_metadata.items():
         if fqn.startswith("model.") and hasattr(meta, "size"):
 
             def load(scratch=None, fqn=fqn, meta=meta):
@@ -102,6 +110,20 @@ def weight_sources(step_dir: Path) -> Dict[str, Tuple[torch.dtype, Tuple[int, ..
 
             sources[fqn.removeprefix("model.")] = (meta.properties.dtype, tuple(meta.size), load)
     return sources
+
+
+def check_shards(state_dir: Path, metadata: Any) -> None:
+    """Every shard file DCP's metadata names is there and long enough: DCP finds out only while reading it."""
+    ends: Dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (state_dir / name).stat().st_size if (state_dir / name).is_file() else None
+        if size is None or size < end:
+            found = "missing" if size is None else f"cut short ({size:,} of {end:,} bytes)"
+            raise CheckpointError(
+                f"{state_dir / name}: {found}, but {state_dir / '.metadata'} lists it; the step checkpoint is damaged"
+            )
 
 
 def load_weights(step_dir: Path) -> Dict[str, torch.Tensor]:

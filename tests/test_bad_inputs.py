@@ -117,6 +117,9 @@ def world(tmp_path_factory):
     newest = sorted((w["damaged_step"] / "checkpoints").glob("step_*"))[-1]
     shard = max(newest.rglob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    w["cut_step"], w["shardless_step"] = newest, shutil.copytree(newest, root / "shardless_step")
+    for shard in (w["shardless_step"] / "state").glob("*.distcp"):
+        shard.unlink()
     w["store"] = root / "store"
     code, text = run_in_process("score", _score_args(w, w["store"]))
     assert code == 0 and len(ScoreStore(w["store"])) == 6, text[-3000:]
@@ -315,6 +318,12 @@ CASES = {
     "convert: existing output": Case("convert", cli("hf-to-hf", "{model}", "{wide}"), "--overwrite"),
     "convert: HF folder as tune source": Case(
         "convert", cli("tune-to-hf", "{model}", "{root}/out", "--config", "{model}"), "tune-to-hf"
+    ),
+    "convert: step checkpoint without its shards": Case(
+        "convert", cli("step-to-hf", "{shardless_step}", "{root}/out"), "__0_0.distcp: missing, but"
+    ),
+    "convert: step checkpoint with a shard cut short": Case(
+        "convert", cli("step-to-hf", "{cut_step}", "{root}/out"), "cut short"
     ),
     "convert: not a step checkpoint": Case("convert", cli("step-to-hf", "{model}", "{root}/out"), "step"),
     # Preparation

@@ -97,6 +97,13 @@ def test_start_over_replaces_the_earlier_run(assets, unfinished):
     assert (unfinished / "checkpoint_final" / "config.json").is_file()
 
 
+def test_an_incomplete_newest_step_checkpoint_is_skipped_with_a_line_saying_so(assets, unfinished):
+    (unfinished / "checkpoints" / "step_000004" / "train_state.pt").unlink()  # as a copy cut short leaves it
+    text = train(assets, unfinished, "resume_from_checkpoint=true")
+    assert f"skipping step_000004 in {unfinished / 'checkpoints'}: incomplete (no train_state.pt)" in text
+    assert f"resumed from {unfinished / 'checkpoints' / 'step_000002'} (step 2" in text, text[-2000:]
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_is_taken_over(assets, tmp_path):
     out = tmp_path / "run"
     code, text = run_in_process("train", overrides(assets, out, *QUICK, "checkpointer.checkpoint_dir=/nowhere"))
