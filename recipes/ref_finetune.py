@@ -383,9 +383,20 @@ class RefFinetuneRecipe:
         shard = _ValidationShard(ds, self.rank, self.world_size)
         return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=self._collate_fn(ds))
 
+    def _damaged(self, path: Path, error: BaseException) -> CheckpointError:
+        older = [p for _, p in self._checkpoints.complete() if p != path]
+        fix = "no earlier complete checkpoint is left: start over (start_over=true)"
+        if older:
+            fix = f"delete it (rm -r {path}) and resume again to continue from the previous complete checkpoint, "
+            fix += str(older[-1])
+        reason = ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1]
+        return CheckpointError(f"{path}: cannot be read, it is damaged ({reason[:200]}); {fix}")
+
     def _resume(self, path: Path) -> None:
         try:  # a LoRA run's checkpoint holds only adapters: told apart before DCP calls it a missing key
             lora_checkpoint = any(".lora_" in name for name in weight_sources(path))
+        except CheckpointError as e:  # a shard missing or cut short
+            raise self._damaged(path, e) from None
         except Exception:  # no readable metadata: load_state below says so
             lora_checkpoint = bool(self._lora)
         if lora_checkpoint != bool(self._lora):
@@ -399,13 +410,7 @@ class RefFinetuneRecipe:
         try:
             train_state, rank_state = load_state(path, self._model, self._optimizer)
         except (Exception, dcp.CheckpointException) as e:  # a truncated or corrupt file (DCP raises a BaseException)
-            older = [p for _, p in self._checkpoints.complete() if p != path]
-            fix = "no earlier complete checkpoint is left: start over (start_over=true)"
-            if older:
-                fix = f"delete it (rm -r {path}) and resume again to continue from the previous complete checkpoint, "
-                fix += str(older[-1])
-            reason = ([line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
-            raise CheckpointError(f"{path}: cannot be read, it is damaged ({reason[:200]}); {fix}") from None
+            raise self._damaged(path, e) from None
         if train_state["world_size"] != self.world_size:
             raise CheckpointError(
                 f"{path}: written by {train_state['world_size']} processes, this run has "
