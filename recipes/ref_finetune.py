@@ -49,7 +49,8 @@ from ref_tuning.line_index import DataError
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, POSITIVE_NUMBER, SEED, STRING, ConfigError, is_off
 from ref_tuning.config import one_line_errors, one_of, parse, raise_if_any, validate_config
 from ref_tuning.step_checkpoints import HF_DIR, StepCheckpoints, load_state, rng_state, save_sharded, save_state
-from ref_tuning.step_checkpoints import set_rng_state, weight_sources
+from ref_tuning.step_checkpoints import set_rng_state, sums_file, weight_sources
+from ref_tuning.checksums import damaged
 
 log = utils.get_logger("INFO")
 
@@ -383,12 +384,14 @@ class RefFinetuneRecipe:
         shard = _ValidationShard(ds, self.rank, self.world_size)
         return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=self._collate_fn(ds))
 
-    def _damaged(self, path: Path, error: BaseException) -> CheckpointError:
+    def _damaged(self, path: Path, error: BaseException | str) -> CheckpointError:
         older = [p for _, p in self._checkpoints.complete() if p != path]
         fix = "no earlier complete checkpoint is left: start over (start_over=true)"
         if older:
             fix = f"delete it (rm -r {path}) and resume again to continue from the previous complete checkpoint, "
             fix += str(older[-1])
+        if isinstance(error, str):
+            return CheckpointError(f"{error}; {fix}")
         reason = ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1]
         return CheckpointError(f"{path}: cannot be read, it is damaged ({reason[:200]}); {fix}")
 
@@ -407,6 +410,9 @@ class RefFinetuneRecipe:
                 f"{path}: holds {held}, but this config trains {now}; resume with the model settings the run "
                 "began with (model._component_ and its keys), or start another experiment=NAME"
             )
+        problem = damaged(path, sums_file(self.rank))  # this rank's files, as it wrote them
+        if problem:
+            raise self._damaged(path, problem.split("; ")[0])  # the file, less the advice for HF directories
         try:
             train_state, rank_state = load_state(path, self._model, self._optimizer)
         except (Exception, dcp.CheckpointException) as e:  # a truncated or corrupt file (DCP raises a BaseException)
@@ -714,6 +720,7 @@ class RefFinetuneRecipe:
             self._save_output("checkpoint_final")
 
     def cleanup(self) -> None:
+        self._checkpoints.wait()
         if self._is_rank_zero:
             self._metric_logger.close()
         destroy_process_group()

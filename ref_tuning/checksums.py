@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Optional
 
+from ref_tuning.atomic import atomic_output
+
 SUMS_FILE = "SHA256SUMS"
 
 
@@ -21,15 +23,16 @@ def file_sha256(path: Path) -> Optional[str]:
         return None
 
 
-def write_sums(folder: Path, sums: Dict[str, str]) -> None:
-    """Record `sums` (file name in `folder` -> sha256) in `folder/SHA256SUMS`."""
-    (folder / SUMS_FILE).write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+def write_sums(folder: Path, sums: Dict[str, str], name: str = SUMS_FILE) -> None:
+    """Record `sums` (path relative to `folder` -> sha256) in `folder/name`, whole or not at all."""
+    with atomic_output(folder / name, overwrite=True) as tmp:
+        tmp.write_text("".join(f"{digest}  {file}\n" for file, digest in sorted(sums.items())))
 
 
-def damaged(folder: Path) -> Optional[str]:
-    """Why the weight files of `folder` are not those written, in one line; None if they are, or if nothing was
+def damaged(folder: Path, name: str = SUMS_FILE) -> Optional[str]:
+    """Why the files `folder/name` lists are not those written, in one line; None if they are, or if nothing was
     recorded (a directory from the hub, or from before the record)."""
-    path = Path(folder) / SUMS_FILE
+    path = Path(folder) / name
     if not path.is_file():
         return None
     recorded = {}

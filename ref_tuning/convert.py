@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ref_tuning.atomic import atomic_output
-from ref_tuning.checksums import damaged
+from ref_tuning.checksums import SUMS_FILE, damaged
 from ref_tuning.hf_checkpoint import CheckpointError, OutputTensor, check_hf_tensors, converted
 from ref_tuning.hf_checkpoint import expected_hf_shapes, hf_to_tune, read_hf_checkpoint, read_hf_config
 from ref_tuning.hf_checkpoint import read_tensor_file, save_hf_dir, save_tensor_file, tensor_sources, tune_to_hf
@@ -99,6 +99,10 @@ def step_to_hf_dir(step_dir: Path, out_dir: Path, dtype: torch.dtype | None = No
             f"{step_dir}: not a step checkpoint (expected {STATE_DIR}/.metadata and {HF_DIR}/config.json, "
             "as in OUTPUT_DIR/checkpoints/step_NNNNNN)"
         )
+    for sums in sorted(step_dir.glob(f"{SUMS_FILE}.rank_*")):  # each rank's files, as it wrote them
+        problem = damaged(step_dir, sums.name)
+        if problem:
+            raise CheckpointError(problem)
     config = read_hf_config(step_dir / HF_DIR)
     sources = [OutputTensor(name, *source[:3]) for name, source in weight_sources(step_dir).items()]
     if any(".lora_" in t.name for t in sources):

@@ -117,7 +117,17 @@ def world(tmp_path_factory):
     newest = sorted((w["damaged_step"] / "checkpoints").glob("step_*"))[-1]
     shard = max(newest.rglob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    w["cut_step"], w["shardless_step"] = newest, shutil.copytree(newest, root / "shardless_step")
+    w["flipped_step"] = shutil.copytree(w["unfinished"], root / "flipped_step")  # one bit of a weight
+    shard = next((sorted((w["flipped_step"] / "checkpoints").glob("step_*"))[-1] / "state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x80
+    shard.write_bytes(data)
+    # Step checkpoints from before their sums: what DCP's own metadata says is checked.
+    w["cut_step"], w["shardless_step"] = (
+        shutil.copytree(newest, root / name) for name in ("cut_step", "shardless_step")
+    )
+    for path in [*w["cut_step"].glob("SHA256SUMS*"), *w["shardless_step"].glob("SHA256SUMS*")]:
+        path.unlink()
     for shard in (w["shardless_step"] / "state").glob("*.distcp"):
         shard.unlink()
     w["store"] = root / "store"
@@ -269,6 +279,9 @@ CASES = {
         "train", train("resume_from_checkpoint=true", "start_over=true", out="unfinished"), "choose one"
     ),
     "damaged step checkpoint": Case("train", train("resume_from_checkpoint=true", out="damaged_step"), "step_000006"),
+    "step checkpoint with a flipped bit": Case(
+        "train", train("resume_from_checkpoint=true", out="flipped_step"), "__0_0.distcp: damaged: its sha256"
+    ),
     "resume a LoRA run as full fine-tuning": Case(
         "train", train("resume_from_checkpoint=true", out="lora_unrecorded"), "holds a LoRA run's adapters"
     ),
@@ -324,6 +337,9 @@ CASES = {
     ),
     "convert: step checkpoint with a shard cut short": Case(
         "convert", cli("step-to-hf", "{cut_step}", "{root}/out"), "cut short"
+    ),
+    "convert: step checkpoint with a flipped bit": Case(
+        "convert", cli("step-to-hf", "{flipped_step}/checkpoints/step_000008", "{root}/out"), "damaged: its sha256"
     ),
     "convert: not a step checkpoint": Case("convert", cli("step-to-hf", "{model}", "{root}/out"), "step"),
     # Preparation

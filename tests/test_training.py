@@ -36,6 +36,7 @@ from conftest import (
     worker,
 )
 from ref_tuning import convert
+from ref_tuning.checksums import file_sha256
 from ref_tuning.hf_checkpoint import METADATA_FILE, HFBinCheckpointer, load_hf_state_dict
 from ref_tuning.data import codecontests_dataset, split_files
 from ref_tuning.line_index import SplitIndex, cache_folder
@@ -82,7 +83,13 @@ def test_rotated_step_checkpoints_and_the_outputs(assets, reference):
     assert [s for s, _ in logged(out / "logs", "loss")] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000006", "step_000008"]  # keep 2
     step = out / "checkpoints" / "step_000008"
-    assert sorted(p.name for p in step.iterdir()) == ["hf", "rank_0.pt", "rank_1.pt", "state", "train_state.pt"]
+    sums = ["SHA256SUMS.rank_0", "SHA256SUMS.rank_1"]  # each rank's own files, hashed after the commit
+    assert sorted(p.name for p in step.iterdir()) == [*sums, "hf", "rank_0.pt", "rank_1.pt", "state", "train_state.pt"]
+    listed = {
+        line.split("  ")[1]: line.split("  ")[0] for name in sums for line in (step / name).read_text().splitlines()
+    }
+    expected = ["rank_0.pt", "rank_1.pt", "state/__0_0.distcp", "state/__1_0.distcp", "train_state.pt"]
+    assert sorted(listed) == expected and all(file_sha256(step / f) == digest for f, digest in listed.items())
     # Each rank wrote its own shard of weights and optimizer state; nothing was gathered.
     assert sorted(p.name for p in (step / "state").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     final = json.loads((out / "checkpoint_final" / METADATA_FILE).read_text())
