@@ -15,7 +15,7 @@ SUMS_FILE = "SHA256SUMS"
 
 
 def file_sha256(path: Path) -> Optional[str]:
-    """The file's sha256 in hex, or None if it is missing."""
+    """The file's sha256 in hex, or None if it is missing (a file this user cannot read: PermissionError)."""
     try:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
@@ -41,8 +41,11 @@ def damaged(folder: Path, name: str = SUMS_FILE) -> Optional[str]:
         if len(digest) != 64 or not name:
             return f"{path}:{number}: expected '<sha256>  <file name>', found {line[:80]!r}; the record is damaged"
         recorded[name] = digest
-    with ThreadPoolExecutor(min(len(recorded), os.cpu_count() or 1) or 1) as pool:
-        found = dict(zip(recorded, pool.map(file_sha256, (path.parent / name for name in recorded))))
+    try:
+        with ThreadPoolExecutor(min(len(recorded), os.cpu_count() or 1) or 1) as pool:
+            found = dict(zip(recorded, pool.map(file_sha256, (path.parent / name for name in recorded))))
+    except PermissionError as e:
+        return f"{e.filename}: this user cannot read it ({e.strerror}); make it readable (chmod a+r)"
     for name, digest in recorded.items():
         if found[name] is None:
             return f"{path.parent / name}: listed in {path} but missing; copy the directory again from its source"

@@ -70,6 +70,9 @@ def split_files(data_dir: str, split: str) -> Tuple[Path, Path]:
     metadata = next((p for p in (data_dir / f"{n}_metadata.json" for n in names) if p.is_file()), None)
     if metadata is None:
         raise DataError(f"{data_dir / name}_metadata.json: not found; expected the metadata file beside {jsonl.name}")
+    for path in (jsonl, metadata):  # read later by every rank and data worker: refused here, once
+        if not os.access(path, os.R_OK):
+            raise DataError(f"{path}: this user cannot read it (Permission denied); make it readable (chmod a+r)")
     return jsonl, metadata
 
 

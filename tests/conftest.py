@@ -226,6 +226,11 @@ def worker(proc: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank}")
 
 
+def run_in_fork(entry: str, args: List[str], prepare: Optional[Callable[[], None]] = None) -> Tuple[int, str]:
+    """`run_in_process` in a child forked from this process, after `prepare()` there (a limit, another user)."""
+    return _result(*_fork(entry, args, prepare))
+
+
 def run_in_forks(entry: str, args: List[str], nproc: int = 2) -> Tuple[List[int], str]:
     """`entry` as `nproc` ranks forked from this process, with torchrun's environment and a store that this
     process holds, as torchrun's agent does: a distributed run without the 9 s of imports each worker of a
@@ -233,30 +238,39 @@ def run_in_forks(entry: str, args: List[str], nproc: int = 2) -> Tuple[List[int]
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), WORLD_SIZE=str(nproc))
     world |= dict(LOCAL_WORLD_SIZE=str(nproc), TORCHELASTIC_USE_AGENT_STORE="True")
-    children = []
-    for rank in range(nproc):
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # a rank: its result goes back through the pipe
-            os.close(read)
-            torch.set_num_threads(1)  # the parent's OpenMP threads do not exist in a fork: joining them would hang
-            os.environ.update(world, RANK=str(rank), LOCAL_RANK=str(rank))
-            code, text = 1, ""
-            try:
-                code, text = run_in_process(entry, args)
-            except BaseException:  # what escaped the recipe: a bug's traceback
-                text = traceback.format_exc()
-            finally:
-                with os.fdopen(write, "w") as f:
-                    f.write(f"{code}\n{text}")
-                os._exit(0)
-        os.close(write)
-        children.append((pid, read))
-    results = []
-    for pid, read in children:
-        with os.fdopen(read) as f:
-            code, _, text = f.read().partition("\n")
-        os.waitpid(pid, 0)
-        results.append((int(code), text))
+    ranks = [
+        _fork(entry, args, lambda rank=rank: os.environ.update(world, RANK=str(rank), LOCAL_RANK=str(rank)))
+        for rank in range(nproc)
+    ]
+    results = [_result(*rank) for rank in ranks]
     del store
     return [code for code, _ in results], "".join(text for _, text in results)
+
+
+def _fork(entry: str, args: List[str], prepare: Optional[Callable[[], None]]) -> Tuple[int, int]:
+    """A child that runs `entry` and sends back its result through a pipe: (pid, the pipe's end to read)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        torch.set_num_threads(1)  # the parent's OpenMP threads do not exist in a fork: joining them would hang
+        code, text = 1, ""
+        try:
+            if prepare is not None:
+                prepare()
+            code, text = run_in_process(entry, args)
+        except BaseException:  # what escaped the recipe: a bug's traceback
+            text = traceback.format_exc()
+        finally:
+            with os.fdopen(write, "w") as f:
+                f.write(f"{code}\n{text}")
+            os._exit(0)
+    os.close(write)
+    return pid, read
+
+
+def _result(pid: int, read: int) -> Tuple[int, str]:
+    with os.fdopen(read) as f:
+        code, _, text = f.read().partition("\n")
+    os.waitpid(pid, 0)
+    return int(code), text

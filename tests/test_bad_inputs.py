@@ -14,14 +14,14 @@ import os
 import re
 import resource
 import signal
+import tempfile
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
-import torch
 
-from conftest import run_in_forks, run_in_process
+from conftest import run_in_fork, run_in_forks, run_in_process
 from ref_tuning.demo import make_demo_assets, read_problems, write_tiny_checkpoint
 from ref_tuning.prepare import prepare_split
 from ref_tuning.scoring import ScoreStore
@@ -424,25 +424,56 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(world, name):
 
 def run_with_file_size_limit(entry: str, args: List[str], limit: int) -> Tuple[int, str]:
     """`run_in_process` in a forked child whose files cannot grow past `limit` bytes, as on a full disk."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its result goes back through the pipe, which the limit does not cover
-        os.close(read)
-        torch.set_num_threads(1)  # the parent's OpenMP threads do not exist in a fork: joining them would hang
+
+    def limit_files() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        code, text = 1, "the child failed before the run"
-        try:
-            code, text = run_in_process(entry, args)
-        finally:
-            with os.fdopen(write, "w") as f:
-                f.write(f"{code}\n{text}")
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        code, _, text = f.read().partition("\n")
-    os.waitpid(pid, 0)
-    return int(code), text
+
+    return run_in_fork(entry, args, limit_files)
+
+
+@pytest.fixture(scope="module")
+def unreadable(world):
+    """Inputs in a folder another user can reach (pytest's are root's alone), each also as a copy with a file
+    that only root can read, and a folder that only root can write."""
+    root = Path(tempfile.mkdtemp(prefix="ref-tuning-permissions-"))
+    for name in ("model", "data"):
+        for copy in (name, f"{name}_unreadable"):
+            shutil.copytree(world[name], root / copy)
+    shutil.copy(world["tokenizer"], root / "tokenizer.model")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    next((root / "model_unreadable").glob("*.bin")).chmod(0)
+    (root / "data_unreadable" / "train.jsonl").chmod(0)
+    (root / "readonly").mkdir(mode=0o555)
+    yield root
+    shutil.rmtree(root)
+
+
+def as_nobody() -> None:
+    """Root reads and writes whatever the permission bits say: the check needs another user."""
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+
+
+# What this user may not do -> (model, data, output_dir) under the fixture's folder, what the line names.
+PERMISSIONS = {
+    "read a shard": (("model_unreadable", "data", "out"), "-of-00002.bin: this user cannot read it"),
+    "read the data": (("model", "data_unreadable", "out"), "data_unreadable/train.jsonl: this user cannot read it"),
+    "write the output_dir": (("model", "data", "readonly/run"), "cannot write in"),
+}
+
+
+@pytest.mark.parametrize("name", PERMISSIONS)
+def test_a_file_this_user_may_not_read_or_write_is_one_line_naming_it(unreadable, name):
+    (model, data, out), says = PERMISSIONS[name]
+    inputs = dict(model=unreadable / model, data=unreadable / data, tokenizer=unreadable / "tokenizer.model")
+    args = _train_args(inputs, unreadable / out, f"dataset_val.data_dir={unreadable / 'data'}")
+    code, text = run_in_fork("train", args, as_nobody)
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert says in errors[0], errors[0]
 
 
 # A write that fails for want of room: (case, file-size limit in bytes, what the line says besides the path).
