@@ -43,7 +43,7 @@ from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
 from ref_tuning import lora, run_dir
-from ref_tuning.atomic import WriteError
+from ref_tuning.atomic import WriteError, last_line
 from ref_tuning.hf_checkpoint import CheckpointError
 from ref_tuning.line_index import DataError
 from ref_tuning.config import BOOL, COMPONENT, POSITIVE_INT, POSITIVE_NUMBER, SEED, STRING, ConfigError, is_off
@@ -392,8 +392,7 @@ class RefFinetuneRecipe:
             fix += str(older[-1])
         if isinstance(error, str):
             return CheckpointError(f"{error}; {fix}")
-        reason = ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1]
-        return CheckpointError(f"{path}: cannot be read, it is damaged ({reason[:200]}); {fix}")
+        return CheckpointError(f"{path}: cannot be read, it is damaged ({last_line(error)}); {fix}")
 
     def _resume(self, path: Path) -> None:
         try:  # a LoRA run's checkpoint holds only adapters: told apart before DCP calls it a missing key

@@ -26,12 +26,17 @@ class WriteError(OSError):
     """An output that could not be written; the message names it and the space left on its file system."""
 
 
+def last_line(error: BaseException) -> str:
+    """What an error from deep inside torch says last (DCP and the zip writer wrap theirs), at most 200 characters."""
+    return ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1][:200]
+
+
 def write_error(path: Path, error: BaseException) -> WriteError:
     """`error`, raised while writing `path`, as one line naming the path and the free space."""
-    reason = ([line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1]
+    reason = last_line(error)
     existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
     free = shutil.disk_usage(existing).free / 1e9
-    return WriteError(f"{path}: writing failed ({reason[:200]}); {free:.2f} GB free on its file system")
+    return WriteError(f"{path}: writing failed ({reason}); {free:.2f} GB free on its file system")
 
 
 @contextmanager

@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Op
 import torch.distributed as dist
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torchtune import config as tt_config
-from torchtune.config._utils import _get_component_from_path
+from torchtune.config._parse import TuneRecipeArgumentParser
+from torchtune.config._utils import _get_component_from_path, _merge_yaml_and_cli_args
 
 
 class ConfigError(ValueError):
@@ -27,17 +27,18 @@ def raise_if_any(errors: List[str]) -> None:
 
 
 def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """torchtune's `config.parse`, with a config it cannot read said in one line: a missing file, YAML that does not
-    parse (in the file or an override; where), an override not of the form key=value."""
-    parsed = tt_config.parse(recipe_main)
+    """torchtune's `config.parse` (its parser and merge, the same steps), with a config it cannot read said in one
+    line: a missing file, YAML that does not parse (in the file or an override; where), an override without `=`.
+    Only the reading is guarded: what the recipe raises is the recipe's."""
 
     @functools.wraps(recipe_main)
     def wrapper() -> Any:
+        parser = TuneRecipeArgumentParser(
+            description=recipe_main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         try:
-            return parsed()
-        except (yaml.YAMLError, FileNotFoundError, ValueError) as e:
-            if isinstance(e, ValueError) and "Command-line overrides" not in str(e):
-                raise
+            conf = _merge_yaml_and_cli_args(*parser.parse_known_args())
+        except (yaml.YAMLError, OSError, ValueError) as e:
             mark = getattr(e, "problem_mark", None)
             if isinstance(e, yaml.MarkedYAMLError) and mark is not None:
                 if mark.name == "<unicode string>":  # an override's value: which one, the message does not say
@@ -46,6 +47,7 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
                     e = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: {e.problem} ({e.context})"
             print(f"error: cannot read the config: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        sys.exit(recipe_main(conf))
 
     return wrapper
 
