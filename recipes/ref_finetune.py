@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import ref_tuning  # noqa: F401, I001  first: it hides torchao's import-time warning before torchtune imports torchao
 
@@ -37,12 +37,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed, padded_collate_sft
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
-from ref_tuning import lora, run_dir
+from ref_tuning import attention, lora, run_dir
 from ref_tuning.atomic import WriteError, last_line
 from ref_tuning.hf_checkpoint import CheckpointError
 from ref_tuning.line_index import DataError
@@ -139,6 +139,9 @@ class RefFinetuneRecipe:
         init_process_group(training.get_distributed_backend(self._device.type), timeout=self._timeout_setup, **world)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
+        # Stop signals are agreed on over gloo, on the host: a check per step that never waits for the GPU.
+        gloo = self._device.type == "cpu"
+        self._host_group = None if gloo else dist.new_group(backend="gloo", timeout=self._timeout_step)
 
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir)
@@ -299,7 +302,8 @@ class RefFinetuneRecipe:
         self, model: torch.nn.Module, model_state_dict: Optional[Dict], cfg: DictConfig
     ) -> torch.nn.Module:
         """Shard the meta-device `model` and fill it from the full state dict (or leave it empty for a resume)."""
-        if cfg.compile:  # per layer, as torchtune's recipes do
+        if cfg.compile:  # per layer, as torchtune's recipes do, with flex attention inside each layer's graph
+            attention.trace_flex_attention(model)
             training.compile_model(model, verbose=self._is_rank_zero)
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
@@ -368,21 +372,32 @@ class RefFinetuneRecipe:
         return {"per_token": per_token, "per_attended": 12 * len(model.layers) * model.tok_embeddings.embedding_dim}
 
     def _collate_fn(self, ds: Dataset):
-        if getattr(ds, "packed", False):  # rows of max_seq_len with a block-causal mask per sample
-            return padded_collate_packed
+        if getattr(ds, "packed", False):  # rows of max_seq_len; a block-causal mask per sample (`_to_device`)
+            return attention.collate_packed
         return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index)
 
     def _setup_data(self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int):
         ds = config.instantiate(cfg_dataset, self._tokenizer)
         sampler = StatefulDistributedSampler(ds, self.world_size, self.rank, shuffle=shuffle, seed=self.seed)
         # drop_last: equal batch counts on every rank, so no rank waits on a collective forever
-        loader = StatefulDataLoader(ds, batch_size, sampler=sampler, collate_fn=self._collate_fn(ds), drop_last=True)
+        pin = self._device.type == "cuda"  # so that `_to_device` copies without waiting
+        loader = StatefulDataLoader(
+            ds, batch_size, sampler=sampler, collate_fn=self._collate_fn(ds), drop_last=True, pin_memory=pin
+        )
         return sampler, loader
 
     def _setup_val_data(self, cfg_dataset: DictConfig, batch_size: int) -> DataLoader:
         ds = config.instantiate(cfg_dataset, self._tokenizer)
         shard = _ValidationShard(ds, self.rank, self.world_size)
-        return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=self._collate_fn(ds))
+        pin = self._device.type == "cuda"
+        return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=self._collate_fn(ds), pin_memory=pin)
+
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The batch on the device, copied from pinned memory without waiting; packed rows' mask built there."""
+        batch = {key: value.to(self._device, non_blocking=True) for key, value in batch.items()}
+        if "document_ids" in batch:
+            batch["mask"] = attention.block_causal_mask(batch.pop("document_ids"))
+        return batch
 
     def _damaged(self, path: Path, error: BaseException | str) -> CheckpointError:
         older = [p for _, p in self._checkpoints.complete() if p != path]
@@ -433,29 +448,37 @@ class RefFinetuneRecipe:
     # Training
 
     def _train_epochs(self, pbar: tqdm, history: list) -> bool:
-        """Every remaining step; False if stopped early by SIGTERM or SIGINT."""
+        """Every remaining step; False if stopped early by SIGTERM or SIGINT. Steps run without waiting for the
+        GPU; their metrics are read on log steps, and before validation and checkpoints."""
+        pending = []  # steps whose metrics are still on the device
+        self._interval_start = time.perf_counter()
         while self.epoch < self.total_epochs:
             self._sampler.set_epoch(self.epoch)
             batches = iter(self._dataloader)  # mid-epoch after a resume: its state was loaded
             while self.steps_in_epoch < self._steps_per_epoch:
-                t0 = time.perf_counter()
-                metrics = self._train_step(batches)
+                pending.append(self._train_step(batches))
                 self.global_step += 1
                 self.steps_in_epoch += 1
-                metrics.update(self._rates(metrics, time.perf_counter() - t0))
-                history.append(metrics)
                 pbar.update(1)
+                stop_signal = self._stop_signal_of_any_rank()
+                every = self._cfg.eval_every_n_steps
+                validating = self._val_dataloader is not None and every and self.global_step % every == 0
+                every = self._cfg.save_every_n_steps
+                saving = bool(every and self.global_step % every == 0)
+                log_now = self.global_step % self._cfg.log_every_n_steps == 0 or validating
+                if not (log_now or saving or stop_signal):
+                    continue
+                metrics = self._read_steps(pending)
+                pending = []
+                history.append(metrics)
                 tok_s = f"{metrics['tokens_per_second_per_gpu']:.0f}"
                 pbar.set_postfix(
                     epoch=self.epoch + 1, loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=tok_s
                 )
-                every = self._cfg.eval_every_n_steps
-                if self._val_dataloader is not None and every and self.global_step % every == 0:
+                if validating:
                     metrics.update(self.validate())
-                log_now = self.global_step % self._cfg.log_every_n_steps == 0 or "val_loss" in metrics
                 if self._is_rank_zero and log_now:
                     self._metric_logger.log_dict(metrics, step=self.global_step)
-                stop_signal = self._stop_signal_of_any_rank()
                 if stop_signal:
                     with self._collective_timeout(self._timeout_setup):
                         path = self.save_checkpoint()
@@ -464,12 +487,14 @@ class RefFinetuneRecipe:
                         log, f"{stopped}, checkpoint {path}; run again with resume_from_checkpoint=true to continue"
                     )
                     return False
-                every = self._cfg.save_every_n_steps
-                if every and self.global_step % every == 0:
+                if saving:
                     with self._collective_timeout(self._timeout_setup):  # rank 0 commits and rotates alone
                         self.save_checkpoint()
+                self._interval_start = time.perf_counter()  # rates leave validation and saves out
             self.epoch += 1
             self.steps_in_epoch = 0
+        if pending:
+            history.append(self._read_steps(pending))
         return True
 
     def train(self) -> None:
@@ -506,20 +531,38 @@ class RefFinetuneRecipe:
         )
         utils.log_rank_zero(log, self._summary(history))
 
-    def _rates(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:
-        """Tokens/s per GPU, trained (responses) and all non-padding (the compute rate); MFU; peak memory on CUDA."""
+    def _read_steps(self, pending: list) -> Dict[str, float]:
+        """The metrics of the steps since the last read, in one wait for the GPU: every step's loss and gradient
+        norm checked, its tokens counted; the last step's loss, and rates since the last read: tokens/s per GPU,
+        trained (responses) and all non-padding (the compute rate), MFU, and peak memory on CUDA."""
+        rows = torch.stack([values for values, _ in pending]).tolist()
+        seconds = time.perf_counter() - self._interval_start
+        for step, (loss_sum, tokens, *_, grad_norm) in enumerate(rows, self.global_step - len(rows) + 1):
+            loss = loss_sum / tokens if tokens else math.nan
+            if not math.isfinite(loss):
+                self._stop_non_finite(f"the training loss is {loss}", step)
+            if not math.isfinite(grad_norm):
+                self._stop_non_finite(f"the gradient norm is {grad_norm}", step)
+        tokens, all_tokens, attended = (sum(row[i] for row in rows) for i in (1, 2, 3))
+        self.tokens_seen += int(tokens)
+        (loss_sum, last_tokens, _, _, grad_norm), lr = rows[-1], pending[-1][1]
+        metrics = {"loss": loss_sum / last_tokens, "lr": lr, "tokens": int(last_tokens)}
+        metrics |= {"grad_norm": grad_norm} if self._cfg.clip_grad_norm is not None else {}
         per_gpu = seconds * self.world_size
-        rates = {"tokens_per_second_per_gpu": metrics["tokens"] / per_gpu}
-        rates["all_tokens_per_second_per_gpu"] = metrics.pop("all_tokens") / per_gpu
-        flops = metrics.pop("flops")
+        metrics |= {
+            "tokens_per_second_per_gpu": tokens / per_gpu,
+            "all_tokens_per_second_per_gpu": all_tokens / per_gpu,
+        }
+        flops = self._model_flops["per_token"] * all_tokens + self._model_flops["per_attended"] * attended
         if self._peak_flops:
-            rates["mfu"] = flops / per_gpu / self._peak_flops
-        if self._device.type == "cuda" and self.global_step % self._cfg.log_every_n_steps == 0:
-            rates.update(training.get_memory_stats(device=self._device))  # GiB since the last log step
-        return rates
+            metrics["mfu"] = flops / per_gpu / self._peak_flops
+        if self._device.type == "cuda":
+            metrics.update(training.get_memory_stats(device=self._device))
+        return metrics
 
     def _summary(self, history: list) -> str:
-        """Medians over this run's steps, less the first (lazy initialization, compilation) where there are others."""
+        """Medians over this run's reads of the metrics (`_read_steps`), less the first (lazy initialization,
+        compilation) where there are others."""
         steps = history[1:] or history
         if not steps:
             return "no training step in this run"
@@ -527,7 +570,9 @@ class RefFinetuneRecipe:
         def median(key: str) -> float:
             return statistics.median(m[key] for m in steps)
 
-        line = f"per GPU, median of {len(steps)} steps: {median('tokens_per_second_per_gpu'):,.0f} trained tokens/s, "
+        every = self._cfg.log_every_n_steps
+        line = f"per GPU, median of {len(steps)} {'steps' if every == 1 else f'reads every {every} steps'}: "
+        line += f"{median('tokens_per_second_per_gpu'):,.0f} trained tokens/s, "
         line += f"{median('all_tokens_per_second_per_gpu'):,.0f} non-padding tokens/s"
         if "mfu" in steps[0]:
             line += f", MFU {median('mfu'):.1%}"
@@ -537,13 +582,14 @@ class RefFinetuneRecipe:
             line += f", peak memory {alloc:.1f} GiB allocated, {reserved:.1f} GiB reserved"
         return line
 
-    def _train_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Gradient accumulation over micro-batches, then one optimizer step (torchtune's math)."""
+    def _train_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, float]:
+        """Gradient accumulation over micro-batches, then one optimizer step (torchtune's math), with no wait
+        for the GPU: the summed loss, the tokens trained, non-padding and attended, and the gradient norm (0
+        without clipping) in one tensor on the device, for `_read_steps`; and the learning rate."""
         running_loss = 0
         counts = torch.zeros(3, dtype=torch.int64, device=self._device)  # trained, non-padding, attended positions
         for _ in range(self._grad_accum):
-            batch = next(batches)
-            utils.batch_to_device(batch, self._device)
+            batch = self._to_device(next(batches))
             current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
             real = batch["tokens"] != self._tokenizer.pad_id
             pos = batch.get("input_pos")  # packed rows restart positions at each sample
@@ -558,33 +604,23 @@ class RefFinetuneRecipe:
             # Summed over tokens here, divided by the tokens of all ranks and micro-batches at the step.
             current_loss = self._loss_fn(logits, labels) * current_num_tokens
             del logits
-            running_loss += current_loss
+            running_loss += current_loss.detach()
             current_loss.backward()
 
         dist.all_reduce(counts)
         dist.all_reduce(running_loss)
-        num_tokens = counts[0]
-        tokens, all_tokens, attended = counts.tolist()
-        loss = running_loss.item() / tokens
-        if not math.isfinite(loss):
-            self._stop_non_finite(f"the training loss is {loss}", self.global_step + 1)
         # FSDP2 averages gradients over ranks; undo that and divide by the token count.
-        training.scale_grads(self._model, self.world_size / num_tokens)
-        metrics = {"loss": loss}
+        training.scale_grads(self._model, self.world_size / counts[0])
+        grad_norm = torch.zeros((), device=self._device)
         if self._cfg.clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._cfg.clip_grad_norm)
             if isinstance(grad_norm, DTensor):  # sharded: the norm over all ranks
                 grad_norm = grad_norm.full_tensor()
-            metrics["grad_norm"] = grad_norm.item()
-            if not math.isfinite(metrics["grad_norm"]):
-                self._stop_non_finite(f"the gradient norm is {metrics['grad_norm']}", self.global_step + 1)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._lr_scheduler.step()
-        self.tokens_seen += tokens
-        flops = self._model_flops["per_token"] * all_tokens + self._model_flops["per_attended"] * attended
-        metrics.update(lr=get_lr(self._optimizer), tokens=tokens, all_tokens=all_tokens, flops=flops)
-        return metrics
+        values = torch.cat([running_loss.reshape(1).double(), counts.double(), grad_norm.reshape(1).double()])
+        return values, get_lr(self._optimizer)
 
     def _stop_non_finite(self, what: str, step: int) -> None:
         # A resume would repeat the same steps, and a changed optimizer.lr or clip_grad_norm is another run.
@@ -609,9 +645,9 @@ class RefFinetuneRecipe:
 
     def _stop_signal_of_any_rank(self) -> int:
         """SIGTERM or SIGINT if any rank received one, else 0: all ranks must agree, to save the same checkpoint."""
-        flag = torch.tensor(self._stop_signal, device=self._device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        flag = torch.tensor(self._stop_signal)  # on the host
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
+        return int(flag)
 
     # -----------------------------------------------------------------------------------------
     # Validation
@@ -628,7 +664,7 @@ class RefFinetuneRecipe:
         totals = torch.zeros(3, dtype=torch.float64, device=self._device)  # loss sum, tokens, correct
         ignore = self._loss_fn.ignore_index
         for batch in self._val_dataloader:
-            utils.batch_to_device(batch, self._device)
+            batch = self._to_device(batch)
             labels = batch.pop("labels")
             labels = torch.hstack((labels[..., 1:], self._ignore_labels_cache[: labels.shape[0]]))
             logits = self._model(**batch)

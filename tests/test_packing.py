@@ -1,5 +1,6 @@
 """Packing: the best-fit packer's guarantees and fill, rows laid out exactly as torchtune's
-`PackedDataset` lays them out, and per-token losses of packed rows equal to the unpacked ones."""
+`PackedDataset` lays them out, per-token losses of packed rows equal to the unpacked ones (torchtune's
+mask, our dense one, our flex attention one), and compiled layers that trace flex attention whole."""
 
 import random
 from typing import List
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_packed
 from torchtune.datasets import PackedDataset
 
+from ref_tuning.attention import block_causal_mask, collate_packed, trace_flex_attention
 from ref_tuning.data import PackedCodeContestsDataset, codecontests_dataset
 from ref_tuning.models import sheared_llama_tokenizer, tiny_sheared_llama
 from ref_tuning.packing import fill_ratio, pack_best_fit, pack_in_order
@@ -88,7 +90,17 @@ def test_rows_are_laid_out_as_torchtunes_packed_dataset(tok, samples):
             assert torch.equal(ours[p][key], reference[p][key]), (p, key)
 
 
-def test_packed_per_token_losses_equal_unpacked(tok, samples):
+def collate(rows, mask: str):
+    """A packed batch as the recipe feeds it: torchtune's collate, or ours with either kind of mask."""
+    if mask == "torchtune":
+        return padded_collate_packed(rows)
+    batch = collate_packed(rows)
+    batch["mask"] = block_causal_mask(batch.pop("document_ids"), flex=mask == "flex")
+    return batch
+
+
+@pytest.mark.parametrize("mask", ["torchtune", "dense", "flex"])
+def test_packed_per_token_losses_equal_unpacked(tok, samples, mask):
     torch.manual_seed(0)
     model = tiny_sheared_llama(vocab_size=tok.vocab_size, max_seq_len=ROW).eval()
     packed = PackedCodeContestsDataset(samples, pack_best_fit(samples.lengths.tolist(), ROW), ROW, tok.pad_id)
@@ -103,7 +115,9 @@ def test_packed_per_token_losses_equal_unpacked(tok, samples):
             s = samples[i]
             logits = model(torch.tensor([s["tokens"]]))[0]
             expected[i] = token_losses(logits, torch.tensor(s["labels"]))
-        batch = padded_collate_packed([packed[p] for p in range(len(packed))])
+        batch = collate([packed[p] for p in range(len(packed))], mask)
+        if mask == "flex":  # flex attention's reference implementation, on CPU (only the GPU's has a backward)
+            trace_flex_attention(model)
         logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])
     compared = 0
     for p, pack in enumerate(packed.packs):
@@ -130,3 +144,36 @@ def test_packed_dataset_from_the_builder(tok, tmp_path, caplog):
     row = ds[0]
     assert row["tokens"].shape == row["labels"].shape == row["input_pos"].shape == (ROW,)
     assert int(row["seq_lens"].sum()) == ROW
+
+
+def test_compiled_layers_trace_flex_attention_whole_and_compile_once(tok, samples, monkeypatch):
+    """The graph breaks torchtune's call to flex attention makes (`torch.compiler.disable`) are gone, and a
+    batch of another layout reuses the compiled graphs (the mask's document ids are an input, not a constant).
+    Dynamo's tracing is what decides both; on CPU (no flex backward) it is checked on forward passes."""
+    from torch._dynamo.utils import counters
+    from torchtune import training
+
+    torch.manual_seed(0)
+    model = tiny_sheared_llama(vocab_size=tok.vocab_size, max_seq_len=ROW).eval()
+    compiled = tiny_sheared_llama(vocab_size=tok.vocab_size, max_seq_len=ROW).eval()
+    compiled.load_state_dict(model.state_dict())
+    trace_flex_attention(compiled)
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")  # dynamo and autograd's tracing, no code generation
+    training.compile_model(compiled, verbose=False)
+    torch._dynamo.reset()
+    counters.clear()
+    rng = random.Random(0)
+    graphs = []
+    for _ in range(3):  # rows of three other layouts
+        order = rng.sample(range(len(samples)), len(samples))
+        lengths = [int(samples.lengths[i]) for i in order]
+        packs = [[order[i] for i in pack] for pack in pack_in_order(lengths, ROW)][:2]
+        rows = [PackedCodeContestsDataset(samples, packs, ROW, tok.pad_id)[p] for p in range(2)]
+        flex, dense = collate(rows, "flex"), collate(rows, "dense")
+        with torch.no_grad():
+            got = compiled(flex["tokens"], mask=flex["mask"], input_pos=flex["input_pos"])
+            expected = model(dense["tokens"], mask=dense["mask"], input_pos=dense["input_pos"])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[0] == graphs[1] == graphs[2] > 0, graphs  # no recompilation after the first batch
