@@ -465,7 +465,8 @@ class RefFinetuneRecipe:
                 validating = self._val_dataloader is not None and every and self.global_step % every == 0
                 every = self._cfg.save_every_n_steps
                 saving = bool(every and self.global_step % every == 0)
-                log_now = self.global_step % self._cfg.log_every_n_steps == 0 or validating
+                last = self.global_step == self.total_epochs * self._steps_per_epoch
+                log_now = self.global_step % self._cfg.log_every_n_steps == 0 or validating or last
                 if not (log_now or saving or stop_signal):
                     continue
                 metrics = self._read_steps(pending)

@@ -139,8 +139,9 @@ def when(condition: Callable[[], bool], *actions: Callable[[subprocess.Popen], N
     return watch
 
 
-def run_in_process(entry: str, args: List[str]) -> Tuple[int, str]:
-    """An entry point run in this process (a recipe as one process, no torchrun): (exit status, output)."""
+def run_in_process(entry: str, args: List[str], config: Optional[str] = None) -> Tuple[int, str]:
+    """An entry point run in this process (a recipe as one process, no torchrun): (exit status, output).
+    A recipe runs on `config`, by default the tiny one (training) or configs/ref_score.yaml (scoring)."""
     out = io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the recipe sets its own
     argv = sys.argv
@@ -151,9 +152,10 @@ def run_in_process(entry: str, args: List[str]) -> Tuple[int, str]:
             if entry in ("train", "score"):
                 from recipes import ref_finetune, ref_score
 
-                recipe, config = (
+                recipe, default = (
                     (ref_finetune, TINY_CONFIG) if entry == "train" else (ref_score, "configs/ref_score.yaml")
                 )
+                config = config or default
                 sys.argv = [entry, "--config", str(PROJECT_ROOT / config), *args]
                 recipe.recipe_main()
                 code = 0
