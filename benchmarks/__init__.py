@@ -61,11 +61,13 @@ class Result:
     failed: int = 0
 
 
-def run_child(cmd: list[str], log: Path) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS (KiB) and exit code of `cmd` run as one child; its output goes to `log`."""
+def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS (KiB) and exit code of `cmd` run as one child (with `env` added to the
+    environment); its output goes to `log`."""
     with open(log, "w") as f:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+        env = {**os.environ, **env} if env else None
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
@@ -252,8 +254,10 @@ RAW = argparse.RawDescriptionHelpFormatter  # help shows the docstrings as writt
 
 
 def add_subcommand(sub, module) -> None:
-    """A benchmark's subcommand: its module's docstring, HELP and arguments; --workdir; --methods among its KEYS."""
+    """A benchmark's subcommand: its module's docstring, HELP and arguments; --workdir; --methods among its KEYS
+    (by default its DEFAULT_KEYS, else all)."""
     name, keys = module.__name__.rsplit(".", 1)[1], module.KEYS
+    default_keys = getattr(module, "DEFAULT_KEYS", keys)
     p = sub.add_parser(name, help=module.HELP, description=module.__doc__, formatter_class=RAW)
     default = PROJECT_ROOT / "storage" / "bench" / name
     p.add_argument("--workdir", type=Path, default=default, help=f"its data, outputs and logs (default {default})")
@@ -264,6 +268,7 @@ def add_subcommand(sub, module) -> None:
             raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(keys)}")
         return chosen
 
-    p.add_argument("--methods", type=methods, default=keys, help=f"comma-separated (default {','.join(keys)})")
+    help = f"comma-separated, of {', '.join(keys)} (default {','.join(default_keys)})"
+    p.add_argument("--methods", type=methods, default=default_keys, help=help)
     module.add_arguments(p)
     p.set_defaults(func=module.main)

@@ -209,6 +209,15 @@ class RefFinetuneRecipe:
                 f"dataset has {len(self._dataloader.dataset)}; lower batch_size or raise dataset.n_samples"
             )
         self._steps_per_epoch = min(self._steps_per_epoch, cfg.max_steps_per_epoch or self._steps_per_epoch)
+        ds, rows = self._dataloader.dataset, cfg.batch_size * self._grad_accum * self.world_size
+        held = f"{rows} samples"
+        if getattr(ds, "packed", False):  # another builder's dataset may have no `packed`
+            held = f"{rows} rows, about {rows * len(ds.samples) / len(ds):.0f} samples"
+        utils.log_rank_zero(
+            log,
+            f"an optimizer step: {held} ({cfg.batch_size} x {self._grad_accum} x {self.world_size} processes); "
+            f"{self._steps_per_epoch} steps an epoch",
+        )
 
         self._checkpoints = StepCheckpoints(self._output_dir / "checkpoints", cfg.keep_last_n_checkpoints)
         resume = self._checkpoints.newest() if cfg.resume_from_checkpoint else None

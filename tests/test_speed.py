@@ -46,6 +46,7 @@ def test_the_production_config_trains_packed_and_compiled_with_the_eager_losses(
     code, compiled_text = run_in_process("train", production_on_tiny(assets, compiled), PRODUCTION)
     assert code == 0, compiled_text[-3000:]
     assert "packed into 40 rows of 2048 tokens" in compiled_text and "Compiling model layers" in compiled_text
+    assert "an optimizer step: 20 rows, about 72 samples (4 x 5 x 1 processes); 2 steps an epoch" in compiled_text
     a, b = logged(eager / "logs", "loss"), logged(compiled / "logs", "loss")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2]
     assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a, b)), (a, b)
