@@ -139,7 +139,9 @@ def read_tensor_file(path: Path) -> StateDict:
         else:
             tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except PermissionError as e:
-        raise CheckpointError(f"{path}: this user cannot read it ({e.strerror}); make it readable (chmod a+r)") from None
+        raise CheckpointError(
+            f"{path}: this user cannot read it ({e.strerror}); make it readable (chmod a+r)"
+        ) from None
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, OSError, UnicodeDecodeError...
         blocked = re.search(r"GLOBAL (\S+)", str(e))  # how torch names a global it refused
         if blocked:

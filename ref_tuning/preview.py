@@ -23,7 +23,15 @@ from tqdm import tqdm
 from ref_tuning.atomic import atomic_output
 from ref_tuning.config import positive_int, share
 from ref_tuning.paths import check_new, check_separate
-from ref_tuning.scoring import STORE_CONFIG, ScoreError, ScoreStore, check_data, check_vocab, data_record, load_reference
+from ref_tuning.scoring import (
+    STORE_CONFIG,
+    ScoreError,
+    ScoreStore,
+    check_data,
+    check_vocab,
+    data_record,
+    load_reference,
+)
 from ref_tuning.scoring import score_dataset
 
 POSITION_BINS = 10  # tenths of the solution

@@ -22,7 +22,15 @@ from ref_tuning.data import codecontests_dataset
 from ref_tuning.demo import make_demo_assets, write_tiny_checkpoint
 from ref_tuning.models import sheared_llama_tokenizer
 from ref_tuning.report import auroc, loss_histograms, run_report, summarize, verdict
-from ref_tuning.scoring import ScoreError, ScoreStore, ScoreWriter, data_record, load_reference, open_store, score_dataset
+from ref_tuning.scoring import (
+    ScoreError,
+    ScoreStore,
+    ScoreWriter,
+    data_record,
+    load_reference,
+    open_store,
+    score_dataset,
+)
 
 from conftest import descendants, run_in_process, tune_command
 
