@@ -139,9 +139,9 @@ class RefFinetuneRecipe:
         init_process_group(training.get_distributed_backend(self._device.type), timeout=self._timeout_setup, **world)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
-        # Stop signals are agreed on over gloo, on the host: a check per step that never waits for the GPU.
-        gloo = self._device.type == "cpu"
-        self._host_group = None if gloo else dist.new_group(backend="gloo", timeout=self._timeout_step)
+        # Stop signals are agreed on over gloo, on the host: a check per step that never waits for the GPU
+        # (on CPU too, where the default group is gloo already: one path, tested).
+        self._host_group = dist.new_group(backend="gloo", timeout=self._timeout_step)
 
         self._cfg = cfg
         self._output_dir = Path(cfg.output_dir)
