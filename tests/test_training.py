@@ -311,6 +311,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(assets, tmp
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     assert not (out / "checkpoint_final").exists()
 
+    # Metrics read only every 5 steps still name the first step whose loss failed (the one after the weights
+    # broke), not the step that read them.
+    blown = ["optimizer.lr=1e30", "clip_grad_norm=null", "lr_scheduler.num_warmup_steps=0", "log_every_n_steps=5"]
+    code, text = run_in_process("train", overrides(assets, tmp_path / "read", *blown, "save_every_n_steps=null"))
+    first = step + 1 if message.group(1) == "weights" else step
+    assert code == 2 and f"the training loss is nan at step {first} " in text and first % 5, text[-2000:]
+
 
 def test_packed_rows_and_sampling_keys_from_the_command_line(assets, tmp_path):
     out = tmp_path / "run"
