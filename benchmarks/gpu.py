@@ -164,25 +164,19 @@ def gpus() -> list[str]:
 
 
 def matmul_tflops(device: str, tokens: str, dim: str, *widths: str) -> None:
-    """Prints the achieved TFLOP/s of a bf16 matmul [tokens x dim] x [dim x width] per width, as JSON: medians of
-    20 timings of 10 matmuls each, after 5 untimed (in a child: it imports torch)."""
+    """Prints the achieved TFLOP/s of a bf16 matmul [tokens x dim] x [dim x width] per width, as JSON: the median
+    of `torch.utils.benchmark`'s timed blocks (it synchronizes CUDA) over half a second (in a child: it imports
+    torch)."""
     import torch
+    from torch.utils.benchmark import Timer
 
     m, k = int(tokens), int(dim)
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     found = {}
     for n in map(int, widths):
         a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
-        times = []
-        for _ in range(25):
-            sync()
-            start = time.perf_counter()
-            for _ in range(10):
-                a @ b
-            sync()
-            times.append((time.perf_counter() - start) / 10)
-        found[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(times[5:]) / 1e12
+        seconds = Timer("a @ b", globals={"a": a, "b": b}).blocked_autorange(min_run_time=0.5).median
+        found[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds / 1e12
     print(json.dumps(found))
 
 
